@@ -1,0 +1,85 @@
+"""What an adapter is: the one place that knows how a model family lays out its attention.
+
+An adapter finds every attention block (a *site*), reads its Q/K/V/O into the family-free
+``AttentionWeights`` layout and writes rewritten weights back. Everything else in clover is generic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..pairs import AttentionWeights, Projection
+
+
+@dataclass
+class AttentionSite:
+    """One attention block inside a model.
+
+    ``rotary`` means rotary position embeddings act on Q and K between the projections, so their product depends
+    on position and a Q-K rewrite would not be exact. ``role`` is ``"self"`` or ``"cross"`` (keys and values come
+    from another stream, e.g. an encoder), which matters for calibration.
+    """
+
+    name: str
+    layer: int
+    module: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    rotary: bool = False
+    role: Literal["self", "cross"] = "self"
+
+
+class Adapter(ABC):
+    """Per-family knowledge of attention layout; subclasses fill in ``sites``, ``read`` and ``write``."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def sites(self, model: nn.Module) -> list[AttentionSite]: ...
+
+    @abstractmethod
+    def read(self, site: AttentionSite) -> AttentionWeights: ...
+
+    @abstractmethod
+    def write(self, site: AttentionSite, weights: AttentionWeights) -> None: ...
+
+    @abstractmethod
+    def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
+        """The modules computing q, k, v and o (fused families repeat one module): calibration hooks them."""
+
+    def example_inputs(self, model: nn.Module, batch: int = 2, seqlen: int = 32, seed: int = 0) -> dict:
+        """Inputs for the lossless check: random token ids (and encoder states where the model cross-attends)."""
+        gen = torch.Generator().manual_seed(seed)
+        config = model.config
+        param = next(model.parameters())
+        inputs = {"input_ids": torch.randint(0, config.vocab_size, (batch, seqlen), generator=gen).to(param.device)}
+        if getattr(config, "add_cross_attention", False):
+            states = torch.randn(batch, seqlen // 2, config.hidden_size, generator=gen)
+            inputs["encoder_hidden_states"] = states.to(device=param.device, dtype=param.dtype)
+        return inputs
+
+
+def linear_projection(layer: nn.Linear) -> Projection:
+    return Projection(layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+
+
+def set_parameter(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Write ``value`` into ``param`` in place when shapes agree (keeps ties and optimiser refs), else resize."""
+    with torch.no_grad():
+        if param.shape == value.shape:
+            param.copy_(value)
+        else:
+            param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
+
+
+def write_linear(layer: nn.Linear, p: Projection) -> None:
+    set_parameter(layer.weight, p.weight)
+    if layer.bias is not None:
+        set_parameter(layer.bias, p.bias)
+    layer.out_features, layer.in_features = p.weight.shape

@@ -1,0 +1,73 @@
+"""GPT-2: Q, K and V share one fused ``Conv1D`` (``c_attn``, weight stored ``in x out``), O is ``c_proj``.
+
+No rotary embeddings, biases everywhere, plain multi-head attention: both pairs are exact. Cross-attention
+blocks (``add_cross_attention=True``) take Q from ``q_attn`` and K, V from ``c_attn`` over the encoder states.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+from ..pairs import AttentionWeights, Projection
+from .base import Adapter, AttentionSite, set_parameter
+
+
+def _conv_projection(conv: nn.Module, rows: slice) -> Projection:
+    """Conv1D computes ``x @ W + b`` with W (in, out): transpose a column slice into Linear orientation."""
+    return Projection(conv.weight.detach()[:, rows].T, conv.bias.detach()[rows])
+
+
+def _write_conv(conv: nn.Module, parts: list[Projection]) -> None:
+    set_parameter(conv.weight, torch.cat([p.weight for p in parts], dim=0).T)
+    set_parameter(conv.bias, torch.cat([p.bias for p in parts], dim=0))
+    conv.nf = conv.weight.shape[1]
+
+
+class GPT2Adapter(Adapter):
+    name = "gpt2"
+    model_types = ("gpt2", "clover_gpt2")
+
+    def sites(self, model: nn.Module) -> list[AttentionSite]:
+        heads = model.config.n_head
+        return [
+            AttentionSite(name, module.layer_idx, module, heads, heads, rotary=False,
+                          role="cross" if module.is_cross_attention else "self")
+            for name, module in model.named_modules()
+            if isinstance(module, GPT2Attention)
+        ]
+
+    def read(self, site: AttentionSite) -> AttentionWeights:
+        m = site.module
+        sizes = self._out_sizes(m)
+        if site.role == "cross":
+            q = _conv_projection(m.q_attn, slice(None))
+            k = _conv_projection(m.c_attn, slice(0, sizes[0]))
+            v = _conv_projection(m.c_attn, slice(sizes[0], None))
+        else:
+            q = _conv_projection(m.c_attn, slice(0, sizes[0]))
+            k = _conv_projection(m.c_attn, slice(sizes[0], sizes[0] + sizes[1]))
+            v = _conv_projection(m.c_attn, slice(sizes[0] + sizes[1], None))
+        o = _conv_projection(m.c_proj, slice(None))
+        return AttentionWeights(q, k, v, o, site.num_heads, site.num_kv_heads)
+
+    @staticmethod
+    def _out_sizes(m: GPT2Attention) -> list[int]:
+        """Output widths of the fused projections (Q and K share ``qk_dim``; V has ``vo_dim``)."""
+        qk = getattr(m, "qk_dim", m.head_dim) * m.num_heads
+        vo = getattr(m, "vo_dim", m.head_dim) * m.num_heads
+        return [qk, vo] if m.is_cross_attention else [qk, qk, vo]
+
+    def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
+        m = site.module
+        return {"q": m.q_attn if site.role == "cross" else m.c_attn, "k": m.c_attn, "v": m.c_attn, "o": m.c_proj}
+
+    def write(self, site: AttentionSite, weights: AttentionWeights) -> None:
+        m = site.module
+        if site.role == "cross":
+            _write_conv(m.q_attn, [weights.q])
+            _write_conv(m.c_attn, [weights.k, weights.v])
+        else:
+            _write_conv(m.c_attn, [weights.q, weights.k, weights.v])
+        _write_conv(m.c_proj, [weights.o])

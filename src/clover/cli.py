@@ -1,0 +1,345 @@
+"""The ``clover`` command: thin subcommands over the library's verbs, tables on screen, JSON on request.
+
+Every user-facing failure is a ``CloverError`` and ends as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CloverError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="CLOVER: cross-layer orthogonal vectors for transformer attention.")
+console = Console()
+err_console = Console(stderr=True)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fails_cleanly(fn):
+    """Turn a CloverError into one line on stderr and exit code 2, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CloverError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _torch_dtype(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise CloverError(f"unknown --dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def _load(model: str, dtype: Optional[str]):
+    from .models import load
+
+    with console.status(f"loading {model}"):
+        return load(model, dtype=_torch_dtype(dtype))
+
+
+ModelArg = Annotated[str, typer.Argument(help="A registry name (smollm2-135m), a local directory, or a hub id.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="Load weights in this dtype (float32, bfloat16, float16).")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON here.")]
+
+
+def _ranks_cell(ranks: list[int]) -> str:
+    """Per-head counts when there are few heads, else min / median / max."""
+    if len(ranks) <= 4:
+        return ",".join(map(str, ranks))
+    return f"{min(ranks)} / {statistics.median(ranks):g} / {max(ranks)}"
+
+
+@app.command()
+@_fails_cleanly
+def inspect(
+    model: ModelArg,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of normalised spectra per layer.")] = None,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Singular values of every head's Q-K and V-O pair, and how many directions hold 90% / 99% of each."""
+    from .save import write_json
+    from .spectra import collect_spectra, plot_spectra, spectra_to_json
+
+    loaded = _load(model, dtype)
+    rows = collect_spectra(loaded.model)
+    head_dim = {r.kind: len(r.singular_values[0]) for r in rows}
+    many = len(rows[0].singular_values) > 4
+    table = Table(title=f"{model}: directions holding 90% / 99% of each head's squared spectrum"
+                  + (" (min / median / max over heads)" if many else " (per KV group)"))
+    for col in ("layer", "block", f"Q-K 90% (of {head_dim['qk']})", "Q-K 99%",
+                f"V-O 90% (of {head_dim['vo']})", "V-O 99%"):
+        table.add_column(col, justify="right" if col != "block" else "left")
+    by_site: dict[str, dict] = {}
+    for r in rows:
+        by_site.setdefault(r.site, {"layer": r.layer, "role": r.role})[r.kind] = r
+    for site in by_site.values():
+        qk, vo = site["qk"], site["vo"]
+        qk_note = "" if qk.exact else "*"
+        table.add_row(str(site["layer"]), site["role"],
+                      _ranks_cell(qk.energy_ranks(0.90)) + qk_note, _ranks_cell(qk.energy_ranks(0.99)) + qk_note,
+                      _ranks_cell(vo.energy_ranks(0.90)), _ranks_cell(vo.energy_ranks(0.99)))
+    console.print(table)
+    if not all(r.exact for r in rows):
+        console.print("* rotary embeddings sit between Q and K: this Q-K spectrum is of the position-free product "
+                      "W_q W_k^T and is not an exact CLOVER pair (V-O is).")
+    if plot:
+        plot_spectra(rows, str(plot), title=model)
+        console.print(f"spectra plot written to {plot}")
+    if json_path:
+        write_json(json_path, {"model": model, "pairs": spectra_to_json(rows)})
+        console.print(f"JSON written to {json_path}")
+
+
+@app.command()
+@_fails_cleanly
+def orthogonalize(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to save the rewritten model in.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    pairs: Annotated[str, typer.Option(help="Pairs to rewrite: qk, vo or qk,vo.")] = "qk,vo",
+    compute_dtype: Annotated[str, typer.Option(help="SVD precision: float64 or float32.")] = "float64",
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Rewrite every head so its dims are orthogonal and sorted by singular value; prove nothing changed; save."""
+    import torch
+
+    from .orthogonalize import OrthogonalizeConfig, orthogonalize_
+    from .save import check_output_dir, save_model, write_json
+
+    check_output_dir(out, overwrite)
+    if compute_dtype not in ("float64", "float32"):
+        raise CloverError(f"unknown --compute-dtype {compute_dtype!r}: use float64 or float32")
+    kinds = tuple(p.strip() for p in pairs.split(",") if p.strip())
+    loaded = _load(model, dtype)
+    report = orthogonalize_(loaded.model, OrthogonalizeConfig(pairs=kinds, compute_dtype=getattr(torch, compute_dtype)))
+
+    table = Table(title=f"{model}: orthogonalized")
+    for col in ("pair", "blocks rewritten", "blocks skipped", "why skipped"):
+        table.add_column(col)
+    for kind in kinds:
+        done = [p for p in report.pairs if p.kind == kind and p.status == "rewritten"]
+        skipped = [p for p in report.pairs if p.kind == kind and p.status == "skipped"]
+        reasons = sorted({p.reason for p in skipped})
+        table.add_row({"qk": "Q-K", "vo": "V-O"}.get(kind, kind), str(len(done)), str(len(skipped)), "; ".join(reasons))
+    console.print(table)
+    check = report.check
+    console.print(f"lossless check: max |logit diff| = {check.max_abs_diff:.3e}, logit scale = {check.logit_scale:.3e}, "
+                  f"relative = {check.relative_diff:.3e} (tolerance {check.tolerance:.0e}) -> "
+                  + ("[green]PASSED[/]" if check.passed else "[red]FAILED[/]"))
+    payload = {"model": model, **report.to_dict()}
+    save_model(loaded.model, loaded.tokenizer, out, overwrite=overwrite, report=payload)
+    console.print(f"saved to {out}")
+    if json_path:
+        write_json(json_path, payload)
+
+
+@app.command(name="eval")
+@_fails_cleanly
+def evaluate(
+    model: ModelArg,
+    ppl: Annotated[str, typer.Option(help="Perplexity corpus (wikitext2).")] = "wikitext2",
+    seqlen: Annotated[int, typer.Option(help="Window length in tokens.")] = 2048,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Folder holding wikitext-2-raw-v1/ (else $CLOVER_DATA, "
+                                                      "else the hub).")] = None,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Perplexity on the WikiText-2 test split: rows joined by blank lines, tokenized once, disjoint windows."""
+    from .data import load_text
+    from .evaluate import perplexity
+    from .save import write_json
+
+    if ppl != "wikitext2":
+        raise CloverError(f"unknown corpus {ppl!r}: clover evaluates perplexity on wikitext2")
+    text = load_text(corpus=ppl, split="test", data=data)
+    loaded = _load(model, dtype)
+    if loaded.tokenizer is None:
+        raise CloverError(f"{model} has no tokenizer: save one next to the weights to evaluate perplexity")
+    result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=seqlen, max_windows=max_windows)
+    console.print(f"{model}: wikitext2 test perplexity {result.ppl:.3f} "
+                  f"({result.windows} windows x {result.seqlen} tokens, {result.tokens} tokens predicted)")
+    if json_path:
+        write_json(json_path, {"model": model, "corpus": ppl, "split": "test", "ppl": result.ppl, "nll": result.nll,
+                               "windows": result.windows, "tokens": result.tokens, "seqlen": result.seqlen})
+
+
+CriterionOpt = Annotated[str, typer.Option(help="vanilla (norm product), clover (SVD) or whitened (data-aware).")]
+
+
+def _calibration(loaded, calib: Optional[Path], samples: int, seqlen: int):
+    """Token windows from the validation split (never the test split), for data-aware criteria."""
+    from .data import calibration_batches, load_rows
+
+    rows = load_rows(corpus="wikitext2", split="validation", data=calib)
+    return calibration_batches(loaded.tokenizer, rows, samples, seqlen)
+
+
+def _ppl(model, tokenizer, text, seqlen, max_windows, desc):
+    from .evaluate import perplexity
+
+    return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, progress=True).ppl
+
+
+def _needs_calibration(*criteria: Optional[str]) -> bool:
+    from .criteria import DATA_AWARE
+
+    return any(c in DATA_AWARE for c in criteria if c)
+
+
+@app.command()
+@_fails_cleanly
+def prune(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to save the pruned model in.")],
+    qk_ratio: Annotated[float, typer.Option(help="Fraction of Q-K head dims to remove, in [0, 1).")] = 0.0,
+    vo_ratio: Annotated[float, typer.Option(help="Fraction of V-O head dims to remove, in [0, 1).")] = 0.0,
+    criterion: CriterionOpt = "whitened",
+    qk_criterion: Annotated[Optional[str], typer.Option(
+        help="Override for Q-K. Rotary models: rotary-weight or rotary-activation (whole frequency pairs).")] = None,
+    qk_threshold: Annotated[Optional[float], typer.Option(help="Remove Q-K directions with singular value "
+                                                                "<= this (replaces --qk-ratio).")] = None,
+    vo_threshold: Annotated[Optional[float], typer.Option(help="Remove V-O directions with singular value "
+                                                                "<= this (replaces --vo-ratio).")] = None,
+    allocation: Annotated[str, typer.Option(help="uniform: same ratio per layer; global: one budget, spent where "
+                                                 "scores are smallest.")] = "uniform",
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; "
+                                                       "else $CLOVER_DATA, else the hub).")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    eval_ppl: Annotated[bool, typer.Option(help="Report WikiText-2 test perplexity before and after.")] = False,
+    seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 2048,
+    max_windows: Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder (for --eval-ppl).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Remove the least important head directions: smaller Q/K/V/O weights and a smaller KV cache."""
+    from .prune import PruneConfig, prune as run_prune
+    from .save import check_output_dir, save_model, write_json
+
+    check_output_dir(out, overwrite)
+    loaded = _load(model, dtype)
+    config = PruneConfig(qk_ratio=qk_ratio, vo_ratio=vo_ratio, criterion=criterion, qk_criterion=qk_criterion,
+                         qk_threshold=qk_threshold, vo_threshold=vo_threshold, allocation=allocation)
+    if _needs_calibration(config.pair_criterion("qk") if config.active("qk") else None,
+                          config.pair_criterion("vo") if config.active("vo") else None):
+        config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
+    text = None
+    if eval_ppl:
+        from .data import load_text
+
+        text = load_text(corpus="wikitext2", split="test", data=data)
+    pruned, report = run_prune(loaded.model, config)
+    payload = {"model": model, **report.to_dict()}
+    if eval_ppl:
+        payload["ppl_before"] = _ppl(loaded.model, loaded.tokenizer, text, seqlen, max_windows, "before")
+        payload["ppl_after"] = _ppl(pruned, loaded.tokenizer, text, seqlen, max_windows, "after")
+        payload["ppl_protocol"] = {"seqlen": seqlen, "max_windows": max_windows, "split": "test"}
+
+    table = Table(title=f"{model}: pruned ({report.qk_criterion or '-'} Q-K, {report.vo_criterion or '-'} V-O, "
+                  f"{report.allocation})")
+    for col in ("layer", "Q-K dims", "V-O dims"):
+        table.add_column(col, justify="right")
+    for lr in report.layers:
+        table.add_row(str(lr.layer), f"{lr.qk_before} -> {lr.qk_dim}", f"{lr.vo_before} -> {lr.vo_dim}")
+    console.print(table)
+    summary = Table(title="summary")
+    for col in ("", "before", "after", "after / before"):
+        summary.add_column(col, justify="right")
+    rows = [("parameters", report.params_before, report.params_after),
+            ("KV-cache bytes / token", report.kv_bytes_per_token_before, report.kv_bytes_per_token_after)]
+    if eval_ppl:
+        rows.append(("WikiText-2 test ppl", payload["ppl_before"], payload["ppl_after"]))
+    for name, before, after in rows:
+        fmt = (lambda v: f"{v:,.3f}") if isinstance(before, float) else (lambda v: f"{v:,}")
+        summary.add_row(name, fmt(before), fmt(after), f"{after / before:.3f}")
+    console.print(summary)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    save_model(pruned, loaded.tokenizer, out, overwrite=overwrite, report=payload)
+    console.print(f"saved to {out} (loads with AutoModel*.from_pretrained after `import clover`, or with "
+                  "trust_remote_code=True without clover)")
+    if json_path:
+        write_json(json_path, payload)
+
+
+@app.command()
+@_fails_cleanly
+def sweep(
+    model: ModelArg,
+    pair: Annotated[str, typer.Option(help="Which pair to prune: qk, vo or both.")] = "vo",
+    ratios: Annotated[str, typer.Option(help="Comma-separated ratios of head dims removed.")] = "0.125,0.25,0.5",
+    criteria: Annotated[str, typer.Option(help="Comma-separated criteria to compare.")] = "vanilla,clover,whitened",
+    qk_criterion: Annotated[Optional[str], typer.Option(help="Q-K criterion when --pair both on a rotary model.")]
+    = None,
+    allocation: Annotated[str, typer.Option(help="uniform or global.")] = "uniform",
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder.")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 512,
+    max_windows: Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")] = 40,
+    data: Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of perplexity against ratio per criterion.")] = None,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Perplexity against pruning ratio for each criterion (the picture that says which criterion to trust)."""
+    from .data import load_text
+    from .save import write_json
+    from .sweep import plot_sweep, run_sweep
+
+    if pair not in ("qk", "vo", "both"):
+        raise CloverError(f"unknown --pair {pair!r}: use qk, vo or both")
+    ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    criteria_list = [c.strip() for c in criteria.split(",") if c.strip()]
+    loaded = _load(model, dtype)
+    text = load_text(corpus="wikitext2", split="test", data=data)
+    calibration = None
+    if _needs_calibration(*criteria_list, qk_criterion):
+        calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
+    result = run_sweep(loaded.model, loaded.tokenizer, text, pair=pair, ratios=ratio_list, criteria=criteria_list,
+                       qk_criterion=qk_criterion, allocation=allocation, calibration=calibration, seqlen=seqlen,
+                       max_windows=max_windows)
+    table = Table(title=f"{model}: WikiText-2 test ppl, {pair} pruned (base {result['base_ppl']:.3f})")
+    table.add_column("ratio", justify="right")
+    for c in criteria_list:
+        table.add_column(c, justify="right")
+    for ratio in ratio_list:
+        table.add_row(f"{ratio:g}", *[f"{result['ppl'][c][str(ratio)]:.3f}" for c in criteria_list])
+    console.print(table)
+    if plot:
+        plot_sweep(result, str(plot), title=f"{model}: {pair} pruning")
+        console.print(f"plot written to {plot}")
+    if json_path:
+        write_json(json_path, {"model": model, **result})
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,72 @@
+"""Runtime for pruned models: one self-contained ``clover_<family>.py`` per family, registered with the Auto classes.
+
+Each file imports only torch and transformers, so ``save`` can copy it next to the weights and a checkpoint loads
+with ``trust_remote_code=True`` where clover is not installed. Importing this package registers the classes, so
+after ``import clover`` a plain ``AutoModelForCausalLM.from_pretrained(dir)`` works too.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+from ..errors import CloverError
+
+# base model_type -> module holding its pruned classes
+FAMILIES = {"llama": "clover_llama", "gpt2": "clover_gpt2", "bert": "clover_bert"}
+# CLASSES key -> (Auto class, auto_map key)
+TASKS = {
+    "base": (AutoModel, "AutoModel"),
+    "causal_lm": (AutoModelForCausalLM, "AutoModelForCausalLM"),
+    "masked_lm": (AutoModelForMaskedLM, "AutoModelForMaskedLM"),
+}
+
+
+def family_module(model_type: str) -> ModuleType:
+    base = model_type.removeprefix("clover_")
+    if base not in FAMILIES:
+        raise CloverError(f"pruning is not supported for model type {model_type!r} yet: supported are "
+                          f"{', '.join(sorted(FAMILIES))} (orthogonalize works for every adapter)")
+    return importlib.import_module(f"{__name__}.{FAMILIES[base]}")
+
+
+def register_all() -> None:
+    for name in FAMILIES.values():
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError:  # a family file not shipped in this build
+            continue
+        classes = module.CLASSES
+        config_cls = classes["config"]
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        for key, (auto, _) in TASKS.items():
+            if key in classes:
+                auto.register(config_cls, classes[key], exist_ok=True)
+
+
+def task_of(model) -> str:
+    """Which CLASSES entry matches this model object (causal LM, masked LM or bare model)."""
+    names = [c.__name__ for c in type(model).__mro__]
+    if any(n.endswith("ForCausalLM") or n.endswith("LMHeadModel") for n in names):
+        return "causal_lm"
+    if any(n.endswith("ForMaskedLM") for n in names):
+        return "masked_lm"
+    return "base"
+
+
+def remote_code_file(model_type: str) -> Path:
+    return Path(family_module(model_type).__file__)
+
+
+def auto_map(model_type: str) -> dict[str, str]:
+    module = family_module(model_type)
+    stem = Path(module.__file__).stem
+    classes = module.CLASSES
+    out = {"AutoConfig": f"{stem}.{classes['config'].__name__}"}
+    for key, (_, auto_name) in TASKS.items():
+        if key in classes:
+            out[auto_name] = f"{stem}.{classes[key].__name__}"
+    return out

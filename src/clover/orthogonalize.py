@@ -1,0 +1,114 @@
+"""``orthogonalize_``: rewrite every head so its dimensions are orthogonal and sorted by singular value.
+
+The model's function is unchanged (checked against its own outputs before returning). Pairs that cannot be
+rewritten exactly, i.e. Q-K under rotary embeddings, are skipped and reported as such, never approximated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import AttentionSite, adapter_for
+from .decompose import decompose
+from .errors import CloverError
+from .pairs import PairKind, cast_like, factors, with_factors
+from .verify import Check, compare, model_outputs
+
+ROTARY_QK_REASON = (
+    "rotary embeddings sit between Q and K, so their product depends on position and an SVD rewrite "
+    "would not be exact; V-O is rewritten instead"
+)
+
+
+@dataclass
+class OrthogonalizeConfig:
+    """What to rewrite and how precisely. ``compute_dtype`` is for the SVD; weights go back in the model's dtype."""
+
+    pairs: tuple[PairKind, ...] = ("qk", "vo")
+    compute_dtype: torch.dtype = torch.float64
+    verify: bool = True
+    progress: bool = True
+
+
+@dataclass
+class PairResult:
+    site: str
+    layer: int
+    role: str
+    kind: PairKind
+    status: Literal["rewritten", "skipped"]
+    reason: str = ""
+    singular_values: list[list[float]] = field(default_factory=list)  # per KV group, sorted
+
+
+@dataclass
+class OrthogonalizeReport:
+    model_type: str
+    adapter: str
+    pairs: list[PairResult]
+    check: Check | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "model_type": self.model_type,
+            "adapter": self.adapter,
+            "pairs": [asdict(p) for p in self.pairs],
+            "check": None if self.check is None else self.check.to_dict(),
+        }
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.pairs:
+            key = f"{p.kind} {p.status}"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+
+def skip_reason(site: AttentionSite, kind: PairKind) -> str:
+    """Why a pair cannot be rewritten exactly, or "" when it can."""
+    return ROTARY_QK_REASON if kind == "qk" and site.rotary else ""
+
+
+def orthogonalize_(model: nn.Module, config: OrthogonalizeConfig | None = None) -> OrthogonalizeReport:
+    """Rewrite ``model`` in place; raises ``CloverError`` if the lossless check fails."""
+    config = config or OrthogonalizeConfig()
+    unknown = set(config.pairs) - {"qk", "vo"}
+    if unknown:
+        raise CloverError(f"unknown pair kind(s) {sorted(unknown)}: use 'qk' and/or 'vo'")
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
+    if not sites:
+        raise CloverError(f"no attention blocks found in this {model.config.model_type} model: is it a full model?")
+
+    inputs = adapter.example_inputs(model) if config.verify else None
+    reference = model_outputs(model, inputs) if config.verify else None
+
+    results: list[PairResult] = []
+    for site in tqdm(sites, desc="orthogonalize", unit="block", disable=not config.progress):
+        weights = adapter.read(site)
+        new = weights
+        for kind in config.pairs:
+            reason = skip_reason(site, kind)
+            if reason:
+                results.append(PairResult(site.name, site.layer, site.role, kind, "skipped", reason))
+                continue
+            out = decompose(*factors(new, kind), compute_dtype=config.compute_dtype)
+            new = with_factors(new, kind, out.left, out.right)
+            results.append(PairResult(site.name, site.layer, site.role, kind, "rewritten",
+                                      singular_values=out.s.tolist()))
+        adapter.write(site, cast_like(new, weights))
+
+    report = OrthogonalizeReport(model.config.model_type, adapter.name, results)
+    if config.verify:
+        report.check = compare(reference, model, inputs)
+        if not report.check.passed:
+            raise CloverError(
+                f"lossless check failed: outputs moved by {report.check.relative_diff:.2e} of their scale "
+                f"(tolerance {report.check.tolerance:.0e}); the model's dtype may be too coarse, load it in float32"
+            )
+    return report

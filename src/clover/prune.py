@@ -1,0 +1,249 @@
+"""``prune``: a smaller model with a smaller KV cache, built from the criterion's best head directions.
+
+Flow: calibrate (if the criterion is data-aware) -> one ``Candidate`` per block and pair -> ranks -> truncated
+factors -> a fresh model of the pruned class (``clover_<family>``), so what we return is exactly what
+``from_pretrained`` will rebuild from the saved files. The input model is left untouched (sweeps reuse it).
+Every written block is checked: its Q-K and V-O products must equal the intended truncation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import calibrate, modeling
+from .adapters import AttentionSite, adapter_for
+from .criteria import CRITERIA, DATA_AWARE, ROTARY_CRITERIA, Candidate, candidate
+from .errors import CloverError
+from .pairs import PairKind, cast_like, factors, with_factors
+from .ranks import check_ratio, choose
+
+
+@dataclass
+class PruneConfig:
+    """What to remove and how to choose it. Ratios are the fraction of head dims removed in [0, 1).
+
+    ``criterion`` applies to both pairs; ``qk_criterion`` overrides it for Q-K (rotary models need
+    ``rotary-weight`` or ``rotary-activation``). Thresholds are absolute singular values and replace the ratio
+    for their pair. ``calibration`` holds token ids (n, seqlen) for data-aware criteria.
+    """
+
+    qk_ratio: float = 0.0
+    vo_ratio: float = 0.0
+    criterion: str = "clover"
+    qk_criterion: str | None = None
+    qk_threshold: float | None = None
+    vo_threshold: float | None = None
+    allocation: str = "uniform"
+    calibration: torch.Tensor | None = None
+    compute_dtype: torch.dtype = torch.float64
+    progress: bool = True
+
+    def pair_criterion(self, kind: PairKind) -> str:
+        return (self.qk_criterion or self.criterion) if kind == "qk" else self.criterion
+
+    def active(self, kind: PairKind) -> bool:
+        ratio, threshold = (self.qk_ratio, self.qk_threshold) if kind == "qk" else (self.vo_ratio, self.vo_threshold)
+        return threshold is not None or ratio > 0
+
+
+@dataclass
+class LayerRanks:
+    site: str
+    layer: int
+    qk_dim: int
+    vo_dim: int
+    qk_before: int
+    vo_before: int
+    rope_pairs: list[list[int]] | None = None
+
+
+@dataclass
+class PruneReport:
+    model_type: str
+    qk_criterion: str | None
+    vo_criterion: str | None
+    allocation: str
+    layers: list[LayerRanks]
+    params_before: int
+    params_after: int
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    calibration_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes one token adds to the KV cache: every self-attention block's K and V rows."""
+    adapter = adapter_for(model)
+    total = 0
+    for site in adapter.sites(model):
+        if site.role == "self":
+            w = adapter.read(site)
+            total += (w.k.weight.shape[0] + w.v.weight.shape[0]) * w.k.weight.element_size()
+    return total
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[list[int]]:
+    channels = getattr(site.module, "rope_channels", None)
+    if channels is None:
+        return [list(range(qk_dim // 2)) for _ in range(groups)]
+    return [row[: qk_dim // 2] for row in channels]
+
+
+def _validate(config: PruneConfig, sites: list[AttentionSite]) -> None:
+    check_ratio(config.qk_ratio, "--qk-ratio")
+    check_ratio(config.vo_ratio, "--vo-ratio")
+    for kind in ("qk", "vo"):
+        crit = config.pair_criterion(kind)
+        if crit not in CRITERIA:
+            raise CloverError(f"unknown criterion {crit!r}: use one of {', '.join(CRITERIA)}")
+        threshold = config.qk_threshold if kind == "qk" else config.vo_threshold
+        if threshold is not None and (crit == "vanilla" or crit in ROTARY_CRITERIA):
+            raise CloverError(f"a singular-value threshold needs the clover or whitened criterion, not {crit!r}")
+    if any(site.role == "cross" for site in sites):
+        raise CloverError("pruning cross-attention blocks is not supported for this family yet: "
+                          "orthogonalize works, or prune a model without cross-attention")
+
+
+def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport]:
+    """Return ``(pruned_model, report)``; ``model`` itself is not modified."""
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
+    _validate(config, sites)
+    kinds = [k for k in ("qk", "vo") if config.active(k)]
+    collected: list[str] = []
+
+    def warn(message: str) -> None:
+        collected.append(message)
+        warnings.warn(message, stacklevel=2)
+
+    needs = {config.pair_criterion(k) for k in kinds} & set(DATA_AWARE)
+    stats = None
+    if needs:
+        if config.calibration is None:
+            raise CloverError(f"criterion {sorted(needs)[0]!r} needs calibration data: pass --calib PATH "
+                              "(or set CLOVER_DATA)")
+        stats = calibrate.collect(model, adapter, sites, config.calibration, inputs="whitened" in needs,
+                                  channels="rotary-activation" in needs, progress=config.progress)
+
+    # One candidate per (kind, site); ranks need all of a kind at once for the global allocation.
+    weights = {site.name: adapter.read(site) for site in sites}
+    candidates: dict[PairKind, list[Candidate]] = {}
+    for kind in kinds:
+        crit = config.pair_criterion(kind)
+        candidates[kind] = [
+            candidate(weights[site.name], kind, crit, rotary=site.rotary, name=f"{site.name} {kind}",
+                      stats=None if stats is None else stats.sites[site.name],
+                      compute_dtype=config.compute_dtype, warn=warn)
+            for site in tqdm(sites, desc=f"rank {kind}", unit="block", disable=not config.progress)
+        ]
+    keeps = {
+        kind: choose(candidates[kind], ratio=config.qk_ratio if kind == "qk" else config.vo_ratio,
+                     threshold=config.qk_threshold if kind == "qk" else config.vo_threshold,
+                     allocation=config.allocation, what=f"--{kind}-ratio")
+        for kind in kinds
+    }
+
+    new_weights, layers, intended = {}, [], {}
+    for i, site in enumerate(sites):
+        w = weights[site.name]
+        new = w
+        rope_pairs = None
+        for kind in kinds:
+            c = candidates[kind][i]
+            left, right = c.truncate(keeps[kind][i])
+            new = with_factors(new, kind, left, right)
+            intended[site.name, kind] = left @ right.mT
+            if c.order is not None:
+                current = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
+                kept = c.order[:, : keeps[kind][i]].sort(dim=-1).values
+                rope_pairs = [[current[g][p] for p in kept[g].tolist()] for g in range(w.num_kv_heads)]
+        if rope_pairs is None and site.rotary and getattr(site.module, "rope_channels", None) is not None:
+            rope_pairs = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
+        new_weights[site.name] = cast_like(new, w)
+        layers.append(LayerRanks(site.name, site.layer, new.qk_dim, new.vo_dim, w.qk_dim, w.vo_dim, rope_pairs))
+
+    pruned = build_pruned(model, layers)
+    new_adapter = adapter_for(pruned)
+    for site in new_adapter.sites(pruned):
+        new_adapter.write(site, new_weights[site.name])
+    _check_written(pruned, intended)
+
+    report = PruneReport(
+        model.config.model_type,
+        config.pair_criterion("qk") if "qk" in kinds else None,
+        config.pair_criterion("vo") if "vo" in kinds else None,
+        config.allocation if not (config.qk_threshold or config.vo_threshold) else "threshold",
+        layers, parameter_count(model), parameter_count(pruned), kv_bytes_per_token(model),
+        kv_bytes_per_token(pruned), 0 if stats is None else stats.tokens, collected,
+    )
+    if "qk" in kinds and config.pair_criterion("qk") in ROTARY_CRITERIA:
+        report.notes.append("Q-K was pruned by whole rotary frequency pairs: not a CLOVER rewrite "
+                            "(rotary embeddings make every change of basis inexact there)")
+    return pruned, report
+
+
+def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
+    """A fresh ``clover_<family>`` model with per-layer dims, holding every non-attention weight of ``model``."""
+    module = modeling.family_module(model.config.model_type)
+    task = modeling.task_of(model)
+    if task not in module.CLASSES:
+        raise CloverError(f"pruning a {type(model).__name__} is not supported: load the model with a "
+                          f"{' or '.join(k for k in module.CLASSES if k != 'config')} head")
+    n = model.config.num_hidden_layers
+    head_dim = layers[0].qk_before if not hasattr(model.config, "head_dim") else model.config.head_dim
+    qk = [None] * n
+    vo = [None] * n
+    rope = [None] * n
+    for lr in layers:
+        qk[lr.layer], vo[lr.layer], rope[lr.layer] = lr.qk_dim, lr.vo_dim, lr.rope_pairs
+    settings = {k: v for k, v in model.config.to_dict().items()
+                if k not in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")}
+    settings.update(qk_dims=[d if d is not None else head_dim for d in qk],
+                    vo_dims=[d if d is not None else head_dim for d in vo])
+    if "rope_pairs" in module.CLASSES["config"].__dataclass_fields__:
+        settings["rope_pairs"] = rope
+    config = module.CLASSES["config"](**settings)
+    config.architectures = [module.CLASSES[task].__name__]
+    reference = next(model.parameters())
+    pruned = module.CLASSES[task](config).to(device=reference.device, dtype=reference.dtype)
+    own = pruned.state_dict()
+    source = model.state_dict()
+    unexpected = [k for k in source if k not in own]
+    if unexpected:
+        raise CloverError(f"internal: weights with no place in the pruned model: {unexpected[:3]}")
+    with torch.no_grad():  # everything but the resized attention weights, which the adapter writes next
+        for name, tensor in own.items():
+            if name in source and source[name].shape == tensor.shape:
+                tensor.copy_(source[name])
+    return pruned.eval()
+
+
+def _check_written(pruned: nn.Module, intended: dict) -> None:
+    adapter = adapter_for(pruned)
+    for site in adapter.sites(pruned):
+        w = adapter.read(site)
+        for kind in ("qk", "vo"):
+            if (site.name, kind) not in intended:
+                continue
+            left, right = factors(w, kind)
+            got = left.double() @ right.double().mT
+            want = intended[site.name, kind].to(got.dtype)
+            err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+            tol = 1e-5 if w.q.weight.dtype == torch.float32 else 2e-2
+            if err > tol:
+                raise CloverError(f"internal: {site.name} {kind} written weights differ from the intended "
+                                  f"truncation by {err:.1e} (relative); nothing was saved")

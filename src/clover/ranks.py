@@ -1,0 +1,62 @@
+"""How many units each layer keeps: a uniform ratio, a singular-value threshold, or one global budget.
+
+Ranks are equal across the heads (KV groups) of a layer so K, V and the KV cache stay rectangular tensors; they
+may differ between layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .criteria import Candidate
+from .errors import CloverError
+
+
+def check_ratio(ratio: float, what: str) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise CloverError(f"{what} ratio {ratio} is outside [0, 1): it is the fraction of head dims removed")
+
+
+def uniform_keep(units: int, ratio: float, what: str) -> int:
+    keep = units - math.floor(units * ratio + 0.5)
+    if keep < 1:
+        raise CloverError(f"{what} ratio {ratio} would leave a head with no dimensions "
+                          f"({units} units per head): use a smaller ratio")
+    return keep
+
+
+def threshold_keep(candidate: Candidate, threshold: float) -> int:
+    """Keep every direction whose singular value exceeds ``threshold`` in any group (at least one)."""
+    s = candidate.scores.clamp_min(0).sqrt()
+    return max(1, int((s > threshold).sum(dim=-1).max().item()))
+
+
+def global_keeps(candidates: list[Candidate], ratio: float, what: str) -> list[int]:
+    """Remove ``ratio`` of all units where the layer's score (summed over its groups) is smallest."""
+    units = [c.units for c in candidates]
+    remove = math.floor(sum(units) * ratio + 0.5)
+    if remove > sum(units) - len(units):
+        raise CloverError(f"{what} ratio {ratio} would leave a layer with no dimensions: use a smaller ratio")
+    entries = []
+    for i, c in enumerate(candidates):
+        layer_scores = c.scores.sum(dim=0)  # non-increasing: each group's scores are sorted
+        entries += [(layer_scores[j].item(), i, j) for j in range(1, c.units)]  # unit 0 always stays
+    entries.sort(key=lambda e: (e[0], -e[2]))
+    keeps = list(units)
+    for _, i, _ in entries[:remove]:
+        keeps[i] -= 1
+    return keeps
+
+
+def choose(candidates: list[Candidate], *, ratio: float, threshold: float | None, allocation: str,
+           what: str) -> list[int]:
+    if threshold is not None:
+        return [threshold_keep(c, threshold) for c in candidates]
+    check_ratio(ratio, what)
+    if allocation == "global":
+        return global_keeps(candidates, ratio, what)
+    if allocation != "uniform":
+        raise CloverError(f"unknown allocation {allocation!r}: use uniform or global")
+    return [uniform_keep(c.units, ratio, what) for c in candidates]
