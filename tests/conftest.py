@@ -44,16 +44,17 @@ def _build(cls, config, seed=0):
 
 
 def tiny_gpt2(**kw):
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0,
-                     eos_token_id=0, initializer_range=INIT, **kw)
+    settings = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0,
+                    eos_token_id=0, initializer_range=INIT)
+    cfg = GPT2Config(**{**settings, **kw})
     return _build(GPT2LMHeadModel, cfg)
 
 
 def tiny_llama(num_key_value_heads=2, attention_bias=False, **kw):
-    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                      num_key_value_heads=num_key_value_heads, intermediate_size=128, vocab_size=VOCAB,
-                      max_position_embeddings=128, attention_bias=attention_bias, initializer_range=INIT,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
+    settings = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                    vocab_size=VOCAB, max_position_embeddings=128, initializer_range=INIT, bos_token_id=0,
+                    eos_token_id=0, pad_token_id=0)
+    cfg = LlamaConfig(**{**settings, **kw}, num_key_value_heads=num_key_value_heads, attention_bias=attention_bias)
     return _build(LlamaForCausalLM, cfg)
 
 

@@ -196,7 +196,7 @@ def _calibration(loaded, calib: Optional[Path], samples: int, seqlen: int):
     return calibration_batches(loaded.tokenizer, rows, samples, seqlen)
 
 
-def _ppl(model, tokenizer, text, seqlen, max_windows, desc):
+def _ppl(model, tokenizer, text, seqlen, max_windows):
     from .evaluate import perplexity
 
     return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, progress=True).ppl
@@ -224,6 +224,8 @@ def prune(
                                                                 "<= this (replaces --vo-ratio).")] = None,
     allocation: Annotated[str, typer.Option(help="uniform: same ratio per layer; global: one budget, spent where "
                                                  "scores are smallest.")] = "uniform",
+    vo_whitening: Annotated[str, typer.Option(help="whitened V-O: mixed (attention-mixed values, default) or "
+                                                   "input (layer inputs).")] = "mixed",
     calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; "
                                                        "else $CLOVER_DATA, else the hub).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
@@ -243,7 +245,8 @@ def prune(
     check_output_dir(out, overwrite)
     loaded = _load(model, dtype)
     config = PruneConfig(qk_ratio=qk_ratio, vo_ratio=vo_ratio, criterion=criterion, qk_criterion=qk_criterion,
-                         qk_threshold=qk_threshold, vo_threshold=vo_threshold, allocation=allocation)
+                         qk_threshold=qk_threshold, vo_threshold=vo_threshold, allocation=allocation,
+                         vo_whitening=vo_whitening)
     if _needs_calibration(config.pair_criterion("qk") if config.active("qk") else None,
                           config.pair_criterion("vo") if config.active("vo") else None):
         config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
@@ -255,8 +258,8 @@ def prune(
     pruned, report = run_prune(loaded.model, config)
     payload = {"model": model, **report.to_dict()}
     if eval_ppl:
-        payload["ppl_before"] = _ppl(loaded.model, loaded.tokenizer, text, seqlen, max_windows, "before")
-        payload["ppl_after"] = _ppl(pruned, loaded.tokenizer, text, seqlen, max_windows, "after")
+        payload["ppl_before"] = _ppl(loaded.model, loaded.tokenizer, text, seqlen, max_windows)
+        payload["ppl_after"] = _ppl(pruned, loaded.tokenizer, text, seqlen, max_windows)
         payload["ppl_protocol"] = {"seqlen": seqlen, "max_windows": max_windows, "split": "test"}
 
     table = Table(title=f"{model}: pruned ({report.qk_criterion or '-'} Q-K, {report.vo_criterion or '-'} V-O, "

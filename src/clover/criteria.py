@@ -44,6 +44,9 @@ class Candidate:
     right: torch.Tensor
     scores: torch.Tensor
     order: torch.Tensor | None = None  # rotary only: positions of frequency pairs, best first
+    head_moments: torch.Tensor | None = None  # mixed V-O only: (G, r, d, d) second moments of each head's values
+    head_o: torch.Tensor | None = None  # mixed V-O only: (G, r, D_out, d) original O blocks
+    projection: torch.Tensor | None = None  # mixed V-O only: (G, d, d) maps a value to the sorted directions
 
     @property
     def unit_size(self) -> int:
@@ -64,7 +67,26 @@ class Candidate:
     def truncate(self, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.columns(keep)
         gather = lambda f: torch.gather(f, 2, idx[:, None, :].expand(-1, f.shape[1], -1))  # noqa: E731
-        return gather(self.left), gather(self.right)
+        left, right = gather(self.left), gather(self.right)
+        if self.head_moments is not None and keep < self.units:
+            left = self._refit_heads(keep)
+        return left, right
+
+    def _refit_heads(self, keep: int) -> torch.Tensor:
+        """Least-squares O per head given the group's shared kept directions (pooled SVD chose them).
+
+        With ``u' = P_k u`` the kept values, ``O_h' = O_h C_h P_k^T (P_k C_h P_k^T)^-1`` minimises
+        ``E||O_h u - O_h' u'||^2`` for head h's own value statistics C_h: never worse than the pooled fit.
+        """
+        proj = self.projection[:, :keep, :]  # (G, k, d)
+        c = self.head_moments  # (G, r, d, d)
+        cross = c @ proj.unsqueeze(1).mT  # (G, r, d, k)
+        gram = proj.unsqueeze(1) @ cross  # (G, r, k, k)
+        eye = torch.eye(keep, dtype=gram.dtype)
+        gram = gram + 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * eye
+        fitted = torch.linalg.solve(gram, (self.head_o @ cross).mT).mT  # (G, r, D_out, k)
+        return fitted.reshape(fitted.shape[0], -1, keep)
+
 
 
 def _sorted_candidate(kind, criterion, left, right, scores) -> Candidate:
@@ -90,8 +112,29 @@ def _whitening(w: AttentionWeights, stats: SiteStats, kind: PairKind, name: str,
     return None, kv
 
 
+def _mixed_vo_candidate(w: AttentionWeights, left, right, stats: SiteStats, name: str, compute_dtype,
+                        warn) -> Candidate:
+    """V-O whitened by what O really reads: the attention-mixed values ``u_h = V z_h`` of each head.
+
+    The output error of head h is ``E||(O_h - O_h' P) u_h||^2``; with the group's heads' second moments of u
+    pooled, the SVD of ``O_stack L_u`` minimises it. Everything lives in the d-dim span of V, so the new V is
+    ``P V`` with P the right factor of that SVD (exact at full rank).
+    """
+    groups, d = w.num_kv_heads, w.vo_dim
+    moment = stats.head_output.to(compute_dtype).reshape(groups, w.group_size, d, d).sum(1)
+    chol = cholesky_factor(moment, name=f"{name} attention-mixed values", warn=warn)
+    eye = torch.eye(d, dtype=compute_dtype).expand(groups, d, d)
+    out = decompose(left, eye, right_whiten=chol, compute_dtype=compute_dtype)
+    c = Candidate("vo", "whitened", out.left, right @ out.right, out.s.pow(2))
+    c.head_moments = stats.head_output.to(compute_dtype).reshape(groups, w.group_size, d, d)
+    c.head_o = left.reshape(groups, w.group_size, -1, d)
+    c.projection = out.right.mT  # (G, d, d): row j maps a value u to kept direction j
+    return c
+
+
 def candidate(weights: AttentionWeights, kind: PairKind, criterion: str, *, rotary: bool, name: str,
-              stats: SiteStats | None = None, compute_dtype=torch.float64, warn=None) -> Candidate:
+              stats: SiteStats | None = None, compute_dtype=torch.float64, warn=None,
+              vo_whitening: str = "input") -> Candidate:
     if criterion not in CRITERIA:
         raise CloverError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
     if kind == "qk" and rotary and criterion not in ROTARY_CRITERIA:
@@ -114,6 +157,8 @@ def candidate(weights: AttentionWeights, kind: PairKind, criterion: str, *, rota
     if criterion == "clover":
         out = decompose(left, right, compute_dtype=compute_dtype)
         return Candidate(kind, criterion, out.left, out.right, out.s.pow(2))
+    if kind == "vo" and vo_whitening == "mixed":
+        return _mixed_vo_candidate(weights, left, right, stats, name, compute_dtype, warn)
     left_chol, right_chol = _whitening(weights, stats, kind, name, warn)
     out = decompose(left, right, left_whiten=left_chol, right_whiten=right_chol, compute_dtype=compute_dtype)
     return Candidate(kind, criterion, out.left, out.right, out.s.pow(2))

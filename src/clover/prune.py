@@ -29,7 +29,9 @@ class PruneConfig:
 
     ``criterion`` applies to both pairs; ``qk_criterion`` overrides it for Q-K (rotary models need
     ``rotary-weight`` or ``rotary-activation``). Thresholds are absolute singular values and replace the ratio
-    for their pair. ``calibration`` holds token ids (n, seqlen) for data-aware criteria.
+    for their pair. ``calibration`` holds token ids (n, seqlen) for data-aware criteria. ``vo_whitening`` picks
+    what whitens V-O: ``mixed`` (the attention-mixed values each head hands to O, then a per-head least-squares
+    refit of O; measured better) or ``input`` (the layer's input, as in the prototype).
     """
 
     qk_ratio: float = 0.0
@@ -40,6 +42,7 @@ class PruneConfig:
     vo_threshold: float | None = None
     allocation: str = "uniform"
     calibration: torch.Tensor | None = None
+    vo_whitening: str = "mixed"
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
 
@@ -104,6 +107,8 @@ def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[l
 
 
 def _validate(config: PruneConfig, sites: list[AttentionSite]) -> None:
+    if config.vo_whitening not in ("mixed", "input"):
+        raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use mixed or input")
     check_ratio(config.qk_ratio, "--qk-ratio")
     check_ratio(config.vo_ratio, "--vo-ratio")
     for kind in ("qk", "vo"):
@@ -137,6 +142,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
             raise CloverError(f"criterion {sorted(needs)[0]!r} needs calibration data: pass --calib PATH "
                               "(or set CLOVER_DATA)")
         stats = calibrate.collect(model, adapter, sites, config.calibration, inputs="whitened" in needs,
+                                  head_outputs="whitened" in needs and config.vo_whitening == "mixed",
                                   channels="rotary-activation" in needs, progress=config.progress)
 
     # One candidate per (kind, site); ranks need all of a kind at once for the global allocation.
@@ -147,7 +153,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         candidates[kind] = [
             candidate(weights[site.name], kind, crit, rotary=site.rotary, name=f"{site.name} {kind}",
                       stats=None if stats is None else stats.sites[site.name],
-                      compute_dtype=config.compute_dtype, warn=warn)
+                      compute_dtype=config.compute_dtype, warn=warn, vo_whitening=config.vo_whitening)
             for site in tqdm(sites, desc=f"rank {kind}", unit="block", disable=not config.progress)
         ]
     keeps = {

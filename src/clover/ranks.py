@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .criteria import Candidate
 from .errors import CloverError
 
@@ -29,8 +27,8 @@ def uniform_keep(units: int, ratio: float, what: str) -> int:
 
 def threshold_keep(candidate: Candidate, threshold: float) -> int:
     """Keep every direction whose singular value exceeds ``threshold`` in any group (at least one)."""
-    s = candidate.scores.clamp_min(0).sqrt()
-    return max(1, int((s > threshold).sum(dim=-1).max().item()))
+    above = candidate.scores > threshold**2  # scores are squared singular values
+    return max(1, int(above.sum(dim=-1).max().item()))
 
 
 def global_keeps(candidates: list[Candidate], ratio: float, what: str) -> list[int]:

@@ -1,0 +1,214 @@
+"""Pruning on tiny random models of every family: physically smaller, exact where it should be, and loadable."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+import clover  # noqa: F401  (registers the clover_* model types)
+from clover.adapters import adapter_for
+from clover.calibrate import cholesky_factor
+from clover.errors import CloverError
+from clover.pairs import factors
+from clover.prune import PruneConfig, kv_bytes_per_token, prune
+from clover.save import save_model
+from clover.verify import model_outputs
+
+CALIB = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+INPUTS = {"input_ids": torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))}
+
+FAMILIES = {
+    "gpt2": (tiny_gpt2, "clover", AutoModelForCausalLM),
+    "llama": (lambda: tiny_llama(attention_bias=True), "rotary-weight", AutoModelForCausalLM),
+    "bert": (tiny_bert, "clover", AutoModelForMaskedLM),
+}
+
+
+def _config(criterion, qk_criterion, **kw):
+    return PruneConfig(criterion=criterion, qk_criterion=qk_criterion, calibration=CALIB, progress=False, **kw)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("criterion", ["vanilla", "clover", "whitened"])
+def test_weights_and_kv_cache_really_shrink(family, criterion):
+    build, qk_rotary, _ = FAMILIES[family]
+    model = build()
+    qk_criterion = qk_rotary if qk_rotary.startswith("rotary") else criterion
+    pruned, report = prune(model, _config(criterion, qk_criterion, qk_ratio=0.5, vo_ratio=0.25))
+    adapter = adapter_for(pruned)
+    for site in adapter.sites(pruned):
+        w = adapter.read(site)
+        assert (w.qk_dim, w.vo_dim) == (8, 12)  # head_dim 16
+        assert w.q.weight.shape[0] == site.num_heads * 8 and w.o.weight.shape[1] == site.num_heads * 12
+    assert report.params_after < report.params_before
+    assert report.kv_bytes_per_token_after / report.kv_bytes_per_token_before == pytest.approx(20 / 32)
+    assert kv_bytes_per_token(pruned) == report.kv_bytes_per_token_after
+    assert torch.isfinite(model_outputs(pruned, INPUTS)).all()
+    # the input model is untouched
+    assert adapter_for(model).read(adapter_for(model).sites(model)[0]).qk_dim == 16
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_zero_threshold_keeps_every_direction_and_is_exact(family):
+    """CLOVER basis at full rank through the pruned runtime: same outputs as the original."""
+    model = FAMILIES[family][0]()
+    pruned, report = prune(model, _config("clover", None, qk_threshold=0.0, vo_threshold=0.0))
+    assert all((lr.qk_dim, lr.vo_dim) == (16, 16) for lr in report.layers)
+    ref = model_outputs(model, INPUTS)
+    assert (model_outputs(pruned, INPUTS) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_clover_truncation_is_the_best_rank_k_product():
+    model = tiny_gpt2()
+    pruned, _ = prune(model, _config("clover", None, qk_ratio=0.25, vo_ratio=0.5))
+    a, b = adapter_for(model), adapter_for(pruned)
+    for site, new_site in zip(a.sites(model), b.sites(pruned)):
+        for kind, keep in (("qk", 12), ("vo", 8)):
+            product = torch.matmul(*[f.double() for f in (lambda l, r: (l, r.mT))(*factors(a.read(site), kind))])
+            left, right = factors(b.read(new_site), kind)
+            approx = left.double() @ right.double().mT
+            s = torch.linalg.svdvals(product)
+            best = s[:, keep:].pow(2).sum(-1).sqrt()
+            assert torch.allclose(torch.linalg.matrix_norm(product - approx), best, rtol=1e-4, atol=1e-6)
+
+
+def test_softmax_scale_is_the_original():
+    model = tiny_llama()
+    pruned, _ = prune(model, _config("clover", "rotary-weight", qk_ratio=0.5, vo_ratio=0.5))
+    assert pruned.model.layers[0].self_attn.scaling == model.model.layers[0].self_attn.scaling == 16 ** -0.5
+
+
+def test_rotary_pairs_equal_zeroing_those_channels_in_the_original():
+    """Dropping frequency pairs must act exactly like zeroing both channels of those pairs in q and k."""
+    model = tiny_llama(num_key_value_heads=2)
+    pruned, report = prune(model, _config("clover", "rotary-activation", qk_ratio=0.5))
+    reference = tiny_llama(num_key_value_heads=2)
+    attn_ref = [layer.self_attn for layer in reference.model.layers]
+    with torch.no_grad():
+        for lr, attn in zip(report.layers, attn_ref):
+            assert lr.rope_pairs is not None and all(len(p) == 4 for p in lr.rope_pairs)
+            for g, pairs in enumerate(lr.rope_pairs):
+                dropped = [i for i in range(8) if i not in pairs]
+                channels = dropped + [i + 8 for i in dropped]
+                for head in range(g * 2, g * 2 + 2):
+                    attn.q_proj.weight[[head * 16 + c for c in channels]] = 0
+                attn.k_proj.weight[[g * 16 + c for c in channels]] = 0
+    ref = model_outputs(reference, INPUTS)
+    assert (model_outputs(pruned, INPUTS) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert any("not a CLOVER rewrite" in n for n in report.notes)
+
+
+def test_generate_with_cache_matches_full_forward_on_rotary_pruned_llama():
+    model = tiny_llama()
+    pruned, _ = prune(model, _config("whitened", "rotary-activation", qk_ratio=0.5, vo_ratio=0.5))
+    prompt = INPUTS["input_ids"][:1, :6]
+    out = pruned.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    seq = prompt
+    for _ in range(6):
+        nxt = pruned(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_global_allocation_spends_one_budget():
+    model = tiny_gpt2(n_layer=4)
+    pruned, report = prune(model, _config("whitened", None, vo_ratio=0.5, allocation="global"))
+    dims = [lr.vo_dim for lr in report.layers]
+    assert sum(dims) == 4 * 16 // 2 and min(dims) >= 1
+    assert report.allocation == "global"
+
+
+def test_threshold_keeps_directions_above_it():
+    model = tiny_gpt2()
+    site = adapter_for(model).sites(model)[0]
+    from clover.decompose import spectrum
+
+    s = spectrum(*factors(adapter_for(model).read(site), "vo"))
+    t = float(s[:, 8].max()) * (1 + 1e-9)  # keeps exactly the 8 largest of the widest group
+    _, report = prune(model, _config("clover", None, vo_threshold=t))
+    assert report.layers[0].vo_dim == 8 and report.allocation == "threshold"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_save_and_load_round_trip(family, tmp_path):
+    build, qk_rotary, auto = FAMILIES[family]
+    model = build()
+    pruned, report = prune(model, _config("whitened", qk_rotary if qk_rotary.startswith("rotary") else "whitened",
+                                          qk_ratio=0.25, vo_ratio=0.5, allocation="global"))
+    ref = model_outputs(pruned, INPUTS)
+    save_model(pruned, None, tmp_path / "m", report=report.to_dict())
+    loaded = auto.from_pretrained(tmp_path / "m").eval()
+    assert type(loaded) is type(pruned)
+    assert torch.equal(model_outputs(loaded, INPUTS), ref)
+    base = AutoModel.from_pretrained(tmp_path / "m")
+    assert base.config.model_type == f"clover_{family}"
+
+    # Without clover: the modeling file written next to the weights is enough.
+    script = (
+        "import sys, torch; sys.modules['clover'] = None\n"
+        f"from transformers import {auto.__name__} as A\n"
+        f"m = A.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True).eval()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        "with torch.no_grad(): out = m(**x).logits\n"
+        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    torch.save(INPUTS, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    assert torch.equal(torch.load(tmp_path / "out.pt").float(), ref)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"vo_ratio": 1.0}, r"outside \[0, 1\)"),
+    ({"vo_ratio": -0.1}, r"outside \[0, 1\)"),
+    ({"vo_ratio": 0.99}, "no dimensions"),
+    ({"vo_ratio": 0.5, "criterion": "nope"}, "unknown criterion"),
+    ({"vo_ratio": 0.5, "vo_whitening": "nope"}, "unknown V-O whitening"),
+    ({"vo_ratio": 0.5, "allocation": "nope"}, "unknown allocation"),
+    ({"vo_threshold": 0.1, "criterion": "vanilla"}, "threshold needs"),
+])
+def test_bad_settings_are_clear_errors(kw, message):
+    with pytest.raises(CloverError, match=message):
+        prune(tiny_gpt2(), PruneConfig(progress=False, calibration=CALIB, **kw))
+
+
+def test_clover_qk_on_rotary_model_explains_and_names_the_option():
+    for criterion in ("clover", "whitened", "vanilla"):
+        with pytest.raises(CloverError, match="rotary.*rotary-weight or rotary-activation"):
+            prune(tiny_llama(), PruneConfig(qk_ratio=0.5, criterion=criterion, calibration=CALIB, progress=False))
+
+
+def test_rotary_criterion_on_a_model_without_rotary():
+    with pytest.raises(CloverError, match="only"):
+        prune(tiny_gpt2(), PruneConfig(qk_ratio=0.5, qk_criterion="rotary-weight", progress=False))
+
+
+def test_data_aware_criterion_without_calibration():
+    with pytest.raises(CloverError, match="calibration"):
+        prune(tiny_gpt2(), PruneConfig(vo_ratio=0.5, criterion="whitened", progress=False))
+
+
+def test_cholesky_retries_with_growing_jitter_and_says_so():
+    indefinite = torch.diag(torch.tensor([1.0, -1e-4], dtype=torch.float64))
+    said = []
+    chol = cholesky_factor(indefinite, name="layer 0", warn=said.append)
+    assert torch.isfinite(chol).all() and said and "jitter" in said[0]
+
+
+def test_cholesky_that_never_succeeds_is_an_error():
+    bad = torch.full((3, 3), float("nan"), dtype=torch.float64)
+    with pytest.raises(CloverError, match="Cholesky"):
+        cholesky_factor(bad, name="layer 0")
+
+
+def test_pruning_a_pruned_model_composes():
+    model = tiny_llama()
+    once, _ = prune(model, _config("clover", "rotary-weight", qk_ratio=0.5, vo_ratio=0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twice, report = prune(once, _config("clover", "rotary-weight", qk_ratio=0.5, vo_ratio=0.5))
+    assert [(lr.qk_dim, lr.vo_dim) for lr in report.layers] == [(4, 4), (4, 4)]
+    assert torch.isfinite(model_outputs(twice, INPUTS)).all()
