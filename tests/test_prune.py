@@ -68,7 +68,8 @@ def test_clover_truncation_is_the_best_rank_k_product():
     a, b = adapter_for(model), adapter_for(pruned)
     for site, new_site in zip(a.sites(model), b.sites(pruned)):
         for kind, keep in (("qk", 12), ("vo", 8)):
-            product = torch.matmul(*[f.double() for f in (lambda l, r: (l, r.mT))(*factors(a.read(site), kind))])
+            left0, right0 = factors(a.read(site), kind)
+            product = left0.double() @ right0.double().mT
             left, right = factors(b.read(new_site), kind)
             approx = left.double() @ right.double().mT
             s = torch.linalg.svdvals(product)
@@ -116,7 +117,7 @@ def test_generate_with_cache_matches_full_forward_on_rotary_pruned_llama():
 
 def test_global_allocation_spends_one_budget():
     model = tiny_gpt2(n_layer=4)
-    pruned, report = prune(model, _config("whitened", None, vo_ratio=0.5, allocation="global"))
+    _, report = prune(model, _config("whitened", None, vo_ratio=0.5, allocation="global"))
     dims = [lr.vo_dim for lr in report.layers]
     assert sum(dims) == 4 * 16 // 2 and min(dims) >= 1
     assert report.allocation == "global"

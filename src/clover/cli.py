@@ -208,6 +208,18 @@ def _needs_calibration(*criteria: Optional[str]) -> bool:
     return any(c in DATA_AWARE for c in criteria if c)
 
 
+def _runs_of_equal_dims(layers) -> list[tuple[str, tuple[str, str]]]:
+    """Consecutive layers with the same dims collapse into one row ("0-29"), so uniform prunes stay short."""
+    rows: list[tuple[list[int], tuple[str, str]]] = []
+    for lr in layers:
+        dims = (f"{lr.qk_before} -> {lr.qk_dim}", f"{lr.vo_before} -> {lr.vo_dim}")
+        if rows and rows[-1][1] == dims and rows[-1][0][-1] == lr.layer - 1:
+            rows[-1][0].append(lr.layer)
+        else:
+            rows.append(([lr.layer], dims))
+    return [(f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0]), dims) for ids, dims in rows]
+
+
 @app.command()
 @_fails_cleanly
 def prune(
@@ -264,10 +276,10 @@ def prune(
 
     table = Table(title=f"{model}: pruned ({report.qk_criterion or '-'} Q-K, {report.vo_criterion or '-'} V-O, "
                   f"{report.allocation})")
-    for col in ("layer", "Q-K dims", "V-O dims"):
+    for col in ("layers", "Q-K dims per head", "V-O dims per head"):
         table.add_column(col, justify="right")
-    for lr in report.layers:
-        table.add_row(str(lr.layer), f"{lr.qk_before} -> {lr.qk_dim}", f"{lr.vo_before} -> {lr.vo_dim}")
+    for layers, (qk, vo) in _runs_of_equal_dims(report.layers):
+        table.add_row(layers, qk, vo)
     console.print(table)
     summary = Table(title="summary")
     for col in ("", "before", "after", "after / before"):

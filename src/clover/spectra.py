@@ -73,10 +73,11 @@ def plot_spectra(rows: list[PairSpectrum], path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r.role, r.kind) for r in rows}, key=lambda rk: (rk[0] != "self", rk[1]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    fig.subplots_adjust(wspace=0.3)
     layers = sorted({r.layer for r in rows})
     cmap = plt.get_cmap("viridis")
-    for ax, (role, kind) in zip(axes[0], panels):
+    for ax, (role, kind) in zip(axes[0], panels, strict=True):
         chosen = [r for r in rows if r.kind == kind and r.role == role]
         for r in chosen:
             s = torch.tensor(r.singular_values, dtype=torch.float64)

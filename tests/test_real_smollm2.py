@@ -1,0 +1,53 @@
+"""The real SmolLM2-135M (LLaMA, 9 query heads over 3 KV heads, RoPE): the marked tier CI still runs."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import clover  # noqa: F401
+from clover.data import calibration_batches, load_rows
+from clover.orthogonalize import OrthogonalizeConfig, orthogonalize_
+from clover.prune import PruneConfig, prune
+from clover.save import save_model
+from clover.spectra import collect_spectra
+from clover.verify import model_outputs
+
+pytestmark = pytest.mark.real_model
+
+
+def test_orthogonalize_is_lossless_on_smollm2(smollm2):
+    model = copy.deepcopy(smollm2.model)
+    report = orthogonalize_(model, OrthogonalizeConfig(progress=False))
+    print(f"SmolLM2 orthogonalize: max |logit diff| {report.check.max_abs_diff:.3e}, "
+          f"relative {report.check.relative_diff:.3e}")
+    assert report.check.passed and report.check.relative_diff <= 1e-4
+    counts = report.counts()
+    assert counts == {"qk skipped": 30, "vo rewritten": 30}
+    # one SVD per KV group: 3 groups of 64 directions, sorted
+    s = torch.tensor(report.pairs[1].singular_values)
+    assert s.shape == (3, 64) and bool((s[:, :-1] >= s[:, 1:]).all())
+
+
+def test_spectra_of_every_layer(smollm2):
+    rows = collect_spectra(smollm2.model, progress=False)
+    assert len(rows) == 60 and {r.exact for r in rows if r.kind == "qk"} == {False}
+    vo = [r for r in rows if r.kind == "vo"]
+    assert all(1 <= k <= 64 for r in vo for k in r.energy_ranks(0.9))
+
+
+def test_prune_save_load_generate(smollm2, tmp_path):
+    rows = load_rows(split="validation")
+    calib = calibration_batches(smollm2.tokenizer, rows, 2, 128)
+    config = PruneConfig(qk_ratio=0.25, vo_ratio=0.5, criterion="whitened", qk_criterion="rotary-activation",
+                         calibration=calib, progress=False)
+    pruned, report = prune(smollm2.model, config)
+    assert report.kv_bytes_per_token_after / report.kv_bytes_per_token_before == pytest.approx((48 + 32) / 128)
+    inputs = {"input_ids": smollm2.tokenizer("The tower is 324 metres tall,", return_tensors="pt").input_ids}
+    ref = model_outputs(pruned, inputs)
+    save_model(pruned, smollm2.tokenizer, tmp_path / "p", report=report.to_dict())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    assert torch.equal(model_outputs(loaded, inputs), ref)
+    out = loaded.generate(inputs["input_ids"], max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 8
