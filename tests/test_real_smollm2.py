@@ -48,6 +48,7 @@ def test_prune_save_load_generate(smollm2, tmp_path):
     ref = model_outputs(pruned, inputs)
     save_model(pruned, smollm2.tokenizer, tmp_path / "p", report=report.to_dict())
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
-    assert torch.equal(model_outputs(loaded, inputs), ref)
+    # same weights; float32 kernels may round differently with another memory alignment
+    assert (model_outputs(loaded, inputs) - ref).abs().max() <= 1e-6 * ref.abs().max()
     out = loaded.generate(inputs["input_ids"], max_new_tokens=8, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 8

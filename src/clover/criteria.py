@@ -113,7 +113,7 @@ def _whitening(w: AttentionWeights, stats: SiteStats, kind: PairKind, name: str,
 
 
 def _mixed_vo_candidate(w: AttentionWeights, left, right, stats: SiteStats, name: str, compute_dtype,
-                        warn) -> Candidate:
+                        warn, refit: bool) -> Candidate:
     """V-O whitened by what O really reads: the attention-mixed values ``u_h = V z_h`` of each head.
 
     The output error of head h is ``E||(O_h - O_h' P) u_h||^2``; with the group's heads' second moments of u
@@ -126,15 +126,16 @@ def _mixed_vo_candidate(w: AttentionWeights, left, right, stats: SiteStats, name
     eye = torch.eye(d, dtype=compute_dtype).expand(groups, d, d)
     out = decompose(left, eye, right_whiten=chol, compute_dtype=compute_dtype)
     c = Candidate("vo", "whitened", out.left, right @ out.right, out.s.pow(2))
-    c.head_moments = stats.head_output.to(compute_dtype).reshape(groups, w.group_size, d, d)
-    c.head_o = left.reshape(groups, w.group_size, -1, d)
     c.projection = out.right.mT  # (G, d, d): row j maps a value u to kept direction j
+    if refit:
+        c.head_moments = stats.head_output.to(compute_dtype).reshape(groups, w.group_size, d, d)
+        c.head_o = left.reshape(groups, w.group_size, -1, d)
     return c
 
 
 def candidate(weights: AttentionWeights, kind: PairKind, criterion: str, *, rotary: bool, name: str,
               stats: SiteStats | None = None, compute_dtype=torch.float64, warn=None,
-              vo_whitening: str = "input") -> Candidate:
+              vo_whitening: str = "input", vo_refit: bool = True) -> Candidate:
     if criterion not in CRITERIA:
         raise CloverError(f"unknown criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
     if kind == "qk" and rotary and criterion not in ROTARY_CRITERIA:
@@ -158,7 +159,7 @@ def candidate(weights: AttentionWeights, kind: PairKind, criterion: str, *, rota
         out = decompose(left, right, compute_dtype=compute_dtype)
         return Candidate(kind, criterion, out.left, out.right, out.s.pow(2))
     if kind == "vo" and vo_whitening == "mixed":
-        return _mixed_vo_candidate(weights, left, right, stats, name, compute_dtype, warn)
+        return _mixed_vo_candidate(weights, left, right, stats, name, compute_dtype, warn, vo_refit)
     left_chol, right_chol = _whitening(weights, stats, kind, name, warn)
     out = decompose(left, right, left_whiten=left_chol, right_whiten=right_chol, compute_dtype=compute_dtype)
     return Candidate(kind, criterion, out.left, out.right, out.s.pow(2))

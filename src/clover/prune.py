@@ -31,7 +31,7 @@ class PruneConfig:
     ``rotary-weight`` or ``rotary-activation``). Thresholds are absolute singular values and replace the ratio
     for their pair. ``calibration`` holds token ids (n, seqlen) for data-aware criteria. ``vo_whitening`` picks
     what whitens V-O: ``mixed`` (the attention-mixed values each head hands to O, then a per-head least-squares
-    refit of O; measured better) or ``input`` (the layer's input, as in the prototype).
+    refit of O unless ``vo_refit`` is off; measured better) or ``input`` (the layer's input, as in the prototype).
     """
 
     qk_ratio: float = 0.0
@@ -43,6 +43,7 @@ class PruneConfig:
     allocation: str = "uniform"
     calibration: torch.Tensor | None = None
     vo_whitening: str = "mixed"
+    vo_refit: bool = True
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
 
@@ -153,7 +154,8 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         candidates[kind] = [
             candidate(weights[site.name], kind, crit, rotary=site.rotary, name=f"{site.name} {kind}",
                       stats=None if stats is None else stats.sites[site.name],
-                      compute_dtype=config.compute_dtype, warn=warn, vo_whitening=config.vo_whitening)
+                      compute_dtype=config.compute_dtype, warn=warn, vo_whitening=config.vo_whitening,
+                      vo_refit=config.vo_refit)
             for site in tqdm(sites, desc=f"rank {kind}", unit="block", disable=not config.progress)
         ]
     keeps = {
