@@ -194,7 +194,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         model.config.model_type,
         config.pair_criterion("qk") if "qk" in kinds else None,
         config.pair_criterion("vo") if "vo" in kinds else None,
-        config.allocation if not (config.qk_threshold or config.vo_threshold) else "threshold",
+        "threshold" if config.qk_threshold is not None or config.vo_threshold is not None else config.allocation,
         layers, parameter_count(model), parameter_count(pruned), kv_bytes_per_token(model),
         kv_bytes_per_token(pruned), 0 if stats is None else stats.tokens, collected,
     )
