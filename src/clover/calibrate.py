@@ -102,7 +102,7 @@ def collect(model: nn.Module, adapter: Adapter, sites: list[AttentionSite], batc
         with torch.no_grad():
             device = next(model.parameters()).device
             for row in tqdm(batches, desc="calibration", unit="sample", disable=not progress):
-                model(input_ids=row[None].to(device))
+                model(**adapter.calibration_inputs(model, row[None].to(device)))
     finally:
         for h in hooks:
             h.remove()

@@ -53,6 +53,11 @@ class Adapter(ABC):
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
         """The modules computing q, k, v and o (fused families repeat one module): calibration hooks them."""
 
+    def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
+        """Model inputs for one calibration batch of token ids; families with another stream (audio, images,
+        encoder states) override this to add it, so calibration itself stays family-free."""
+        return {"input_ids": input_ids}
+
     def example_inputs(self, model: nn.Module, batch: int = 2, seqlen: int = 32, seed: int = 0) -> dict:
         """Inputs for the lossless check: random token ids (and encoder states where the model cross-attends)."""
         gen = torch.Generator().manual_seed(seed)
