@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from conftest import INIT, _build, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, MistralConfig, MistralForCausalLM
 
 import clover  # noqa: F401  (registers the clover_* model types)
 from clover.adapters import adapter_for
@@ -254,3 +254,33 @@ def test_per_head_refit_lowers_the_error_on_the_calibration_values():
         return total
 
     assert error(True) <= error(False) * (1 + 1e-9)
+
+
+def tiny_mistral(sliding_window=None):
+    cfg = MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=128, max_position_embeddings=128, initializer_range=INIT,
+                        sliding_window=sliding_window, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return _build(MistralForCausalLM, cfg)
+
+
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_mistral], ids=["qwen2", "mistral"])
+def test_mistral_and_qwen2_prune_into_the_llama_runtime(build, tmp_path):
+    """Same attention as LLaMA (Qwen2: biases on q, k, v only): full rank is exact, pruned decodes and reloads."""
+    model = build()
+    full, _ = prune(model, _config("clover", None, vo_threshold=0.0))
+    assert full.config.model_type == "clover_llama"
+    ref = model_outputs(model, INPUTS)
+    assert (model_outputs(full, INPUTS) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+    pruned, report = prune(model, _config("whitened", "rotary-activation", qk_ratio=0.5, vo_ratio=0.5))
+    assert report.kv_bytes_per_token_after * 2 == report.kv_bytes_per_token_before
+    out = pruned.generate(INPUTS["input_ids"][:1, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
+    save_model(pruned, None, tmp_path / "m", report=report.to_dict())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    _assert_same(model_outputs(loaded, INPUTS), model_outputs(pruned, INPUTS))
+
+
+def test_sliding_window_attention_is_refused_for_pruning():
+    with pytest.raises(CloverError, match="sliding-window attention"):
+        prune(tiny_mistral(sliding_window=16), _config("clover", None, vo_ratio=0.5))

@@ -218,7 +218,11 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     rope = [None] * n
     for lr in layers:
         qk[lr.layer], vo[lr.layer], rope[lr.layer] = lr.qk_dim, lr.vo_dim, lr.rope_pairs
-    settings = {k: v for k, v in model.config.to_dict().items()
+    try:  # a family whose pruned runtime is another family's (Mistral, Qwen2 -> clover_llama) converts its config
+        settings = module.llama_settings(model.config) if hasattr(module, "llama_settings") else model.config.to_dict()
+    except ValueError as error:
+        raise CloverError(f"cannot prune this {model.config.model_type} model: {error}") from None
+    settings = {k: v for k, v in settings.items()
                 if k not in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")}
     settings.update(qk_dims=[d if d is not None else head_dim for d in qk],
                     vo_dims=[d if d is not None else head_dim for d in vo])

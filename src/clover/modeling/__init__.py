@@ -16,7 +16,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from ..errors import CloverError
 
 # base model_type -> module holding its pruned classes
-FAMILIES = {"llama": "clover_llama", "gpt2": "clover_gpt2", "bert": "clover_bert"}
+# Mistral and Qwen2 share LLaMA's attention and prune into clover_llama (see clover_llama.llama_settings).
+FAMILIES = {"llama": "clover_llama", "mistral": "clover_llama", "qwen2": "clover_llama", "gpt2": "clover_gpt2",
+            "bert": "clover_bert"}
 # CLASSES key -> (Auto class, auto_map key)
 TASKS = {
     "base": (AutoModel, "AutoModel"),
@@ -34,7 +36,7 @@ def family_module(model_type: str) -> ModuleType:
 
 
 def register_all() -> None:
-    for name in FAMILIES.values():
+    for name in dict.fromkeys(FAMILIES.values()):
         try:
             module = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError:  # a family file not shipped in this build

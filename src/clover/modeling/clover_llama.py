@@ -32,6 +32,7 @@ class CloverLlamaConfig(LlamaConfig):
     qk_dims: list[int] | None = None
     vo_dims: list[int] | None = None
     rope_pairs: list | None = None  # per layer: None, or per KV group a sorted list of kept frequency indices
+    qkv_bias: bool | None = None  # Qwen2 layout: biases on q, k, v but not o (None: attention_bias for all four)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -52,9 +53,10 @@ class CloverLlamaAttention(LlamaAttention):
         self.qk_dim = config.qk_dims[layer_idx]
         self.vo_dim = config.vo_dims[layer_idx]
         heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, heads * self.qk_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.qk_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.vo_dim, bias=bias)
+        qkv_bias = bias if config.qkv_bias is None else config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * self.qk_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.qk_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.vo_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * self.vo_dim, config.hidden_size, bias=bias)
         # Kept as a list, not a buffer: it derives from the config, and loaders that build modules on the meta
         # device would leave a non-persistent buffer without data.
@@ -112,6 +114,23 @@ class CloverLlamaForCausalLM(CloverLlamaPreTrainedModel, LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+
+def llama_settings(config) -> dict:
+    """Settings of a CloverLlamaConfig for a LLaMA-layout model: Llama itself, Mistral and Qwen2 without a sliding
+    window are the same network (Qwen2 adds biases on q, k and v only). Used by clover when it prunes."""
+    settings = config.to_dict()
+    window = settings.get("sliding_window")
+    if settings.get("use_sliding_window", settings["model_type"] == "mistral") and window is not None \
+            and window < settings.get("max_position_embeddings", 0):
+        raise ValueError(f"{settings['model_type']} with sliding-window attention ({window} tokens): the pruned "
+                         "runtime implements full causal attention only; set sliding_window to null in the config "
+                         "if your contexts never exceed the window")
+    if settings["model_type"] == "qwen2":
+        settings.update(qkv_bias=True, attention_bias=False)
+    for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
+        settings.pop(key, None)
+    return settings
 
 
 CLASSES = {"config": CloverLlamaConfig, "base": CloverLlamaModel, "causal_lm": CloverLlamaForCausalLM}
