@@ -105,7 +105,8 @@ def test_pruning_dead_dims_is_exact_with_the_original_softmax_scale(variant, cri
                                                   calibration=calibration, progress=False))
     attn = pruned.model.layers[1].self_attn
     query = attn.q_proj if attn.q_proj is not None else attn.q_b_proj
-    assert type(pruned) is DeepseekV2ForCausalLM and (pruned.config.qk_nope_head_dim, pruned.config.v_head_dim) == (6, 5)
+    assert type(pruned) is DeepseekV2ForCausalLM
+    assert (pruned.config.qk_nope_head_dim, pruned.config.v_head_dim) == (6, 5)
     assert query.weight.shape[0] == HEADS * (6 + ROPE) and attn.kv_b_proj.weight.shape[0] == HEADS * (6 + 5)
     assert attn.o_proj.weight.shape[1] == HEADS * 5 and report.params_after < report.params_before
     assert attn.scaling != original_scale and pruned.config.clover_softmax_scale == original_scale

@@ -57,7 +57,8 @@ class DeepseekV2Adapter(Adapter):
         cfg = model.config
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        found = [(name, m) for name, m in model.named_modules() if name.endswith("self_attn") or hasattr(m, "kv_b_proj")]
+        found = [(name, m) for name, m in model.named_modules()
+                 if name.endswith("self_attn") or hasattr(m, "kv_b_proj")]
         for name, m in found:
             if not isinstance(m, DeepseekV2Attention):
                 raise CloverError(f"{name} is a {type(m).__module__}.{type(m).__name__}: the deepseek_v2 adapter "
