@@ -69,7 +69,7 @@ def collect(model: nn.Module, adapter: Adapter, sites: list[AttentionSite], batc
                 st.tokens += args[0].shape[:-1].numel()
 
             register(mods["q"], q_in)
-            if site.role == "cross":  # self-attention: Q, K and V read the same states
+            if site.separate_kv_input:  # else Q, K and V read the same states
                 def kv_in(_m, args, _out, st=st):
                     st.kv_input = _add(st.kv_input, _homogeneous_moment(args[0]))
 

@@ -92,7 +92,7 @@ def kv_bytes_per_token(model: nn.Module) -> int:
     for site in adapter.sites(model):
         if site.role == "self":
             w = adapter.read(site)
-            total += (w.k.weight.shape[0] + w.v.weight.shape[0]) * w.k.weight.element_size()
+            total += adapter.cache_width(site, w) * w.k.weight.element_size()
     return total
 
 
@@ -107,7 +107,7 @@ def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[l
     return [row[: qk_dim // 2] for row in channels]
 
 
-def _validate(config: PruneConfig, sites: list[AttentionSite]) -> None:
+def _validate(config: PruneConfig, sites: list[AttentionSite], adapter) -> None:
     if config.vo_whitening not in ("mixed", "input"):
         raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use mixed or input")
     check_ratio(config.qk_ratio, "--qk-ratio")
@@ -119,6 +119,10 @@ def _validate(config: PruneConfig, sites: list[AttentionSite]) -> None:
         threshold = config.qk_threshold if kind == "qk" else config.vo_threshold
         if threshold is not None and (crit == "vanilla" or crit in ROTARY_CRITERIA):
             raise CloverError(f"a singular-value threshold needs the clover or whitened criterion, not {crit!r}")
+    if adapter.uniform_head_dims and config.allocation == "global":
+        raise CloverError(f"--allocation global gives layers different head dims, but {adapter.name} configs hold one "
+                          "head dim for all layers: use --allocation uniform (a threshold works too: every layer "
+                          "keeps the largest rank any layer needs)")
     if any(site.role == "cross" for site in sites):
         raise CloverError("pruning cross-attention blocks is not supported for this family yet: "
                           "orthogonalize works, or prune a model without cross-attention")
@@ -128,7 +132,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     """Return ``(pruned_model, report)``; ``model`` itself is not modified."""
     adapter = adapter_for(model)
     sites = adapter.sites(model)
-    _validate(config, sites)
+    _validate(config, sites, adapter)
     kinds = [k for k in ("qk", "vo") if config.active(k)]
     collected: list[str] = []
 
@@ -164,6 +168,10 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
                      allocation=config.allocation, what=f"--{kind}-ratio")
         for kind in kinds
     }
+    for kind in kinds:  # what the family's runtime can hold (e.g. one head dim for all layers)
+        keeps[kind], why = adapter.adjust_ranks(kind, keeps[kind], candidates[kind][0].units)
+        if why:
+            warn(f"{kind} ranks raised to {keeps[kind]}: {why}")
 
     new_weights, layers, intended = {}, [], {}
     for i, site in enumerate(sites):
@@ -198,6 +206,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         layers, parameter_count(model), parameter_count(pruned), kv_bytes_per_token(model),
         kv_bytes_per_token(pruned), 0 if stats is None else stats.tokens, collected,
     )
+    report.notes.extend(getattr(modeling.family_module(model.config.model_type), "PRUNE_NOTES", ()))
     if "qk" in kinds and config.pair_criterion("qk") in ROTARY_CRITERIA:
         report.notes.append("Q-K was pruned by whole rotary frequency pairs: not a CLOVER rewrite "
                             "(rotary embeddings make every change of basis inexact there)")
@@ -207,6 +216,8 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
 def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     """A fresh ``clover_<family>`` model with per-layer dims, holding every non-attention weight of ``model``."""
     module = modeling.family_module(model.config.model_type)
+    if hasattr(module, "build_pruned"):  # the family's pruned model is a stock class with a new config
+        return module.build_pruned(model, layers)
     task = modeling.task_of(model)
     if task not in module.CLASSES:
         raise CloverError(f"pruning a {type(model).__name__} is not supported: load the model with a "

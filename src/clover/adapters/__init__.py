@@ -7,10 +7,11 @@ from torch import nn
 from ..errors import CloverError
 from .base import Adapter, AttentionSite
 from .bert import BertAdapter
+from .deepseek_v2 import DeepseekV2Adapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter())
+ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter(), DeepseekV2Adapter())
 
 
 def supported_model_types() -> list[str]:

@@ -22,7 +22,9 @@ class AttentionSite:
 
     ``rotary`` means rotary position embeddings act on Q and K between the projections, so their product depends
     on position and a Q-K rewrite would not be exact. ``role`` is ``"self"`` or ``"cross"`` (keys and values come
-    from another stream, e.g. an encoder), which matters for calibration.
+    from another stream, e.g. an encoder), which matters for calibration. ``own_kv_input`` marks self-attention
+    whose K/V projections still read other states than Q (DeepSeek-V2's normalised KV latent), so calibration
+    hooks their input separately, as for cross-attention.
     """
 
     name: str
@@ -32,6 +34,12 @@ class AttentionSite:
     num_kv_heads: int
     rotary: bool = False
     role: Literal["self", "cross"] = "self"
+    own_kv_input: bool = False
+
+    @property
+    def separate_kv_input(self) -> bool:
+        """Whether the K/V side of the pairs reads other inputs than the Q side (whitening needs both)."""
+        return self.role == "cross" or self.own_kv_input
 
 
 class Adapter(ABC):
@@ -39,6 +47,8 @@ class Adapter(ABC):
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
+    # True where the config holds one head dim for every layer, so pruned ranks must be equal across layers.
+    uniform_head_dims: ClassVar[bool] = False
 
     @abstractmethod
     def sites(self, model: nn.Module) -> list[AttentionSite]: ...
@@ -52,6 +62,18 @@ class Adapter(ABC):
     @abstractmethod
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
         """The modules computing q, k, v and o (fused families repeat one module): calibration hooks them."""
+
+    def adjust_ranks(self, kind: str, keeps: list[int], units: int) -> tuple[list[int], str]:
+        """Per-layer ranks the family's runtime can hold (``units`` = head dims before), and why they changed.
+
+        Families whose config holds one head dim for all layers, or whose runtime needs even dims, raise ranks
+        here (keeping more is always correct); the default keeps what the criterion chose.
+        """
+        return keeps, ""
+
+    def cache_width(self, site: AttentionSite, weights: AttentionWeights) -> int:
+        """Values one token adds to this block's KV cache: its K and V rows (families caching a latent override)."""
+        return weights.k.weight.shape[0] + weights.v.weight.shape[0]
 
     def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
         """Model inputs for one calibration batch of token ids; families with another stream (audio, images,

@@ -15,10 +15,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from ..errors import CloverError
 
-# base model_type -> module holding its pruned classes
+# base model_type -> module holding its pruned classes (CLASSES), or a ``build_pruned(model, layers)`` function for
+# families whose pruned model is a stock transformers class with a new config (no clover runtime, no remote code).
 # Mistral and Qwen2 share LLaMA's attention and prune into clover_llama (see clover_llama.llama_settings).
 FAMILIES = {"llama": "clover_llama", "mistral": "clover_llama", "qwen2": "clover_llama", "gpt2": "clover_gpt2",
-            "bert": "clover_bert"}
+            "bert": "clover_bert", "deepseek_v2": "deepseek_v2"}
 # CLASSES key -> (Auto class, auto_map key)
 TASKS = {
     "base": (AutoModel, "AutoModel"),
@@ -41,7 +42,9 @@ def register_all() -> None:
             module = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError:  # a family file not shipped in this build
             continue
-        classes = module.CLASSES
+        classes = getattr(module, "CLASSES", None)
+        if classes is None:  # a stock-class family: nothing to register
+            continue
         config_cls = classes["config"]
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         for key, (auto, _) in TASKS.items():

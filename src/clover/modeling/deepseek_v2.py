@@ -1,0 +1,71 @@
+"""Pruned DeepSeek-V2 is a stock transformers model with smaller ``qk_nope_head_dim`` / ``v_head_dim``.
+
+MLA's head dims are config fields that ``DeepseekV2Attention`` already reads, so no clover runtime is needed: the
+saved directory reloads with ``AutoModelForCausalLM.from_pretrained`` anywhere transformers runs. The config holds
+one value for all layers, so the layers' ranks must agree. The stock class would set the softmax scale from the new
+``qk_head_dim``; the original scale is kept by folding ``original / new`` into every query row (see
+``clover.adapters.deepseek_v2``) and recording it as ``config.clover_softmax_scale``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..adapters.deepseek_v2 import query_fold, query_projection
+from ..errors import CloverError
+
+PRUNE_NOTES = (
+    "DeepSeek-V2: only the non-rotary dims were pruned (qk_nope_head_dim, v_head_dim); the rotary dims and the "
+    "MoE/MLP weights are untouched; the pruned model is a stock DeepseekV2 class",
+    "DeepSeek-V2: the original softmax scale is kept by folding sqrt(new / original qk_head_dim) into the query "
+    "rows, which the stock class scales by 1/sqrt(new qk_head_dim) (config.clover_softmax_scale records it)",
+    "DeepSeek-V2: transformers caches the compressed latent (kv_lora_rank + qk_rope_head_dim per token), which "
+    "pruning does not change; the savings are kv_b_proj, query and o_proj weights and attention compute",
+)
+
+
+def build_pruned(model: nn.Module, layers: list) -> nn.Module:
+    """A fresh model of ``model``'s own class with the pruned dims, holding every weight the adapter does not write.
+
+    The query's rotary rows are copied here (rescaled for the new fold); nope rows, ``kv_b_proj`` and ``o_proj`` are
+    written by the adapter next.
+    """
+    dims = {(lr.qk_dim, lr.vo_dim) for lr in layers}
+    if len(dims) != 1 or len(layers) != model.config.num_hidden_layers:
+        raise CloverError(f"DeepSeek-V2 keeps one qk_nope_head_dim / v_head_dim for every layer, but the chosen "
+                          f"ranks differ ({sorted(dims)}): use --allocation uniform")
+    (nope, v_dim), = dims
+    first = model.model.layers[0].self_attn if hasattr(model, "model") else model.layers[0].self_attn
+    original_scale = getattr(model.config, "clover_softmax_scale", None) or first.scaling
+    config = copy.deepcopy(model.config)
+    config.qk_nope_head_dim, config.v_head_dim = nope, v_dim
+    config.qk_head_dim = nope + config.qk_rope_head_dim
+    config.clover_softmax_scale = original_scale
+    reference = next(model.parameters())
+    pruned = type(model)(config).to(device=reference.device, dtype=reference.dtype).eval()
+
+    own, source = pruned.state_dict(), model.state_dict()
+    unexpected = [k for k in source if k not in own]
+    if unexpected:
+        raise CloverError(f"internal: weights with no place in the pruned model: {unexpected[:3]}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            if source[name].shape == tensor.shape:
+                tensor.copy_(source[name])
+        old_attn = {name: m for name, m in model.named_modules() if hasattr(m, "kv_b_proj")}
+        for name, new in pruned.named_modules():
+            if name in old_attn:
+                _copy_rope_rows(old_attn[name], new)
+    return pruned
+
+
+def _copy_rope_rows(old: nn.Module, new: nn.Module) -> None:
+    """Rotary query rows carry the scale fold too: physical = logical * fold, and the fold changes with the dims."""
+    heads = old.num_heads
+    src = query_projection(old).weight.reshape(heads, -1, query_projection(old).weight.shape[-1])
+    dst = query_projection(new).weight.view(heads, -1, src.shape[-1])
+    logical = src[:, old.qk_nope_head_dim:].double() / query_fold(old)
+    dst[:, new.qk_nope_head_dim:] = (logical * query_fold(new)).to(dst.dtype)
