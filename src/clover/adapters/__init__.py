@@ -9,8 +9,9 @@ from .base import Adapter, AttentionSite
 from .bert import BertAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
+from .whisper import WhisperAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter())
+ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter(), WhisperAdapter())
 
 
 def supported_model_types() -> list[str]:

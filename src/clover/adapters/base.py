@@ -22,7 +22,11 @@ class AttentionSite:
 
     ``rotary`` means rotary position embeddings act on Q and K between the projections, so their product depends
     on position and a Q-K rewrite would not be exact. ``role`` is ``"self"`` or ``"cross"`` (keys and values come
-    from another stream, e.g. an encoder), which matters for calibration.
+    from another stream, e.g. an encoder), which matters for calibration. ``stack`` names the per-layer dims
+    list of the pruned config that holds this block's widths (``""``: ``qk_dims``/``vo_dims``, else
+    ``<stack>_qk_dims``/``<stack>_vo_dims``), for models with several stacks of blocks (encoder, decoder, cross).
+    ``caches_kv`` says whether generation caches this block's K and V once per generated token (not so for an
+    encoder's self-attention or for cross-attention, whose cache is per encoder position).
     """
 
     name: str
@@ -32,6 +36,8 @@ class AttentionSite:
     num_kv_heads: int
     rotary: bool = False
     role: Literal["self", "cross"] = "self"
+    stack: str = ""
+    caches_kv: bool = True
 
 
 class Adapter(ABC):

@@ -11,17 +11,18 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSpeechSeq2Seq
 
 from ..errors import CloverError
 
 # base model_type -> module holding its pruned classes
-FAMILIES = {"llama": "clover_llama", "gpt2": "clover_gpt2", "bert": "clover_bert"}
+FAMILIES = {"llama": "clover_llama", "gpt2": "clover_gpt2", "bert": "clover_bert", "whisper": "clover_whisper"}
 # CLASSES key -> (Auto class, auto_map key)
 TASKS = {
     "base": (AutoModel, "AutoModel"),
     "causal_lm": (AutoModelForCausalLM, "AutoModelForCausalLM"),
     "masked_lm": (AutoModelForMaskedLM, "AutoModelForMaskedLM"),
+    "speech_seq2seq": (AutoModelForSpeechSeq2Seq, "AutoModelForSpeechSeq2Seq"),
 }
 
 
@@ -48,8 +49,11 @@ def register_all() -> None:
 
 
 def task_of(model) -> str:
-    """Which CLASSES entry matches this model object (causal LM, masked LM or bare model)."""
+    """Which CLASSES entry matches this model object (causal LM, masked LM, speech seq2seq or bare model)."""
     names = [c.__name__ for c in type(model).__mro__]
+    if getattr(model, "main_input_name", None) == "input_features" and any(
+            n.endswith("ForConditionalGeneration") for n in names):
+        return "speech_seq2seq"  # e.g. WhisperForConditionalGeneration: audio features in, tokens out
     if any(n.endswith("ForCausalLM") or n.endswith("LMHeadModel") for n in names):
         return "causal_lm"
     if any(n.endswith("ForMaskedLM") for n in names):
