@@ -210,14 +210,16 @@ def _needs_calibration(*criteria: Optional[str]) -> bool:
 
 def _runs_of_equal_dims(layers) -> list[tuple[str, tuple[str, str]]]:
     """Consecutive layers with the same dims collapse into one row ("0-29"), so uniform prunes stay short."""
-    rows: list[tuple[list[int], tuple[str, str]]] = []
+    rows: list[tuple[list[int], tuple[str, str], str]] = []
     for lr in layers:
         dims = (f"{lr.qk_before} -> {lr.qk_dim}", f"{lr.vo_before} -> {lr.vo_dim}")
-        if rows and rows[-1][1] == dims and rows[-1][0][-1] == lr.layer - 1:
+        stack = getattr(lr, "stack", "")  # encoder / decoder / cross in models with several stacks
+        if rows and rows[-1][1] == dims and rows[-1][2] == stack and rows[-1][0][-1] == lr.layer - 1:
             rows[-1][0].append(lr.layer)
         else:
-            rows.append(([lr.layer], dims))
-    return [(f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0]), dims) for ids, dims in rows]
+            rows.append(([lr.layer], dims, stack))
+    return [(f"{stack} " * bool(stack) + (f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])), dims)
+            for ids, dims, stack in rows]
 
 
 @app.command()
