@@ -294,3 +294,19 @@ def test_cli_prune_whitened_calibrates_on_text_and_synthetic_audio(whisper_dir, 
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["vo_criterion"] == "whitened" and report["calibration_tokens"] == 96
     assert {lr["stack"] for lr in report["layers"]} == {"encoder", "decoder", "cross"}
+
+
+def test_cli_prune_calibrates_the_encoder_with_user_features(whisper_dir, tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "feats.npy", np.stack([synthetic_log_mel(tiny_whisper().config, i).numpy() for i in range(2)]))
+    code, out = run("prune", whisper_dir, "--out", tmp_path / "p", "--criterion", "clover", "--vo-ratio", 0.5,
+                    "--calib-features", tmp_path / "feats.npy")
+    assert code == 0, out
+    code, out = run("prune", whisper_dir, "--out", tmp_path / "q", "--criterion", "clover", "--vo-ratio", 0.5,
+                    "--calib-features", tmp_path / "feats.txt")
+    assert code == 2 and ".pt or .npy" in out and not (tmp_path / "q").exists()
+    torch.save(torch.zeros(2, MEL, 5), tmp_path / "bad.pt")
+    code, out = run("prune", whisper_dir, "--out", tmp_path / "q", "--criterion", "clover", "--vo-ratio", 0.5,
+                    "--calib-features", tmp_path / "bad.pt")
+    assert code == 2 and "WhisperFeatureExtractor" in out and not (tmp_path / "q").exists()

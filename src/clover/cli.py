@@ -244,6 +244,9 @@ def prune(
                                                        "else $CLOVER_DATA, else the hub).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    calib_features: Annotated[Optional[Path], typer.Option(help="Whisper: log-mel features (.pt or .npy, n x mel "
+                                                                "bins x frames) for the encoder's calibration, "
+                                                                "instead of synthetic audio.")] = None,
     eval_ppl: Annotated[bool, typer.Option(help="Report WikiText-2 test perplexity before and after.")] = False,
     seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 2048,
     max_windows: Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")] = None,
@@ -264,6 +267,10 @@ def prune(
     if _needs_calibration(config.pair_criterion("qk") if config.active("qk") else None,
                           config.pair_criterion("vo") if config.active("vo") else None):
         config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
+    if calib_features is not None:
+        from .adapters.whisper import load_calibration_features
+
+        load_calibration_features(loaded.model, calib_features)
     text = None
     if eval_ppl:
         from .data import load_text

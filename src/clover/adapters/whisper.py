@@ -17,6 +17,9 @@ whitened criterion is weaker on the encoder side than with real audio; pass real
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -41,6 +44,25 @@ def set_calibration_features(model: nn.Module, features: torch.Tensor | None) ->
             raise CloverError(f"calibration features have shape {tuple(features.shape)}, this Whisper needs "
                               f"(n, {expected[0]}, {expected[1]}): compute them with WhisperFeatureExtractor")
     setattr(model, _FEATURES_ATTR, features)
+
+
+def load_calibration_features(model: nn.Module, path: str | os.PathLike) -> None:
+    """Read log-mel features from a ``.pt`` (a tensor) or ``.npy`` file and calibrate ``model`` with them."""
+    if getattr(model.config, "model_type", None) not in WhisperAdapter.model_types:
+        raise CloverError(f"--calib-features is for Whisper models, not {model.config.model_type!r}: drop it")
+    path = Path(path)
+    if path.suffix not in (".npy", ".pt"):
+        raise CloverError(f"calibration features {path} must be a .pt or .npy file: save them with torch.save "
+                          "or numpy.save")
+    try:
+        features = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CloverError(f"calibration features {path} could not be read ({error}): save a tensor of shape "
+                          "(n, num_mel_bins, frames) with torch.save or numpy.save") from error
+    if not isinstance(features, torch.Tensor):
+        raise CloverError(f"calibration features {path} hold a {type(features).__name__}, not a tensor: save the "
+                          "input_features tensor of WhisperFeatureExtractor")
+    set_calibration_features(model, features.float())
 
 
 def synthetic_log_mel(config, index: int, seed: int = 0) -> torch.Tensor:
