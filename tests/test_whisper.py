@@ -310,3 +310,12 @@ def test_cli_prune_calibrates_the_encoder_with_user_features(whisper_dir, tmp_pa
     code, out = run("prune", whisper_dir, "--out", tmp_path / "q", "--criterion", "clover", "--vo-ratio", 0.5,
                     "--calib-features", tmp_path / "bad.pt")
     assert code == 2 and "WhisperFeatureExtractor" in out and not (tmp_path / "q").exists()
+
+
+def test_cli_inspect_names_the_stacks_and_eval_refuses_clearly(whisper_dir):
+    code, out = run("inspect", whisper_dir)
+    assert code == 0, out
+    assert all(word in out for word in ("encoder", "decoder", "cross"))
+    if DATA:
+        code, out = run("eval", whisper_dir, "--seqlen", 32, "--max-windows", 1)
+        assert code == 2 and "input_features" in out and "word error rate" in " ".join(out.split())

@@ -91,7 +91,7 @@ def inspect(
         table.add_column(col, justify="right" if col != "block" else "left")
     by_site: dict[str, dict] = {}
     for r in rows:
-        by_site.setdefault(r.site, {"layer": r.layer, "role": r.role})[r.kind] = r
+        by_site.setdefault(r.site, {"layer": r.layer, "role": r.stack or r.role})[r.kind] = r
     for site in by_site.values():
         qk, vo = site["qk"], site["vo"]
         qk_note = "" if qk.exact else "*"
