@@ -319,3 +319,21 @@ def test_cli_inspect_names_the_stacks_and_eval_refuses_clearly(whisper_dir):
     if DATA:
         code, out = run("eval", whisper_dir, "--seqlen", 32, "--max-windows", 1)
         assert code == 2 and "input_features" in out and "word error rate" in " ".join(out.split())
+
+
+def test_modeling_file_is_self_contained_and_config_checks_dims():
+    import ast
+    from pathlib import Path
+
+    from clover.modeling import clover_whisper
+
+    tree = ast.parse(Path(clover_whisper.__file__).read_text())
+    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert roots <= {"__future__", "torch", "transformers", "huggingface_hub"}
+    cfg = clover_whisper.CloverWhisperConfig(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
+                                             encoder_layers=2, decoder_layers=3, cross_vo_dims=[4, 5, 6])
+    assert cfg.encoder_qk_dims == [16, 16] and cfg.decoder_vo_dims == [16] * 3 and cfg.cross_vo_dims == [4, 5, 6]
+    with pytest.raises(ValueError, match="one per layer"):
+        clover_whisper.CloverWhisperConfig(encoder_layers=2, encoder_qk_dims=[8])
