@@ -1,7 +1,7 @@
 """clover: CLOVER (Cross-Layer Orthogonal Vectors) for transformer attention.
 
-Importing clover registers the pruned model types (``clover_llama``, ``clover_gpt2``, ``clover_bert``) with
-transformers' Auto classes, so pruned checkpoints load with a plain ``from_pretrained``.
+Importing clover registers the pruned model types (``clover_llama``, ``clover_gpt2``, ``clover_bert``,
+``clover_whisper``) with transformers' Auto classes, so pruned checkpoints load with a plain ``from_pretrained``.
 """
 
 from .decompose import Factors, decompose

@@ -28,7 +28,8 @@ class SiteStats:
     head_output: torch.Tensor | None = None  # (H, d_vo, d_vo): per head, second moment of o_proj's input
     q_channel_sq: torch.Tensor | None = None  # (H * d_qk,)
     k_channel_sq: torch.Tensor | None = None  # (H_kv * d_qk,)
-    tokens: int = 0
+    tokens: int = 0  # rows the Q projection read
+    kv_tokens: int = 0  # rows the K projection read, cross-attention only (e.g. encoder frames)
 
 
 @dataclass
@@ -72,6 +73,7 @@ def collect(model: nn.Module, adapter: Adapter, sites: list[AttentionSite], batc
             if site.separate_kv_input:  # else Q, K and V read the same states
                 def kv_in(_m, args, _out, st=st):
                     st.kv_input = _add(st.kv_input, _homogeneous_moment(args[0]))
+                    st.kv_tokens += args[0].shape[:-1].numel()
 
                 register(mods["k"], kv_in)
         if head_outputs:
@@ -111,10 +113,14 @@ def collect(model: nn.Module, adapter: Adapter, sites: list[AttentionSite], batc
     if total == 0:
         raise CloverError("calibration got no tokens: pass --calib-samples and --calib-seqlen above zero")
     for st in stats.values():
+        # Means over the rows each side really saw: an encoder or a cross-attention's K/V side sees other rows
+        # (audio frames, image patches) than the calibration text has tokens.
+        q_rows = st.tokens or total
+        kv_rows = st.kv_tokens or q_rows
         for name in ("q_input", "kv_input", "head_output", "q_channel_sq", "k_channel_sq"):
             value = getattr(st, name)
             if value is not None:
-                setattr(st, name, value / total)
+                setattr(st, name, value / (kv_rows if name in ("kv_input", "k_channel_sq") else q_rows))
         if st.kv_input is None:
             st.kv_input = st.q_input
     return Calibration(stats, total)

@@ -91,7 +91,7 @@ def inspect(
         table.add_column(col, justify="right" if col != "block" else "left")
     by_site: dict[str, dict] = {}
     for r in rows:
-        by_site.setdefault(r.site, {"layer": r.layer, "role": r.role})[r.kind] = r
+        by_site.setdefault(r.site, {"layer": r.layer, "role": r.stack or r.role})[r.kind] = r
     for site in by_site.values():
         qk, vo = site["qk"], site["vo"]
         qk_note = "" if qk.exact else "*"
@@ -210,14 +210,16 @@ def _needs_calibration(*criteria: Optional[str]) -> bool:
 
 def _runs_of_equal_dims(layers) -> list[tuple[str, tuple[str, str]]]:
     """Consecutive layers with the same dims collapse into one row ("0-29"), so uniform prunes stay short."""
-    rows: list[tuple[list[int], tuple[str, str]]] = []
+    rows: list[tuple[list[int], tuple[str, str], str]] = []
     for lr in layers:
         dims = (f"{lr.qk_before} -> {lr.qk_dim}", f"{lr.vo_before} -> {lr.vo_dim}")
-        if rows and rows[-1][1] == dims and rows[-1][0][-1] == lr.layer - 1:
+        stack = getattr(lr, "stack", "")  # encoder / decoder / cross in models with several stacks
+        if rows and rows[-1][1] == dims and rows[-1][2] == stack and rows[-1][0][-1] == lr.layer - 1:
             rows[-1][0].append(lr.layer)
         else:
-            rows.append(([lr.layer], dims))
-    return [(f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0]), dims) for ids, dims in rows]
+            rows.append(([lr.layer], dims, stack))
+    return [(f"{stack} " * bool(stack) + (f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])), dims)
+            for ids, dims, stack in rows]
 
 
 @app.command()
@@ -242,6 +244,9 @@ def prune(
                                                        "else $CLOVER_DATA, else the hub).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    calib_features: Annotated[Optional[Path], typer.Option(help="Whisper: log-mel features (.pt or .npy, n x mel "
+                                                                "bins x frames) for the encoder's calibration, "
+                                                                "instead of synthetic audio.")] = None,
     eval_ppl: Annotated[bool, typer.Option(help="Report WikiText-2 test perplexity before and after.")] = False,
     seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 2048,
     max_windows: Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")] = None,
@@ -262,6 +267,10 @@ def prune(
     if _needs_calibration(config.pair_criterion("qk") if config.active("qk") else None,
                           config.pair_criterion("vo") if config.active("vo") else None):
         config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
+    if calib_features is not None:
+        from .adapters.whisper import load_calibration_features
+
+        load_calibration_features(loaded.model, calib_features)
     text = None
     if eval_ppl:
         from .data import load_text

@@ -63,6 +63,10 @@ def perplexity(
     progress: bool = True,
 ) -> PerplexityResult:
     """exp(mean next-token NLL) of ``model`` over ``text`` cut into non-overlapping ``seqlen``-token windows."""
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if main_input != "input_ids":
+        raise CloverError(f"perplexity on text needs a language model, but {type(model).__name__} reads "
+                          f"{main_input}: evaluate it with a task metric (e.g. word error rate for speech) instead")
     if tokenizer is None:
         raise CloverError("the model has no tokenizer, so perplexity cannot be measured: use a model that ships one")
     if seqlen < 2:

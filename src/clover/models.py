@@ -138,9 +138,13 @@ def _resolve_dtype(dtype: Any):
 
 def _auto_classes(config) -> list:
     """The auto classes worth trying for ``config``, most specific first."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSpeechSeq2Seq
 
     architectures = getattr(config, "architectures", None) or []
+    # Whisper: WhisperForCausalLM (decoder only) also exists, so the speech seq2seq head must be asked for first.
+    if type(config) in AutoModelForSpeechSeq2Seq._model_mapping and (
+            not architectures or any(a.endswith("ForConditionalGeneration") for a in architectures)):
+        return [AutoModelForSpeechSeq2Seq, AutoModel]
     if any(a.endswith("ForMaskedLM") for a in architectures):
         return [AutoModelForMaskedLM, AutoModel]
     # GPT-2 style checkpoints name their head *LMHeadModel rather than *ForCausalLM.

@@ -64,6 +64,7 @@ class LayerRanks:
     qk_before: int
     vo_before: int
     rope_pairs: list[list[int]] | None = None
+    stack: str = ""  # the site's stack: its dims go to <stack>_qk_dims / <stack>_vo_dims of the pruned config
 
 
 @dataclass
@@ -86,11 +87,14 @@ class PruneReport:
 
 
 def kv_bytes_per_token(model: nn.Module) -> int:
-    """Bytes one token adds to the KV cache: every self-attention block's K and V rows."""
+    """Bytes one token adds to the KV cache: K and V rows of every self-attention block that caches them.
+
+    Encoders' self-attention caches nothing; cross-attention caches once per encoder position, not per token.
+    """
     adapter = adapter_for(model)
     total = 0
     for site in adapter.sites(model):
-        if site.role == "self":
+        if site.role == "self" and site.caches_kv:
             w = adapter.read(site)
             total += adapter.cache_width(site, w) * w.k.weight.element_size()
     return total
@@ -107,7 +111,7 @@ def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[l
     return [row[: qk_dim // 2] for row in channels]
 
 
-def _validate(config: PruneConfig, sites: list[AttentionSite], adapter) -> None:
+def _validate(config: PruneConfig, sites: list[AttentionSite], adapter, model_type: str) -> None:
     if config.vo_whitening not in ("mixed", "input"):
         raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use mixed or input")
     check_ratio(config.qk_ratio, "--qk-ratio")
@@ -123,7 +127,8 @@ def _validate(config: PruneConfig, sites: list[AttentionSite], adapter) -> None:
         raise CloverError(f"--allocation global gives layers different head dims, but {adapter.name} configs hold one "
                           "head dim for all layers: use --allocation uniform (a threshold works too: every layer "
                           "keeps the largest rank any layer needs)")
-    if any(site.role == "cross" for site in sites):
+    if any(site.role == "cross" for site in sites) and not getattr(
+            modeling.family_module(model_type), "SUPPORTS_CROSS_ATTENTION", False):
         raise CloverError("pruning cross-attention blocks is not supported for this family yet: "
                           "orthogonalize works, or prune a model without cross-attention")
 
@@ -132,7 +137,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     """Return ``(pruned_model, report)``; ``model`` itself is not modified."""
     adapter = adapter_for(model)
     sites = adapter.sites(model)
-    _validate(config, sites, adapter)
+    _validate(config, sites, adapter, model.config.model_type)
     kinds = [k for k in ("qk", "vo") if config.active(k)]
     collected: list[str] = []
 
@@ -190,7 +195,8 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         if rope_pairs is None and site.rotary and getattr(site.module, "rope_channels", None) is not None:
             rope_pairs = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
         new_weights[site.name] = cast_like(new, w)
-        layers.append(LayerRanks(site.name, site.layer, new.qk_dim, new.vo_dim, w.qk_dim, w.vo_dim, rope_pairs))
+        layers.append(LayerRanks(site.name, site.layer, new.qk_dim, new.vo_dim, w.qk_dim, w.vo_dim, rope_pairs,
+                                 site.stack))
 
     pruned = build_pruned(model, layers)
     new_adapter = adapter_for(pruned)
@@ -210,6 +216,9 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     if "qk" in kinds and config.pair_criterion("qk") in ROTARY_CRITERIA:
         report.notes.append("Q-K was pruned by whole rotary frequency pairs: not a CLOVER rewrite "
                             "(rotary embeddings make every change of basis inexact there)")
+    if any(site.role == "cross" for site in sites):
+        report.notes.append("KV-cache bytes / token count self-attention K/V cached per generated token; "
+                            "cross-attention K/V are cached once per encoder position and not included")
     return pruned, report
 
 
@@ -222,23 +231,31 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     if task not in module.CLASSES:
         raise CloverError(f"pruning a {type(model).__name__} is not supported: load the model with a "
                           f"{' or '.join(k for k in module.CLASSES if k != 'config')} head")
-    n = model.config.num_hidden_layers
-    head_dim = layers[0].qk_before if not hasattr(model.config, "head_dim") else model.config.head_dim
-    qk = [None] * n
-    vo = [None] * n
-    rope = [None] * n
-    for lr in layers:
-        qk[lr.layer], vo[lr.layer], rope[lr.layer] = lr.qk_dim, lr.vo_dim, lr.rope_pairs
     try:  # a family whose pruned runtime is another family's (Mistral, Qwen2 -> clover_llama) converts its config
         settings = module.llama_settings(model.config) if hasattr(module, "llama_settings") else model.config.to_dict()
     except ValueError as error:
         raise CloverError(f"cannot prune this {model.config.model_type} model: {error}") from None
     settings = {k: v for k, v in settings.items()
                 if k not in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")}
-    settings.update(qk_dims=[d if d is not None else head_dim for d in qk],
-                    vo_dims=[d if d is not None else head_dim for d in vo])
-    if "rope_pairs" in module.CLASSES["config"].__dataclass_fields__:
-        settings["rope_pairs"] = rope
+    main = [lr for lr in layers if not lr.stack]
+    if main:
+        n = model.config.num_hidden_layers
+        head_dim = main[0].qk_before if not hasattr(model.config, "head_dim") else model.config.head_dim
+        qk = [None] * n
+        vo = [None] * n
+        rope = [None] * n
+        for lr in main:
+            qk[lr.layer], vo[lr.layer], rope[lr.layer] = lr.qk_dim, lr.vo_dim, lr.rope_pairs
+        settings.update(qk_dims=[d if d is not None else head_dim for d in qk],
+                        vo_dims=[d if d is not None else head_dim for d in vo])
+        if "rope_pairs" in module.CLASSES["config"].__dataclass_fields__:
+            settings["rope_pairs"] = rope
+    for stack in dict.fromkeys(lr.stack for lr in layers if lr.stack):  # e.g. Whisper: encoder, decoder, cross
+        by_layer = {lr.layer: lr for lr in layers if lr.stack == stack}
+        if sorted(by_layer) != list(range(len(by_layer))):
+            raise CloverError(f"internal: {stack} blocks found for layers {sorted(by_layer)}, not 0..n-1")
+        settings[f"{stack}_qk_dims"] = [by_layer[i].qk_dim for i in range(len(by_layer))]
+        settings[f"{stack}_vo_dims"] = [by_layer[i].vo_dim for i in range(len(by_layer))]
     config = module.CLASSES["config"](**settings)
     config.architectures = [module.CLASSES[task].__name__]
     reference = next(model.parameters())

@@ -28,6 +28,7 @@ class PairSpectrum:
     kind: PairKind
     exact: bool  # False: Q-K under rotary embeddings (the spectrum is of the position-free product only)
     singular_values: list[list[float]]  # per KV group, descending
+    stack: str = ""  # encoder / decoder / cross in models with several stacks of blocks (Whisper)
 
     def energy_ranks(self, level: float) -> list[int]:
         return [energy_rank(torch.tensor(s), level) for s in self.singular_values]
@@ -51,7 +52,8 @@ def collect_spectra(model: nn.Module, compute_dtype: torch.dtype = torch.float64
         weights = adapter.read(site)
         for kind in ("qk", "vo"):
             s = spectrum(*factors(weights, kind), compute_dtype=compute_dtype)
-            rows.append(PairSpectrum(site.name, site.layer, site.role, kind, not skip_reason(site, kind), s.tolist()))
+            rows.append(PairSpectrum(site.name, site.layer, site.role, kind, not skip_reason(site, kind), s.tolist(),
+                                    site.stack))
     return rows
 
 

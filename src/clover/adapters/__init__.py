@@ -10,8 +10,9 @@ from .bert import BertAdapter
 from .deepseek_v2 import DeepseekV2Adapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
+from .whisper import WhisperAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter(), DeepseekV2Adapter())
+ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter(), DeepseekV2Adapter(), WhisperAdapter())
 
 
 def supported_model_types() -> list[str]:

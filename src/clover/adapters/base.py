@@ -25,6 +25,11 @@ class AttentionSite:
     from another stream, e.g. an encoder), which matters for calibration. ``own_kv_input`` marks self-attention
     whose K/V projections still read other states than Q (DeepSeek-V2's normalised KV latent), so calibration
     hooks their input separately, as for cross-attention.
+    ``stack`` names the per-layer dims
+    list of the pruned config that holds this block's widths (``""``: ``qk_dims``/``vo_dims``, else
+    ``<stack>_qk_dims``/``<stack>_vo_dims``), for models with several stacks of blocks (encoder, decoder, cross).
+    ``caches_kv`` says whether generation caches this block's K and V once per generated token (not so for an
+    encoder's self-attention or for cross-attention, whose cache is per encoder position).
     """
 
     name: str
@@ -35,6 +40,8 @@ class AttentionSite:
     rotary: bool = False
     role: Literal["self", "cross"] = "self"
     own_kv_input: bool = False
+    stack: str = ""
+    caches_kv: bool = True
 
     @property
     def separate_kv_input(self) -> bool:
