@@ -90,7 +90,7 @@ def kv_bytes_per_token(model: nn.Module) -> int:
     adapter = adapter_for(model)
     total = 0
     for site in adapter.sites(model):
-        if site.role == "self":
+        if adapter.caches_per_token(site):
             w = adapter.read(site)
             total += (w.k.weight.shape[0] + w.v.weight.shape[0]) * w.k.weight.element_size()
     return total
@@ -107,7 +107,7 @@ def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[l
     return [row[: qk_dim // 2] for row in channels]
 
 
-def _validate(config: PruneConfig, sites: list[AttentionSite]) -> None:
+def _validate(config: PruneConfig, sites: list[AttentionSite], model_type: str) -> None:
     if config.vo_whitening not in ("mixed", "input"):
         raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use mixed or input")
     check_ratio(config.qk_ratio, "--qk-ratio")
@@ -119,7 +119,8 @@ def _validate(config: PruneConfig, sites: list[AttentionSite]) -> None:
         threshold = config.qk_threshold if kind == "qk" else config.vo_threshold
         if threshold is not None and (crit == "vanilla" or crit in ROTARY_CRITERIA):
             raise CloverError(f"a singular-value threshold needs the clover or whitened criterion, not {crit!r}")
-    if any(site.role == "cross" for site in sites):
+    cross = any(site.role == "cross" for site in sites)
+    if cross and not getattr(modeling.family_module(model_type), "PRUNES_CROSS_ATTENTION", False):
         raise CloverError("pruning cross-attention blocks is not supported for this family yet: "
                           "orthogonalize works, or prune a model without cross-attention")
 
@@ -128,13 +129,15 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     """Return ``(pruned_model, report)``; ``model`` itself is not modified."""
     adapter = adapter_for(model)
     sites = adapter.sites(model)
-    _validate(config, sites)
+    _validate(config, sites, model.config.model_type)
     kinds = [k for k in ("qk", "vo") if config.active(k)]
     collected: list[str] = []
 
     def warn(message: str) -> None:
         collected.append(message)
         warnings.warn(message, stacklevel=2)
+
+    targets = {kind: _targets(sites, kind, config.pair_criterion(kind), warn) for kind in kinds}
 
     needs = {config.pair_criterion(k) for k in kinds} & set(DATA_AWARE)
     stats = None
@@ -156,7 +159,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
                       stats=None if stats is None else stats.sites[site.name],
                       compute_dtype=config.compute_dtype, warn=warn, vo_whitening=config.vo_whitening,
                       vo_refit=config.vo_refit)
-            for site in tqdm(sites, desc=f"rank {kind}", unit="block", disable=not config.progress)
+            for site in tqdm(targets[kind], desc=f"rank {kind}", unit="block", disable=not config.progress)
         ]
     keeps = {
         kind: choose(candidates[kind], ratio=config.qk_ratio if kind == "qk" else config.vo_ratio,
@@ -165,19 +168,23 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         for kind in kinds
     }
 
+    chosen = {(kind, site.name): (c, keep) for kind in kinds
+              for site, c, keep in zip(targets[kind], candidates[kind], keeps[kind], strict=True)}
     new_weights, layers, intended = {}, [], {}
-    for i, site in enumerate(sites):
+    for site in sites:
         w = weights[site.name]
         new = w
         rope_pairs = None
         for kind in kinds:
-            c = candidates[kind][i]
-            left, right = c.truncate(keeps[kind][i])
+            if (kind, site.name) not in chosen:
+                continue
+            c, keep = chosen[kind, site.name]
+            left, right = c.truncate(keep)
             new = with_factors(new, kind, left, right)
             intended[site.name, kind] = left @ right.mT
             if c.order is not None:
                 current = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
-                kept = c.order[:, : keeps[kind][i]].sort(dim=-1).values
+                kept = c.order[:, :keep].sort(dim=-1).values
                 rope_pairs = [[current[g][p] for p in kept[g].tolist()] for g in range(w.num_kv_heads)]
         if rope_pairs is None and site.rotary and getattr(site.module, "rope_channels", None) is not None:
             rope_pairs = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
@@ -204,6 +211,33 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     return pruned, report
 
 
+def _targets(sites: list[AttentionSite], kind: PairKind, criterion: str, warn) -> list[AttentionSite]:
+    """The blocks ``criterion`` prunes for this pair. A model may mix plain, rotary and normed Q-K (Mllama): Q-K
+    pruning then touches only the blocks its criterion fits and the rest keep their width, with a warning. When it
+    fits none, every block goes on to ``candidate``, which explains which criterion would."""
+    if kind == "vo":
+        return sites
+    fits = [s for s in sites if not s.qk_inexact and (criterion in ROTARY_CRITERIA) == s.rotary]
+    rewritable = [s for s in sites if not s.qk_inexact]
+    if not rewritable:
+        raise CloverError(f"Q-K cannot be pruned in this model: {sites[0].qk_inexact}; prune V-O only")
+    if not fits:
+        return rewritable
+    for reason in dict.fromkeys(_qk_kept_reason(s, criterion) for s in sites if s not in fits):
+        kept = [s.name for s in sites if s not in fits and _qk_kept_reason(s, criterion) == reason]
+        warn(f"Q-K of {len(kept)} block(s) kept at full width ({kept[0]}, ...): {reason}")
+    return fits
+
+
+def _qk_kept_reason(site: AttentionSite, criterion: str) -> str:
+    if site.qk_inexact:
+        return site.qk_inexact
+    if site.rotary:
+        return f"criterion {criterion!r} cannot prune Q-K under rotary embeddings (use rotary-weight or " \
+               "rotary-activation there)"
+    return f"criterion {criterion!r} is for rotary Q-K only (use clover, whitened or vanilla there)"
+
+
 def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     """A fresh ``clover_<family>`` model with per-layer dims, holding every non-attention weight of ``model``."""
     module = modeling.family_module(model.config.model_type)
@@ -211,6 +245,8 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     if task not in module.CLASSES:
         raise CloverError(f"pruning a {type(model).__name__} is not supported: load the model with a "
                           f"{' or '.join(k for k in module.CLASSES if k != 'config')} head")
+    if hasattr(module, "pruned_config"):  # several attention stacks: the family maps site names to its dims
+        return _instantiate(model, module, task, module.pruned_config(model.config, layers))
     n = model.config.num_hidden_layers
     head_dim = layers[0].qk_before if not hasattr(model.config, "head_dim") else model.config.head_dim
     qk = [None] * n
@@ -224,7 +260,11 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
                     vo_dims=[d if d is not None else head_dim for d in vo])
     if "rope_pairs" in module.CLASSES["config"].__dataclass_fields__:
         settings["rope_pairs"] = rope
-    config = module.CLASSES["config"](**settings)
+    return _instantiate(model, module, task, module.CLASSES["config"](**settings))
+
+
+def _instantiate(model: nn.Module, module, task: str, config) -> nn.Module:
+    """The pruned model built from ``config``, holding every weight of ``model`` whose shape did not change."""
     config.architectures = [module.CLASSES[task].__name__]
     reference = next(model.parameters())
     pruned = module.CLASSES[task](config).to(device=reference.device, dtype=reference.dtype)

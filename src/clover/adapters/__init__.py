@@ -9,8 +9,9 @@ from .base import Adapter, AttentionSite
 from .bert import BertAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
+from .mllama import MllamaAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter())
+ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter(), MllamaAdapter())
 
 
 def supported_model_types() -> list[str]:

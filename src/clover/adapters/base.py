@@ -22,7 +22,9 @@ class AttentionSite:
 
     ``rotary`` means rotary position embeddings act on Q and K between the projections, so their product depends
     on position and a Q-K rewrite would not be exact. ``role`` is ``"self"`` or ``"cross"`` (keys and values come
-    from another stream, e.g. an encoder), which matters for calibration.
+    from another stream, e.g. an encoder), which matters for calibration. ``qk_inexact`` says why no change of
+    basis of Q-K is exact at this site for a reason other than rotary embeddings (e.g. a norm acting on q and k
+    heads); empty when Q-K is rewritable.
     """
 
     name: str
@@ -32,6 +34,7 @@ class AttentionSite:
     num_kv_heads: int
     rotary: bool = False
     role: Literal["self", "cross"] = "self"
+    qk_inexact: str = ""
 
 
 class Adapter(ABC):
@@ -52,6 +55,11 @@ class Adapter(ABC):
     @abstractmethod
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
         """The modules computing q, k, v and o (fused families repeat one module): calibration hooks them."""
+
+    def caches_per_token(self, site: AttentionSite) -> bool:
+        """Whether each generated token adds this block's K and V to the KV cache (reported cache savings).
+        Self-attention of a decoder does; families with encoders (vision, audio) override this."""
+        return site.role == "self"
 
     def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
         """Model inputs for one calibration batch of token ids; families with another stream (audio, images,

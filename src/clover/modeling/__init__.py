@@ -11,17 +11,25 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForMaskedLM,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from ..errors import CloverError
 
 # base model_type -> module holding its pruned classes
-FAMILIES = {"llama": "clover_llama", "gpt2": "clover_gpt2", "bert": "clover_bert"}
+FAMILIES = {"llama": "clover_llama", "gpt2": "clover_gpt2", "bert": "clover_bert", "mllama": "clover_mllama"}
 # CLASSES key -> (Auto class, auto_map key)
 TASKS = {
     "base": (AutoModel, "AutoModel"),
     "causal_lm": (AutoModelForCausalLM, "AutoModelForCausalLM"),
     "masked_lm": (AutoModelForMaskedLM, "AutoModelForMaskedLM"),
+    "image_text_to_text": (AutoModelForImageTextToText, "AutoModelForImageTextToText"),
 }
 
 
@@ -48,12 +56,14 @@ def register_all() -> None:
 
 
 def task_of(model) -> str:
-    """Which CLASSES entry matches this model object (causal LM, masked LM or bare model)."""
+    """Which CLASSES entry matches this model object (causal LM, masked LM, image-text-to-text or bare model)."""
     names = [c.__name__ for c in type(model).__mro__]
     if any(n.endswith("ForCausalLM") or n.endswith("LMHeadModel") for n in names):
         return "causal_lm"
     if any(n.endswith("ForMaskedLM") for n in names):
         return "masked_lm"
+    if any(n in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values() for n in names):  # clover classes subclass them
+        return "image_text_to_text"
     return "base"
 
 
