@@ -9,6 +9,7 @@ offline: inputs carry seeded random pixels, which is enough to test exactness an
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,25 @@ def test_modeling_file_is_self_contained():
 def test_runtime_config_refuses_a_narrower_cross_attention_qk():
     with pytest.raises(ValueError, match="cross-attention layer"):
         clover_mllama.CloverMllamaTextConfig(**{**TEXT, "qk_dims": [16, 8, 16, 16]})
+
+
+def test_cli_loads_the_full_model_and_prunes_it(tmp_path, inputs):
+    """A saved Mllama directory loads as the vision-language model (not its text half) and prunes from the CLI."""
+    from typer.testing import CliRunner
+
+    from clover.cli import app
+    from clover.models import load
+
+    tiny_mllama().save_pretrained(tmp_path / "mllama")
+    assert type(load(str(tmp_path / "mllama")).model) is MllamaForConditionalGeneration
+    result = CliRunner().invoke(app, ["prune", str(tmp_path / "mllama"), "--out", str(tmp_path / "pruned"),
+                                      "--qk-ratio", "0.5", "--vo-ratio", "0.5", "--criterion", "clover",
+                                      "--json", str(tmp_path / "report.json")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "vision_model.global_transformer.layers.*.self_attn 0" in result.output  # the table names the stacks
+    layers = json.loads((tmp_path / "report.json").read_text())["layers"]
+    assert {(lr["site"].split(".")[2], lr["qk_dim"], lr["vo_dim"]) for lr in layers} == {
+        ("transformer", 8, 8), ("global_transformer", 8, 8), ("layers", 16, 8)}
+    reloaded = load(str(tmp_path / "pruned")).model
+    assert type(reloaded).__name__ == "CloverMllamaForConditionalGeneration"
+    assert reloaded.model.vision_model.transformer.layers[0].self_attn.q_proj.weight.shape == (16, 32)
