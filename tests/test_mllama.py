@@ -265,6 +265,7 @@ def test_runtime_config_refuses_a_narrower_cross_attention_qk():
         clover_mllama.CloverMllamaTextConfig(**{**TEXT, "qk_dims": [16, 8, 16, 16]})
 
 
+@pytest.mark.filterwarnings("ignore:Q-K of .* kept at full width")
 def test_cli_loads_the_full_model_and_prunes_it(tmp_path, inputs):
     """A saved Mllama directory loads as the vision-language model (not its text half) and prunes from the CLI."""
     from typer.testing import CliRunner
