@@ -90,18 +90,21 @@ def inspect(
                 f"V-O 90% (of {head_dim['vo']})", "V-O 99%"):
         table.add_column(col, justify="right" if col != "block" else "left")
     by_site: dict[str, dict] = {}
+    several = len({_stack(r) for r in rows}) > 1  # several attention stacks (Mllama): name the stack
     for r in rows:
-        by_site.setdefault(r.site, {"layer": r.layer, "role": r.stack or r.role})[r.kind] = r
+        layer = f"{_stack(r)} {r.layer}" if several else str(r.layer)
+        by_site.setdefault(r.site, {"layer": layer, "role": r.stack or r.role})[r.kind] = r
     for site in by_site.values():
         qk, vo = site["qk"], site["vo"]
         qk_note = "" if qk.exact else "*"
-        table.add_row(str(site["layer"]), site["role"],
+        table.add_row(site["layer"], site["role"],
                       _ranks_cell(qk.energy_ranks(0.90)) + qk_note, _ranks_cell(qk.energy_ranks(0.99)) + qk_note,
                       _ranks_cell(vo.energy_ranks(0.90)), _ranks_cell(vo.energy_ranks(0.99)))
     console.print(table)
     if not all(r.exact for r in rows):
-        console.print("* rotary embeddings sit between Q and K: this Q-K spectrum is of the position-free product "
-                      "W_q W_k^T and is not an exact CLOVER pair (V-O is).")
+        console.print("* rotary embeddings (or a norm on q and k, as in Mllama's cross-attention) sit between Q and "
+                      "K: this Q-K spectrum is of the product W_q W_k^T alone and is not an exact CLOVER pair "
+                      "(V-O is).")
     if plot:
         plot_spectra(rows, str(plot), title=model)
         console.print(f"spectra plot written to {plot}")
@@ -208,18 +211,25 @@ def _needs_calibration(*criteria: Optional[str]) -> bool:
     return any(c in DATA_AWARE for c in criteria if c)
 
 
+def _stack(lr) -> str:
+    """The block's stack (Whisper: encoder / decoder / cross), else its name with the layer number starred: tells
+    stacks apart (Mllama: vision / text, self / cross)."""
+    return getattr(lr, "stack", "") or ".".join("*" if part == str(lr.layer) else part for part in lr.site.split("."))
+
+
 def _runs_of_equal_dims(layers) -> list[tuple[str, tuple[str, str]]]:
-    """Consecutive layers with the same dims collapse into one row ("0-29"), so uniform prunes stay short."""
-    rows: list[tuple[list[int], tuple[str, str], str]] = []
+    """Consecutive layers with the same dims collapse into one row ("0-29"), so uniform prunes stay short; models
+    with several attention stacks (Mllama) get the stack in front of the layer numbers."""
+    rows: list[tuple[str, list[int], tuple[str, str]]] = []
     for lr in layers:
         dims = (f"{lr.qk_before} -> {lr.qk_dim}", f"{lr.vo_before} -> {lr.vo_dim}")
-        stack = getattr(lr, "stack", "")  # encoder / decoder / cross in models with several stacks
-        if rows and rows[-1][1] == dims and rows[-1][2] == stack and rows[-1][0][-1] == lr.layer - 1:
-            rows[-1][0].append(lr.layer)
+        if rows and rows[-1][2] == dims and rows[-1][0] == _stack(lr) and rows[-1][1][-1] == lr.layer - 1:
+            rows[-1][1].append(lr.layer)
         else:
-            rows.append(([lr.layer], dims, stack))
-    return [(f"{stack} " * bool(stack) + (f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])), dims)
-            for ids, dims, stack in rows]
+            rows.append((_stack(lr), [lr.layer], dims))
+    several = len({stack for stack, _, _ in rows}) > 1
+    return [((f"{stack} " if several else "") + (f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])), dims)
+            for stack, ids, dims in rows]
 
 
 @app.command()

@@ -138,13 +138,25 @@ def _resolve_dtype(dtype: Any):
 
 def _auto_classes(config) -> list:
     """The auto classes worth trying for ``config``, most specific first."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSpeechSeq2Seq
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForMaskedLM,
+        AutoModelForSpeechSeq2Seq,
+    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     architectures = getattr(config, "architectures", None) or []
     # Whisper: WhisperForCausalLM (decoder only) also exists, so the speech seq2seq head must be asked for first.
     if type(config) in AutoModelForSpeechSeq2Seq._model_mapping and (
             not architectures or any(a.endswith("ForConditionalGeneration") for a in architectures)):
         return [AutoModelForSpeechSeq2Seq, AutoModel]
+    # Vision-language checkpoints (Mllama) must not fall through to AutoModelForCausalLM, which would load the
+    # text half alone and drop the vision encoder.
+    if any(a in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values() or a.removeprefix("Clover") in
+           MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values() for a in architectures):
+        return [AutoModelForImageTextToText]
     if any(a.endswith("ForMaskedLM") for a in architectures):
         return [AutoModelForMaskedLM, AutoModel]
     # GPT-2 style checkpoints name their head *LMHeadModel rather than *ForCausalLM.

@@ -71,7 +71,9 @@ class OrthogonalizeReport:
 
 def skip_reason(site: AttentionSite, kind: PairKind) -> str:
     """Why a pair cannot be rewritten exactly, or "" when it can."""
-    return ROTARY_QK_REASON if kind == "qk" and site.rotary else ""
+    if kind != "qk":
+        return ""
+    return ROTARY_QK_REASON if site.rotary else site.qk_inexact
 
 
 def orthogonalize_(model: nn.Module, config: OrthogonalizeConfig | None = None) -> OrthogonalizeReport:

@@ -94,7 +94,7 @@ def kv_bytes_per_token(model: nn.Module) -> int:
     adapter = adapter_for(model)
     total = 0
     for site in adapter.sites(model):
-        if site.role == "self" and site.caches_kv:
+        if adapter.caches_per_token(site):
             w = adapter.read(site)
             total += adapter.cache_width(site, w) * w.k.weight.element_size()
     return total
@@ -128,7 +128,7 @@ def _validate(config: PruneConfig, sites: list[AttentionSite], adapter, model_ty
                           "head dim for all layers: use --allocation uniform (a threshold works too: every layer "
                           "keeps the largest rank any layer needs)")
     if any(site.role == "cross" for site in sites) and not getattr(
-            modeling.family_module(model_type), "SUPPORTS_CROSS_ATTENTION", False):
+            modeling.family_module(model_type), "PRUNES_CROSS_ATTENTION", False):
         raise CloverError("pruning cross-attention blocks is not supported for this family yet: "
                           "orthogonalize works, or prune a model without cross-attention")
 
@@ -144,6 +144,8 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     def warn(message: str) -> None:
         collected.append(message)
         warnings.warn(message, stacklevel=2)
+
+    targets = {kind: _targets(sites, kind, config.pair_criterion(kind), warn) for kind in kinds}
 
     needs = {config.pair_criterion(k) for k in kinds} & set(DATA_AWARE)
     stats = None
@@ -165,7 +167,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
                       stats=None if stats is None else stats.sites[site.name],
                       compute_dtype=config.compute_dtype, warn=warn, vo_whitening=config.vo_whitening,
                       vo_refit=config.vo_refit)
-            for site in tqdm(sites, desc=f"rank {kind}", unit="block", disable=not config.progress)
+            for site in tqdm(targets[kind], desc=f"rank {kind}", unit="block", disable=not config.progress)
         ]
     keeps = {
         kind: choose(candidates[kind], ratio=config.qk_ratio if kind == "qk" else config.vo_ratio,
@@ -178,19 +180,23 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         if why:
             warn(f"{kind} ranks raised to {keeps[kind]}: {why}")
 
+    chosen = {(kind, site.name): (c, keep) for kind in kinds
+              for site, c, keep in zip(targets[kind], candidates[kind], keeps[kind], strict=True)}
     new_weights, layers, intended = {}, [], {}
-    for i, site in enumerate(sites):
+    for site in sites:
         w = weights[site.name]
         new = w
         rope_pairs = None
         for kind in kinds:
-            c = candidates[kind][i]
-            left, right = c.truncate(keeps[kind][i])
+            if (kind, site.name) not in chosen:
+                continue
+            c, keep = chosen[kind, site.name]
+            left, right = c.truncate(keep)
             new = with_factors(new, kind, left, right)
             intended[site.name, kind] = left @ right.mT
             if c.order is not None:
                 current = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
-                kept = c.order[:, : keeps[kind][i]].sort(dim=-1).values
+                kept = c.order[:, :keep].sort(dim=-1).values
                 rope_pairs = [[current[g][p] for p in kept[g].tolist()] for g in range(w.num_kv_heads)]
         if rope_pairs is None and site.rotary and getattr(site.module, "rope_channels", None) is not None:
             rope_pairs = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
@@ -222,6 +228,33 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     return pruned, report
 
 
+def _targets(sites: list[AttentionSite], kind: PairKind, criterion: str, warn) -> list[AttentionSite]:
+    """The blocks ``criterion`` prunes for this pair. A model may mix plain, rotary and normed Q-K (Mllama): Q-K
+    pruning then touches only the blocks its criterion fits and the rest keep their width, with a warning. When it
+    fits none, every block goes on to ``candidate``, which explains which criterion would."""
+    if kind == "vo":
+        return sites
+    fits = [s for s in sites if not s.qk_inexact and (criterion in ROTARY_CRITERIA) == s.rotary]
+    rewritable = [s for s in sites if not s.qk_inexact]
+    if not rewritable:
+        raise CloverError(f"Q-K cannot be pruned in this model: {sites[0].qk_inexact}; prune V-O only")
+    if not fits:
+        return rewritable
+    for reason in dict.fromkeys(_qk_kept_reason(s, criterion) for s in sites if s not in fits):
+        kept = [s.name for s in sites if s not in fits and _qk_kept_reason(s, criterion) == reason]
+        warn(f"Q-K of {len(kept)} block(s) kept at full width ({kept[0]}, ...): {reason}")
+    return fits
+
+
+def _qk_kept_reason(site: AttentionSite, criterion: str) -> str:
+    if site.qk_inexact:
+        return site.qk_inexact
+    if site.rotary:
+        return f"criterion {criterion!r} cannot prune Q-K under rotary embeddings (use rotary-weight or " \
+               "rotary-activation there)"
+    return f"criterion {criterion!r} is for rotary Q-K only (use clover, whitened or vanilla there)"
+
+
 def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     """A fresh ``clover_<family>`` model with per-layer dims, holding every non-attention weight of ``model``."""
     module = modeling.family_module(model.config.model_type)
@@ -231,6 +264,8 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     if task not in module.CLASSES:
         raise CloverError(f"pruning a {type(model).__name__} is not supported: load the model with a "
                           f"{' or '.join(k for k in module.CLASSES if k != 'config')} head")
+    if hasattr(module, "pruned_config"):  # several attention stacks: the family maps site names to its dims
+        return _instantiate(model, module, task, module.pruned_config(model.config, layers))
     try:  # a family whose pruned runtime is another family's (Mistral, Qwen2 -> clover_llama) converts its config
         settings = module.llama_settings(model.config) if hasattr(module, "llama_settings") else model.config.to_dict()
     except ValueError as error:
@@ -256,7 +291,11 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
             raise CloverError(f"internal: {stack} blocks found for layers {sorted(by_layer)}, not 0..n-1")
         settings[f"{stack}_qk_dims"] = [by_layer[i].qk_dim for i in range(len(by_layer))]
         settings[f"{stack}_vo_dims"] = [by_layer[i].vo_dim for i in range(len(by_layer))]
-    config = module.CLASSES["config"](**settings)
+    return _instantiate(model, module, task, module.CLASSES["config"](**settings))
+
+
+def _instantiate(model: nn.Module, module, task: str, config) -> nn.Module:
+    """The pruned model built from ``config``, holding every weight of ``model`` whose shape did not change."""
     config.architectures = [module.CLASSES[task].__name__]
     reference = next(model.parameters())
     pruned = module.CLASSES[task](config).to(device=reference.device, dtype=reference.dtype)

@@ -10,9 +10,11 @@ from .bert import BertAdapter
 from .deepseek_v2 import DeepseekV2Adapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
+from .mllama import MllamaAdapter
 from .whisper import WhisperAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter(), DeepseekV2Adapter(), WhisperAdapter())
+ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter(), DeepseekV2Adapter(), WhisperAdapter(),
+                                 MllamaAdapter())
 
 
 def supported_model_types() -> list[str]:

@@ -30,6 +30,8 @@ class AttentionSite:
     ``<stack>_qk_dims``/``<stack>_vo_dims``), for models with several stacks of blocks (encoder, decoder, cross).
     ``caches_kv`` says whether generation caches this block's K and V once per generated token (not so for an
     encoder's self-attention or for cross-attention, whose cache is per encoder position).
+    ``qk_inexact`` says why no change of basis of Q-K is exact at this site for a reason other than rotary
+    embeddings (e.g. a norm acting on q and k heads); empty when Q-K is rewritable.
     """
 
     name: str
@@ -40,6 +42,7 @@ class AttentionSite:
     rotary: bool = False
     role: Literal["self", "cross"] = "self"
     own_kv_input: bool = False
+    qk_inexact: str = ""
     stack: str = ""
     caches_kv: bool = True
 
@@ -81,6 +84,12 @@ class Adapter(ABC):
     def cache_width(self, site: AttentionSite, weights: AttentionWeights) -> int:
         """Values one token adds to this block's KV cache: its K and V rows (families caching a latent override)."""
         return weights.k.weight.shape[0] + weights.v.weight.shape[0]
+
+    def caches_per_token(self, site: AttentionSite) -> bool:
+        """Whether each generated token adds this block's K and V to the KV cache (reported cache savings).
+        Decoder self-attention does; an encoder's self-attention and cross-attention (cached per encoder position)
+        do not. Families whose sites cannot say so themselves override this."""
+        return site.role == "self" and site.caches_kv
 
     def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
         """Model inputs for one calibration batch of token ids; families with another stream (audio, images,

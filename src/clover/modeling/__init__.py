@@ -11,7 +11,15 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSpeechSeq2Seq
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForMaskedLM,
+    AutoModelForSpeechSeq2Seq,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from ..errors import CloverError
 
@@ -19,14 +27,15 @@ from ..errors import CloverError
 # families whose pruned model is a stock transformers class with a new config (no clover runtime, no remote code).
 # Mistral and Qwen2 share LLaMA's attention and prune into clover_llama (see clover_llama.llama_settings).
 FAMILIES = {"llama": "clover_llama", "mistral": "clover_llama", "qwen2": "clover_llama", "gpt2": "clover_gpt2",
-            "bert": "clover_bert", "deepseek_v2": "deepseek_v2",
-            "whisper": "clover_whisper"}
+            "bert": "clover_bert", "deepseek_v2": "deepseek_v2", "whisper": "clover_whisper",
+            "mllama": "clover_mllama"}
 # CLASSES key -> (Auto class, auto_map key)
 TASKS = {
     "base": (AutoModel, "AutoModel"),
     "causal_lm": (AutoModelForCausalLM, "AutoModelForCausalLM"),
     "masked_lm": (AutoModelForMaskedLM, "AutoModelForMaskedLM"),
     "speech_seq2seq": (AutoModelForSpeechSeq2Seq, "AutoModelForSpeechSeq2Seq"),
+    "image_text_to_text": (AutoModelForImageTextToText, "AutoModelForImageTextToText"),
 }
 
 
@@ -55,7 +64,8 @@ def register_all() -> None:
 
 
 def task_of(model) -> str:
-    """Which CLASSES entry matches this model object (causal LM, masked LM, speech seq2seq or bare model)."""
+    """Which CLASSES entry matches this model object (causal LM, masked LM, speech seq2seq, image-text-to-text
+    or bare model)."""
     names = [c.__name__ for c in type(model).__mro__]
     if getattr(model, "main_input_name", None) == "input_features" and any(
             n.endswith("ForConditionalGeneration") for n in names):
@@ -64,6 +74,8 @@ def task_of(model) -> str:
         return "causal_lm"
     if any(n.endswith("ForMaskedLM") for n in names):
         return "masked_lm"
+    if any(n in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values() for n in names):  # clover classes subclass them
+        return "image_text_to_text"
     return "base"
 
 

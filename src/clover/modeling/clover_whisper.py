@@ -30,7 +30,7 @@ from transformers.models.whisper.modeling_whisper import (
 )
 
 # prune.py may prune cross-attention blocks of this family: the config carries their widths.
-SUPPORTS_CROSS_ATTENTION = True
+PRUNES_CROSS_ATTENTION = True
 
 
 def _dims(values, n: int, default: int, name: str) -> list[int]:
