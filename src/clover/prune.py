@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibrate, modeling
-from .adapters import AttentionSite, adapter_for
+from .adapters import Adapter, AttentionSite, adapter_for, model_type
 from .criteria import CRITERIA, DATA_AWARE, ROTARY_CRITERIA, Candidate, candidate
 from .errors import CloverError
 from .pairs import PairKind, cast_like, factors, with_factors
@@ -86,8 +86,11 @@ class PruneReport:
 
 
 def kv_bytes_per_token(model: nn.Module) -> int:
-    """Bytes one token adds to the KV cache: every self-attention block's K and V rows."""
+    """Bytes one token adds to the KV cache: every self-attention block's K and V rows (0 for families that
+    never cache K/V, such as a diffusion UNet)."""
     adapter = adapter_for(model)
+    if not adapter.has_kv_cache:
+        return 0
     total = 0
     for site in adapter.sites(model):
         if site.role == "self":
@@ -107,7 +110,7 @@ def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[l
     return [row[: qk_dim // 2] for row in channels]
 
 
-def _validate(config: PruneConfig, sites: list[AttentionSite]) -> None:
+def _validate(config: PruneConfig, adapter: Adapter, sites: list[AttentionSite]) -> None:
     if config.vo_whitening not in ("mixed", "input"):
         raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use mixed or input")
     check_ratio(config.qk_ratio, "--qk-ratio")
@@ -119,7 +122,7 @@ def _validate(config: PruneConfig, sites: list[AttentionSite]) -> None:
         threshold = config.qk_threshold if kind == "qk" else config.vo_threshold
         if threshold is not None and (crit == "vanilla" or crit in ROTARY_CRITERIA):
             raise CloverError(f"a singular-value threshold needs the clover or whitened criterion, not {crit!r}")
-    if any(site.role == "cross" for site in sites):
+    if not adapter.prunes_cross_attention and any(site.role == "cross" for site in sites):
         raise CloverError("pruning cross-attention blocks is not supported for this family yet: "
                           "orthogonalize works, or prune a model without cross-attention")
 
@@ -128,7 +131,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     """Return ``(pruned_model, report)``; ``model`` itself is not modified."""
     adapter = adapter_for(model)
     sites = adapter.sites(model)
-    _validate(config, sites)
+    _validate(config, adapter, sites)
     kinds = [k for k in ("qk", "vo") if config.active(k)]
     collected: list[str] = []
 
@@ -191,7 +194,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     _check_written(pruned, intended)
 
     report = PruneReport(
-        model.config.model_type,
+        model_type(model),
         config.pair_criterion("qk") if "qk" in kinds else None,
         config.pair_criterion("vo") if "vo" in kinds else None,
         "threshold" if config.qk_threshold is not None or config.vo_threshold is not None else config.allocation,
@@ -205,7 +208,11 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
 
 
 def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
-    """A fresh ``clover_<family>`` model with per-layer dims, holding every non-attention weight of ``model``."""
+    """A fresh ``clover_<family>`` model with per-layer dims, holding every non-attention weight of ``model``
+    (or the family's own pruned runtime, where its adapter builds one)."""
+    own = adapter_for(model).build_pruned(model, layers)
+    if own is not None:
+        return own
     module = modeling.family_module(model.config.model_type)
     task = modeling.task_of(model)
     if task not in module.CLASSES:

@@ -39,6 +39,12 @@ class Adapter(ABC):
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
+    # Models without a ``config.model_type`` (diffusers) are matched by their class name instead.
+    class_names: ClassVar[tuple[str, ...]] = ()
+    # Whether ``prune`` may shrink cross-attention blocks (the family's pruned runtime resizes them).
+    prunes_cross_attention: ClassVar[bool] = False
+    # Families that never cache K/V (a diffusion UNet) report 0 KV-cache bytes per token.
+    has_kv_cache: ClassVar[bool] = True
 
     @abstractmethod
     def sites(self, model: nn.Module) -> list[AttentionSite]: ...
@@ -52,6 +58,11 @@ class Adapter(ABC):
     @abstractmethod
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
         """The modules computing q, k, v and o (fused families repeat one module): calibration hooks them."""
+
+    def build_pruned(self, model: nn.Module, layers: list) -> nn.Module | None:
+        """The pruned model for per-block ranks ``layers`` (``prune.LayerRanks``), for families whose runtime is
+        not a transformers ``clover_<family>`` model (diffusers). None: use that generic runtime."""
+        return None
 
     def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
         """Model inputs for one calibration batch of token ids; families with another stream (audio, images,
