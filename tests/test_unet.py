@@ -143,6 +143,18 @@ def test_prune_shrinks_every_block_with_each_criterion(criterion):
     assert all(torch.equal(v, original[k]) for k, v in unet.state_dict().items())  # input untouched
 
 
+def test_global_allocation_spends_one_budget_over_blocks_of_different_widths():
+    unet = tiny_unet("sd")  # head widths 4 (outer blocks) and 8 (mid block)
+    pruned, report = prune(unet, PruneConfig(criterion="whitened", vo_whitening="input", qk_ratio=0.5,
+                                             vo_ratio=0.5, allocation="global", calibration=CALIB, progress=False))
+    assert len({lr.qk_before for lr in report.layers}) == 2
+    for kind in ("qk", "vo"):
+        before = sum(getattr(lr, f"{kind}_before") for lr in report.layers)
+        after = sum(getattr(lr, f"{kind}_dim") for lr in report.layers)
+        assert after == before - before // 2
+    assert torch.isfinite(model_outputs(pruned, _inputs(pruned))).all()
+
+
 def test_rotary_criteria_are_refused_on_a_unet():
     with pytest.raises(CloverError, match="rotary embeddings only"):
         prune(tiny_unet("sd"), PruneConfig(qk_criterion="rotary-weight", qk_ratio=0.5, progress=False))
