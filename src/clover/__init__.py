@@ -13,6 +13,19 @@ from .spectra import collect_spectra
 
 _register_all()
 
+# Pruned diffusers UNets: diffusers is an optional extra (clover[diffusion]) and slow to import, so these load
+# on first use.
+_UNET_IO = ("load_pruned_unet", "save_pruned_unet")
+
+
+def __getattr__(name: str):
+    if name in _UNET_IO:
+        from .modeling import clover_unet
+
+        return getattr(clover_unet, name)
+    raise AttributeError(f"module 'clover' has no attribute {name!r}")
+
+
 __all__ = [
     "CloverError",
     "Factors",
@@ -22,6 +35,8 @@ __all__ = [
     "PruneReport",
     "collect_spectra",
     "decompose",
+    "load_pruned_unet",
     "orthogonalize_",
     "prune",
+    "save_pruned_unet",
 ]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import AttentionSite, adapter_for
+from .adapters import AttentionSite, adapter_for, model_type
 from .decompose import decompose
 from .errors import CloverError
 from .pairs import PairKind, cast_like, factors, with_factors
@@ -85,7 +85,7 @@ def orthogonalize_(model: nn.Module, config: OrthogonalizeConfig | None = None) 
     adapter = adapter_for(model)
     sites = adapter.sites(model)
     if not sites:
-        raise CloverError(f"no attention blocks found in this {model.config.model_type} model: is it a full model?")
+        raise CloverError(f"no attention blocks found in this {model_type(model)} model: is it a full model?")
 
     inputs = adapter.example_inputs(model) if config.verify else None
     reference = model_outputs(model, inputs) if config.verify else None
@@ -105,7 +105,7 @@ def orthogonalize_(model: nn.Module, config: OrthogonalizeConfig | None = None) 
                                       singular_values=out.s.tolist()))
         adapter.write(site, cast_like(new, weights))
 
-    report = OrthogonalizeReport(model.config.model_type, adapter.name, results)
+    report = OrthogonalizeReport(model_type(model), adapter.name, results)
     if config.verify:
         report.check = compare(reference, model, inputs)
         if not report.check.passed:

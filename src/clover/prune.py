@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibrate, modeling
-from .adapters import AttentionSite, adapter_for
+from .adapters import Adapter, AttentionSite, adapter_for, model_type
 from .criteria import CRITERIA, DATA_AWARE, ROTARY_CRITERIA, Candidate, candidate
 from .errors import CloverError
 from .pairs import PairKind, cast_like, factors, with_factors
@@ -111,7 +111,7 @@ def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[l
     return [row[: qk_dim // 2] for row in channels]
 
 
-def _validate(config: PruneConfig, sites: list[AttentionSite], adapter, model_type: str) -> None:
+def _validate(config: PruneConfig, adapter: Adapter, sites: list[AttentionSite]) -> None:
     if config.vo_whitening not in ("mixed", "input"):
         raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use mixed or input")
     check_ratio(config.qk_ratio, "--qk-ratio")
@@ -127,8 +127,7 @@ def _validate(config: PruneConfig, sites: list[AttentionSite], adapter, model_ty
         raise CloverError(f"--allocation global gives layers different head dims, but {adapter.name} configs hold one "
                           "head dim for all layers: use --allocation uniform (a threshold works too: every layer "
                           "keeps the largest rank any layer needs)")
-    if any(site.role == "cross" for site in sites) and not getattr(
-            modeling.family_module(model_type), "PRUNES_CROSS_ATTENTION", False):
+    if not adapter.prunes_cross_attention and any(site.role == "cross" for site in sites):
         raise CloverError("pruning cross-attention blocks is not supported for this family yet: "
                           "orthogonalize works, or prune a model without cross-attention")
 
@@ -137,7 +136,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     """Return ``(pruned_model, report)``; ``model`` itself is not modified."""
     adapter = adapter_for(model)
     sites = adapter.sites(model)
-    _validate(config, sites, adapter, model.config.model_type)
+    _validate(config, adapter, sites)
     kinds = [k for k in ("qk", "vo") if config.active(k)]
     collected: list[str] = []
 
@@ -211,14 +210,14 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     _check_written(pruned, intended)
 
     report = PruneReport(
-        model.config.model_type,
+        model_type(model),
         config.pair_criterion("qk") if "qk" in kinds else None,
         config.pair_criterion("vo") if "vo" in kinds else None,
         "threshold" if config.qk_threshold is not None or config.vo_threshold is not None else config.allocation,
         layers, parameter_count(model), parameter_count(pruned), kv_bytes_per_token(model),
         kv_bytes_per_token(pruned), 0 if stats is None else stats.tokens, collected,
     )
-    report.notes.extend(getattr(modeling.family_module(model.config.model_type), "PRUNE_NOTES", ()))
+    report.notes.extend(adapter.prune_notes)
     if "qk" in kinds and config.pair_criterion("qk") in ROTARY_CRITERIA:
         report.notes.append("Q-K was pruned by whole rotary frequency pairs: not a CLOVER rewrite "
                             "(rotary embeddings make every change of basis inexact there)")
@@ -256,10 +255,12 @@ def _qk_kept_reason(site: AttentionSite, criterion: str) -> str:
 
 
 def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
-    """A fresh ``clover_<family>`` model with per-layer dims, holding every non-attention weight of ``model``."""
+    """A fresh ``clover_<family>`` model with per-layer dims, holding every non-attention weight of ``model``
+    (or the family's own pruned runtime, where its adapter builds one)."""
+    own = adapter_for(model).build_pruned(model, layers)
+    if own is not None:
+        return own
     module = modeling.family_module(model.config.model_type)
-    if hasattr(module, "build_pruned"):  # the family's pruned model is a stock class with a new config
-        return module.build_pruned(model, layers)
     task = modeling.task_of(model)
     if task not in module.CLASSES:
         raise CloverError(f"pruning a {type(model).__name__} is not supported: load the model with a "

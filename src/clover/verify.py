@@ -32,13 +32,15 @@ class Check:
 
 
 def model_outputs(model: nn.Module, inputs: dict) -> torch.Tensor:
-    """The tensor a user looks at: logits where the model has a head, else the last hidden state."""
+    """The tensor a user looks at: logits where the model has a head, a diffusion UNet's predicted noise
+    (``sample``), else the last hidden state."""
     with torch.no_grad():
         out = model(**inputs)
-    tensor = getattr(out, "logits", None)
-    if tensor is None:
-        tensor = out.last_hidden_state
-    return tensor.float()
+    for name in ("logits", "sample"):
+        tensor = getattr(out, name, None)
+        if tensor is not None:
+            return tensor.float()
+    return out.last_hidden_state.float()
 
 
 def compare(reference: torch.Tensor, model: nn.Module, inputs: dict) -> Check:

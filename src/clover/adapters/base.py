@@ -59,6 +59,12 @@ class Adapter(ABC):
     model_types: ClassVar[tuple[str, ...]]
     # True where the config holds one head dim for every layer, so pruned ranks must be equal across layers.
     uniform_head_dims: ClassVar[bool] = False
+    # Models without a ``config.model_type`` (diffusers) are matched by their class name instead.
+    class_names: ClassVar[tuple[str, ...]] = ()
+    # Whether ``prune`` may shrink cross-attention blocks (the family's pruned runtime resizes them).
+    prunes_cross_attention: ClassVar[bool] = False
+    # What every prune report of this family should say (e.g. what pruning cannot shrink there).
+    prune_notes: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def sites(self, model: nn.Module) -> list[AttentionSite]: ...
@@ -90,6 +96,12 @@ class Adapter(ABC):
         Decoder self-attention does; an encoder's self-attention and cross-attention (cached per encoder position)
         do not. Families whose sites cannot say so themselves override this."""
         return site.role == "self" and site.caches_kv
+
+    def build_pruned(self, model: nn.Module, layers: list) -> nn.Module | None:
+        """The pruned model for per-block ranks ``layers`` (``prune.LayerRanks``), for families whose runtime is
+        not a transformers ``clover_<family>`` model (diffusers) or is a stock class with a new config (DeepSeek-V2).
+        None: use the generic ``clover_<family>`` runtime."""
+        return None
 
     def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
         """Model inputs for one calibration batch of token ids; families with another stream (audio, images,

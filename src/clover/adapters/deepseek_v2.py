@@ -51,6 +51,20 @@ class DeepseekV2Adapter(Adapter):
     name = "deepseek_v2"
     model_types = ("deepseek_v2",)
     uniform_head_dims = True
+    prune_notes = (
+        "DeepSeek-V2: only the non-rotary dims were pruned (qk_nope_head_dim, v_head_dim); the rotary dims and the "
+        "MoE/MLP weights are untouched; the pruned model is a stock DeepseekV2 class",
+        "DeepSeek-V2: the original softmax scale is kept by folding sqrt(new / original qk_head_dim) into the query "
+        "rows, which the stock class scales by 1/sqrt(new qk_head_dim) (config.clover_softmax_scale records it)",
+        "DeepSeek-V2: transformers caches the compressed latent (kv_lora_rank + qk_rope_head_dim per token), which "
+        "pruning does not change; the savings are kv_b_proj, query and o_proj weights and attention compute",
+    )
+
+    def build_pruned(self, model: nn.Module, layers: list) -> nn.Module:
+        """A stock DeepseekV2 model with smaller ``qk_nope_head_dim`` / ``v_head_dim``: no clover runtime needed."""
+        from ..modeling.deepseek_v2 import build_pruned
+
+        return build_pruned(model, layers)
 
     def sites(self, model: nn.Module) -> list[AttentionSite]:
         """Every MLA block, after checking all of them: an unknown variant fails before anything is rewritten."""

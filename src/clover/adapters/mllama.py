@@ -57,6 +57,7 @@ def _expect(module: nn.Module | None, cls: type, where: str) -> nn.Module:
 class MllamaAdapter(Adapter):
     name = "mllama"
     model_types = ("mllama", "clover_mllama")
+    prunes_cross_attention = True
 
     def sites(self, model: nn.Module) -> list[AttentionSite]:
         """Every attention block, validated against the layout this adapter knows before anything is read."""

@@ -91,6 +91,7 @@ def synthetic_log_mel(config, index: int, seed: int = 0) -> torch.Tensor:
 class WhisperAdapter(Adapter):
     name = "whisper"
     model_types = ("whisper", "clover_whisper")
+    prunes_cross_attention = True
 
     def sites(self, model: nn.Module) -> list[AttentionSite]:
         from transformers.models.whisper.modeling_whisper import WhisperAttention

@@ -23,11 +23,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 from ..errors import CloverError
 
-# base model_type -> module holding its pruned classes (CLASSES), or a ``build_pruned(model, layers)`` function for
-# families whose pruned model is a stock transformers class with a new config (no clover runtime, no remote code).
+# base model_type -> module holding its pruned classes (CLASSES). Families whose pruned model is not such a runtime
+# (DeepSeek-V2: a stock class with a new config; diffusers UNets) build it in their adapter's ``build_pruned``.
 # Mistral and Qwen2 share LLaMA's attention and prune into clover_llama (see clover_llama.llama_settings).
 FAMILIES = {"llama": "clover_llama", "mistral": "clover_llama", "qwen2": "clover_llama", "gpt2": "clover_gpt2",
-            "bert": "clover_bert", "deepseek_v2": "deepseek_v2", "whisper": "clover_whisper",
+            "bert": "clover_bert", "whisper": "clover_whisper",
             "mllama": "clover_mllama"}
 # CLASSES key -> (Auto class, auto_map key)
 TASKS = {

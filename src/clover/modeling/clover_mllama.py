@@ -33,8 +33,6 @@ from transformers.models.mllama.modeling_mllama import (
     rotate_half,
 )
 
-# This runtime can hold pruned cross-attention (V-O) widths, so clover may prune those blocks.
-PRUNES_CROSS_ATTENTION = True
 
 
 def _dims(values, n: int, default: int, name: str) -> list[int]:

@@ -29,8 +29,6 @@ from transformers.models.whisper.modeling_whisper import (
     eager_attention_forward,
 )
 
-# prune.py may prune cross-attention blocks of this family: the config carries their widths.
-PRUNES_CROSS_ATTENTION = True
 
 
 def _dims(values, n: int, default: int, name: str) -> list[int]:

@@ -17,16 +17,6 @@ from torch import nn
 from ..adapters.deepseek_v2 import query_fold, query_projection
 from ..errors import CloverError
 
-PRUNE_NOTES = (
-    "DeepSeek-V2: only the non-rotary dims were pruned (qk_nope_head_dim, v_head_dim); the rotary dims and the "
-    "MoE/MLP weights are untouched; the pruned model is a stock DeepseekV2 class",
-    "DeepSeek-V2: the original softmax scale is kept by folding sqrt(new / original qk_head_dim) into the query "
-    "rows, which the stock class scales by 1/sqrt(new qk_head_dim) (config.clover_softmax_scale records it)",
-    "DeepSeek-V2: transformers caches the compressed latent (kv_lora_rank + qk_rope_head_dim per token), which "
-    "pruning does not change; the savings are kv_b_proj, query and o_proj weights and attention compute",
-)
-
-
 def build_pruned(model: nn.Module, layers: list) -> nn.Module:
     """A fresh model of ``model``'s own class with the pruned dims, holding every weight the adapter does not write.
 
