@@ -80,10 +80,10 @@ def check_config(config: OrthogonalizeConfig) -> None:
         raise CloverError(f"unknown pair kind(s) {sorted(unknown)}: use 'qk' and/or 'vo'")
 
 
-def orthogonalize_site(adapter: Adapter, site: AttentionSite,
-                       config: OrthogonalizeConfig) -> tuple[list[PairResult], dict[PairKind, torch.Tensor]]:
-    """Rewrite one block in place; returns its results and the products ``{kind: left @ right^T}`` of the
-    original weights that the rewritten ones must reproduce (clover.streaming checks them block by block)."""
+def orthogonalize_site(adapter: Adapter, site: AttentionSite, config: OrthogonalizeConfig
+                       ) -> tuple[list[PairResult], dict[PairKind, tuple[torch.Tensor, torch.Tensor]]]:
+    """Rewrite one block in place; returns its results and the original factors ``{kind: (left, right)}`` whose
+    products the rewritten weights must reproduce (clover.streaming checks them block by block)."""
     weights = adapter.read(site)
     new = weights
     results, products = [], {}
@@ -93,7 +93,7 @@ def orthogonalize_site(adapter: Adapter, site: AttentionSite,
             results.append(PairResult(site.name, site.layer, site.role, kind, "skipped", reason))
             continue
         left, right = factors(new, kind)
-        products[kind] = left.to(config.compute_dtype) @ right.to(config.compute_dtype).mT
+        products[kind] = (left, right)
         out = decompose(left, right, compute_dtype=config.compute_dtype)
         new = with_factors(new, kind, out.left, out.right)
         results.append(PairResult(site.name, site.layer, site.role, kind, "rewritten",
