@@ -75,6 +75,14 @@ def test_orthogonalize_streamed_equals_in_memory_bit_for_bit(sharded, tmp_path):
     assert not (tmp_path / "streamed.partial").exists()
 
 
+def test_llama_without_biases(tmp_path):
+    """Without a bias column the factors are views of the weights: the check must keep the originals."""
+    tiny_llama(num_hidden_layers=2, attention_bias=False).save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    stream_orthogonalize(tmp_path / "src", tmp_path / "streamed", options=QUIET)
+    _in_memory_orthogonalized(tmp_path / "src", tmp_path / "memory")
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+
+
 def test_qwen2_family_streams_too(tmp_path):
     tiny_qwen2().save_pretrained(tmp_path / "src", max_shard_size="60KB")
     stream_orthogonalize(tmp_path / "src", tmp_path / "streamed", options=QUIET)

@@ -93,7 +93,7 @@ def orthogonalize_site(adapter: Adapter, site: AttentionSite, config: Orthogonal
             results.append(PairResult(site.name, site.layer, site.role, kind, "skipped", reason))
             continue
         left, right = factors(new, kind)
-        products[kind] = (left, right)
+        products[kind] = (left.clone(), right.clone())  # views of the weights, which the write overwrites
         out = decompose(left, right, compute_dtype=config.compute_dtype)
         new = with_factors(new, kind, out.left, out.right)
         results.append(PairResult(site.name, site.layer, site.role, kind, "rewritten",
