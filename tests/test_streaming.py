@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_qwen2
+from conftest import tiny_gpt2, tiny_llama, tiny_qwen2
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
@@ -81,6 +81,16 @@ def test_llama_without_biases(tmp_path):
     stream_orthogonalize(tmp_path / "src", tmp_path / "streamed", options=QUIET)
     _in_memory_orthogonalized(tmp_path / "src", tmp_path / "memory")
     _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+
+
+def test_gpt2_orthogonalize_streams_and_prune_refuses_clearly(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    stream_orthogonalize(tmp_path / "src", tmp_path / "streamed", options=QUIET)
+    _in_memory_orthogonalized(tmp_path / "src", tmp_path / "memory")
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "memory")
+    with pytest.raises(CloverError, match="supports the LLaMA family.*--no-stream"):
+        stream_prune(tmp_path / "src", tmp_path / "p", PruneConfig(vo_ratio=0.5, criterion="clover"), QUIET)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
 
 
 def test_qwen2_family_streams_too(tmp_path):

@@ -263,6 +263,11 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
     conv = _Conversion(source, out, "prune", settings, options,
                        calibration=config.calibration if needs else None)
     adapter = conv.adapter
+    if adapter.name != "llama":
+        # Pruned weights are written into the stock module and read back by shape; the GPT-2 and BERT adapters
+        # read fused projections by the module's head size, which only the clover_<family> module knows.
+        raise CloverError(f"streamed pruning supports the LLaMA family, not {conv.config.model_type}: pass "
+                          "--no-stream to prune in memory (streamed orthogonalize works for it)")
     sites = [s for b in conv.blocks for s in b.sites]
     validate(config, sites)
     task = modeling.task_of(conv.model)
