@@ -1,6 +1,6 @@
 """Peak memory and wall time of in-memory vs streamed conversion of the same sharded LLaMA-shaped checkpoint.
 
-    python benchmarks/streaming_memory.py [--layers 16] [--hidden 1024] [--json benchmarks/results/streaming_memory.json]
+    python benchmarks/streaming_memory.py [--layers 16] [--hidden 1024] [--json PATH]
 
 A random LLaMA checkpoint (float32, GQA, several shards) is written once to a temporary folder. Each conversion
 (orthogonalize; whitened prune of V-O by 50% with 8 x 128 calibration tokens) runs in its own fresh subprocess:
