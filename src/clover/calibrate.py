@@ -54,6 +54,25 @@ def collect(model: nn.Module, adapter: Adapter, sites: list[AttentionSite], batc
             progress: bool = True) -> Calibration:
     """Run ``batches`` (n, seqlen) of token ids through ``model`` and return per-site statistics (means)."""
     stats = {site.name: SiteStats() for site in sites}
+    hooks = attach(adapter, sites, stats, inputs=inputs, head_outputs=head_outputs, channels=channels)
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            for row in tqdm(batches, desc="calibration", unit="sample", disable=not progress):
+                model(**adapter.calibration_inputs(model, row[None].to(device)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return finish(stats, batches.numel())
+
+
+def attach(adapter: Adapter, sites: list[AttentionSite], stats: dict[str, SiteStats], *, inputs: bool = True,
+           head_outputs: bool = False, channels: bool = False) -> list:
+    """Register the statistic-gathering hooks on every site's projections; the caller removes the handles.
+
+    Separate from ``collect`` so a layer-by-layer run (clover.streaming) gathers exactly the same sums on one
+    decoder layer at a time.
+    """
     hooks = []
 
     def register(module: nn.Module, fn):
@@ -100,16 +119,11 @@ def collect(model: nn.Module, adapter: Adapter, sites: list[AttentionSite], batc
 
                 register(mods["k"], k_out)
 
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            for row in tqdm(batches, desc="calibration", unit="sample", disable=not progress):
-                model(**adapter.calibration_inputs(model, row[None].to(device)))
-    finally:
-        for h in hooks:
-            h.remove()
+    return hooks
 
-    total = batches.numel()
+
+def finish(stats: dict[str, SiteStats], total: int) -> Calibration:
+    """Sums over ``total`` tokens -> means (in place), wrapped as a ``Calibration``."""
     if total == 0:
         raise CloverError("calibration got no tokens: pass --calib-samples and --calib-seqlen above zero")
     for st in stats.values():

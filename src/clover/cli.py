@@ -59,6 +59,21 @@ def _load(model: str, dtype: Optional[str]):
 ModelArg = Annotated[str, typer.Argument(help="A registry name (smollm2-135m), a local directory, or a hub id.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="Load weights in this dtype (float32, bfloat16, float16).")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON here.")]
+StreamOpt = Annotated[Optional[bool], typer.Option(
+    "--stream/--no-stream", help="Convert layer by layer from the safetensors shards (memory: about one layer). "
+    "Default: on for folders with model.safetensors.index.json.")]
+
+
+def _streams(model: str, stream: Optional[bool]) -> bool:
+    """Whether to take the streaming path (clover.streaming) for this model argument."""
+    from .streaming import is_streamable
+
+    if stream is None:
+        return is_streamable(model)
+    if stream and not Path(model).is_dir():
+        raise CloverError(f"--stream needs a local checkpoint folder with safetensors weights, not {model!r}: "
+                          "save the model with save_pretrained first, or drop --stream")
+    return stream
 
 
 def _ranks_cell(ranks: list[int]) -> str:
@@ -123,6 +138,7 @@ def orthogonalize(
     compute_dtype: Annotated[str, typer.Option(help="SVD precision: float64 or float32.")] = "float64",
     json_path: JsonOpt = None,
     dtype: DtypeOpt = None,
+    stream: StreamOpt = None,
 ):
     """Rewrite every head so its dims are orthogonal and sorted by singular value; prove nothing changed; save."""
     import torch
@@ -134,6 +150,18 @@ def orthogonalize(
     if compute_dtype not in ("float64", "float32"):
         raise CloverError(f"unknown --compute-dtype {compute_dtype!r}: use float64 or float32")
     kinds = tuple(p.strip() for p in pairs.split(",") if p.strip())
+    if _streams(model, stream):
+        from .streaming import StreamOptions, stream_orthogonalize
+
+        report = stream_orthogonalize(model, out, OrthogonalizeConfig(pairs=kinds, compute_dtype=getattr(
+            torch, compute_dtype)), StreamOptions(dtype=_torch_dtype(dtype), overwrite=overwrite))
+        counts = {f"{k} {st}": sum(p["kind"] == k and p["status"] == st for p in report["pairs"])
+                  for k in kinds for st in ("rewritten", "skipped")}
+        console.print(f"streamed layer by layer: {counts}; every block's products checked against the original; "
+                      f"saved to {out}")
+        if json_path:
+            write_json(json_path, report)
+        return
     loaded = _load(model, dtype)
     report = orthogonalize_(loaded.model, OrthogonalizeConfig(pairs=kinds, compute_dtype=getattr(torch, compute_dtype)))
 
@@ -195,8 +223,23 @@ def _calibration(loaded, calib: Optional[Path], samples: int, seqlen: int):
     """Token windows from the validation split (never the test split), for data-aware criteria."""
     from .data import calibration_batches, load_rows
 
+    if loaded.tokenizer is None:
+        raise CloverError("the model folder has no tokenizer, which data-aware criteria need for calibration text: "
+                          "save the tokenizer next to the weights, or use --criterion clover")
     rows = load_rows(corpus="wikitext2", split="validation", data=calib)
     return calibration_batches(loaded.tokenizer, rows, samples, seqlen)
+
+
+def _tokenizer_only(model: str):
+    """For a streamed prune: the folder's tokenizer (calibration needs it), without loading any weights."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    try:
+        return SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model))
+    except Exception:  # transformers raises many kinds; all mean "no usable tokenizer here"
+        return SimpleNamespace(tokenizer=None)
 
 
 def _ppl(model, tokenizer, text, seqlen, max_windows):
@@ -264,13 +307,18 @@ def prune(
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = None,
+    stream: StreamOpt = None,
 ):
     """Remove the least important head directions: smaller Q/K/V/O weights and a smaller KV cache."""
     from .prune import PruneConfig, prune as run_prune
     from .save import check_output_dir, save_model, write_json
 
     check_output_dir(out, overwrite)
-    loaded = _load(model, dtype)
+    streaming = _streams(model, stream)
+    if streaming and eval_ppl:
+        raise CloverError("--eval-ppl needs the whole model in memory: run `clover eval` on the streamed output, "
+                          "or pass --no-stream")
+    loaded = _tokenizer_only(model) if streaming else _load(model, dtype)
     config = PruneConfig(qk_ratio=qk_ratio, vo_ratio=vo_ratio, criterion=criterion, qk_criterion=qk_criterion,
                          qk_threshold=qk_threshold, vo_threshold=vo_threshold, allocation=allocation,
                          vo_whitening=vo_whitening)
@@ -286,7 +334,13 @@ def prune(
         from .data import load_text
 
         text = load_text(corpus="wikitext2", split="test", data=data)
-    pruned, report = run_prune(loaded.model, config)
+    if streaming:
+        from .streaming import StreamOptions, stream_prune
+
+        report = stream_prune(model, out, config, StreamOptions(dtype=_torch_dtype(dtype), overwrite=overwrite))
+        pruned = None
+    else:
+        pruned, report = run_prune(loaded.model, config)
     payload = {"model": model, **report.to_dict()}
     if eval_ppl:
         payload["ppl_before"] = _ppl(loaded.model, loaded.tokenizer, text, seqlen, max_windows)
@@ -313,7 +367,8 @@ def prune(
     console.print(summary)
     for note in report.notes:
         console.print(f"note: {note}")
-    save_model(pruned, loaded.tokenizer, out, overwrite=overwrite, report=payload)
+    if pruned is not None:  # a streamed prune has saved itself, layer by layer
+        save_model(pruned, loaded.tokenizer, out, overwrite=overwrite, report=payload)
     console.print(f"saved to {out} (loads with AutoModel*.from_pretrained after `import clover`, or with "
                   "trust_remote_code=True without clover)")
     if json_path:

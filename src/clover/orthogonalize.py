@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import AttentionSite, adapter_for, model_type
+from .adapters import Adapter, AttentionSite, adapter_for, model_type
 from .decompose import decompose
 from .errors import CloverError
 from .pairs import PairKind, cast_like, factors, with_factors
@@ -76,12 +76,38 @@ def skip_reason(site: AttentionSite, kind: PairKind) -> str:
     return ROTARY_QK_REASON if site.rotary else site.qk_inexact
 
 
-def orthogonalize_(model: nn.Module, config: OrthogonalizeConfig | None = None) -> OrthogonalizeReport:
-    """Rewrite ``model`` in place; raises ``CloverError`` if the lossless check fails."""
-    config = config or OrthogonalizeConfig()
+def check_config(config: OrthogonalizeConfig) -> None:
     unknown = set(config.pairs) - {"qk", "vo"}
     if unknown:
         raise CloverError(f"unknown pair kind(s) {sorted(unknown)}: use 'qk' and/or 'vo'")
+
+
+def orthogonalize_site(adapter: Adapter, site: AttentionSite, config: OrthogonalizeConfig
+                       ) -> tuple[list[PairResult], dict[PairKind, tuple[torch.Tensor, torch.Tensor]]]:
+    """Rewrite one block in place; returns its results and the original factors ``{kind: (left, right)}`` whose
+    products the rewritten weights must reproduce (clover.streaming checks them block by block)."""
+    weights = adapter.read(site)
+    new = weights
+    results, products = [], {}
+    for kind in config.pairs:
+        reason = skip_reason(site, kind)
+        if reason:
+            results.append(PairResult(site.name, site.layer, site.role, kind, "skipped", reason))
+            continue
+        left, right = factors(new, kind)
+        products[kind] = (left.clone(), right.clone())  # views of the weights, which the write overwrites
+        out = decompose(left, right, compute_dtype=config.compute_dtype)
+        new = with_factors(new, kind, out.left, out.right)
+        results.append(PairResult(site.name, site.layer, site.role, kind, "rewritten",
+                                  singular_values=out.s.tolist()))
+    adapter.write(site, cast_like(new, weights))
+    return results, products
+
+
+def orthogonalize_(model: nn.Module, config: OrthogonalizeConfig | None = None) -> OrthogonalizeReport:
+    """Rewrite ``model`` in place; raises ``CloverError`` if the lossless check fails."""
+    config = config or OrthogonalizeConfig()
+    check_config(config)
     adapter = adapter_for(model)
     sites = adapter.sites(model)
     if not sites:
@@ -92,18 +118,7 @@ def orthogonalize_(model: nn.Module, config: OrthogonalizeConfig | None = None) 
 
     results: list[PairResult] = []
     for site in tqdm(sites, desc="orthogonalize", unit="block", disable=not config.progress):
-        weights = adapter.read(site)
-        new = weights
-        for kind in config.pairs:
-            reason = skip_reason(site, kind)
-            if reason:
-                results.append(PairResult(site.name, site.layer, site.role, kind, "skipped", reason))
-                continue
-            out = decompose(*factors(new, kind), compute_dtype=config.compute_dtype)
-            new = with_factors(new, kind, out.left, out.right)
-            results.append(PairResult(site.name, site.layer, site.role, kind, "rewritten",
-                                      singular_values=out.s.tolist()))
-        adapter.write(site, cast_like(new, weights))
+        results += orthogonalize_site(adapter, site, config)[0]
 
     report = OrthogonalizeReport(model_type(model), adapter.name, results)
     if config.verify:

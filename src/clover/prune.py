@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from . import calibrate, modeling
 from .adapters import Adapter, AttentionSite, adapter_for, model_type
+from .calibrate import SiteStats
 from .criteria import CRITERIA, DATA_AWARE, ROTARY_CRITERIA, Candidate, candidate
 from .errors import CloverError
-from .pairs import PairKind, cast_like, factors, with_factors
+from .pairs import AttentionWeights, PairKind, cast_like, factors, with_factors
 from .ranks import check_ratio, choose
 
 
@@ -111,7 +112,7 @@ def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[l
     return [row[: qk_dim // 2] for row in channels]
 
 
-def _validate(config: PruneConfig, adapter: Adapter, sites: list[AttentionSite]) -> None:
+def validate(config: PruneConfig, adapter: Adapter, sites: list[AttentionSite]) -> None:
     if config.vo_whitening not in ("mixed", "input"):
         raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use mixed or input")
     check_ratio(config.qk_ratio, "--qk-ratio")
@@ -136,8 +137,8 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     """Return ``(pruned_model, report)``; ``model`` itself is not modified."""
     adapter = adapter_for(model)
     sites = adapter.sites(model)
-    _validate(config, adapter, sites)
-    kinds = [k for k in ("qk", "vo") if config.active(k)]
+    validate(config, adapter, sites)
+    kinds = active_kinds(config)
     collected: list[str] = []
 
     def warn(message: str) -> None:
@@ -145,16 +146,10 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         warnings.warn(message, stacklevel=2)
 
     targets = {kind: _targets(sites, kind, config.pair_criterion(kind), warn) for kind in kinds}
-
-    needs = {config.pair_criterion(k) for k in kinds} & set(DATA_AWARE)
+    needs = statistics_needed(config)
     stats = None
     if needs:
-        if config.calibration is None:
-            raise CloverError(f"criterion {sorted(needs)[0]!r} needs calibration data: pass --calib PATH "
-                              "(or set CLOVER_DATA)")
-        stats = calibrate.collect(model, adapter, sites, config.calibration, inputs="whitened" in needs,
-                                  head_outputs="whitened" in needs and config.vo_whitening == "mixed",
-                                  channels="rotary-activation" in needs, progress=config.progress)
+        stats = calibrate.collect(model, adapter, sites, config.calibration, **needs, progress=config.progress)
 
     # One candidate per (kind, site); ranks need all of a kind at once for the global allocation.
     weights = {site.name: adapter.read(site) for site in sites}
@@ -162,11 +157,9 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     for kind in kinds:
         crit = config.pair_criterion(kind)
         candidates[kind] = [
-            candidate(weights[site.name], kind, crit, rotary=site.rotary, name=f"{site.name} {kind}",
-                      stats=None if stats is None else stats.sites[site.name],
-                      compute_dtype=config.compute_dtype, warn=warn, vo_whitening=config.vo_whitening,
-                      vo_refit=config.vo_refit)
-            for site in tqdm(targets[kind], desc=f"rank {kind}", unit="block", disable=not config.progress)
+            pair_candidate(config, site, weights[site.name], kind, None if stats is None else stats.sites[site.name],
+                           warn)
+            for site in tqdm(targets[kind], desc=f"rank {kind} ({crit})", unit="block", disable=not config.progress)
         ]
     keeps = {
         kind: choose(candidates[kind], ratio=config.qk_ratio if kind == "qk" else config.vo_ratio,
@@ -183,48 +176,97 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
               for site, c, keep in zip(targets[kind], candidates[kind], keeps[kind], strict=True)}
     new_weights, layers, intended = {}, [], {}
     for site in sites:
-        w = weights[site.name]
-        new = w
-        rope_pairs = None
-        for kind in kinds:
-            if (kind, site.name) not in chosen:
-                continue
-            c, keep = chosen[kind, site.name]
-            left, right = c.truncate(keep)
-            new = with_factors(new, kind, left, right)
-            intended[site.name, kind] = left @ right.mT
-            if c.order is not None:
-                current = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
-                kept = c.order[:, :keep].sort(dim=-1).values
-                rope_pairs = [[current[g][p] for p in kept[g].tolist()] for g in range(w.num_kv_heads)]
-        if rope_pairs is None and site.rotary and getattr(site.module, "rope_channels", None) is not None:
-            rope_pairs = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
-        new_weights[site.name] = cast_like(new, w)
-        layers.append(LayerRanks(site.name, site.layer, new.qk_dim, new.vo_dim, w.qk_dim, w.vo_dim, rope_pairs,
-                                 site.stack))
+        mine = {kind: chosen[kind, site.name] for kind in kinds if (kind, site.name) in chosen}
+        new_weights[site.name], layer, intended[site.name] = prune_block(
+            site, weights[site.name], {k: c for k, (c, _) in mine.items()}, {k: keep for k, (_, keep) in mine.items()})
+        layers.append(layer)
 
     pruned = build_pruned(model, layers)
     new_adapter = adapter_for(pruned)
     for site in new_adapter.sites(pruned):
         new_adapter.write(site, new_weights[site.name])
-    _check_written(pruned, intended)
+    for site in new_adapter.sites(pruned):
+        check_block(new_adapter, site, intended[site.name])
 
+    report = make_report(config, model_type(model), layers, parameter_count(model), parameter_count(pruned),
+                         kv_bytes_per_token(model), kv_bytes_per_token(pruned),
+                         0 if stats is None else stats.tokens, collected, notes=report_notes(adapter, sites))
+    return pruned, report
+
+
+def report_notes(adapter: Adapter, sites: list[AttentionSite]) -> list[str]:
+    """What every report of this model should say besides the criterion's own notes."""
+    notes = list(adapter.prune_notes)
+    if any(site.role == "cross" for site in sites):
+        notes.append("KV-cache bytes / token count self-attention K/V cached per generated token; "
+                     "cross-attention K/V are cached once per encoder position and not included")
+    return notes
+
+
+def active_kinds(config: PruneConfig) -> list[PairKind]:
+    return [k for k in ("qk", "vo") if config.active(k)]
+
+
+def statistics_needed(config: PruneConfig) -> dict[str, bool]:
+    """Which calibration statistics the chosen criteria read (``calibrate.attach`` flags); empty if none.
+
+    Raises when a data-aware criterion has no calibration tokens, before any work is done.
+    """
+    needs = {config.pair_criterion(k) for k in active_kinds(config)} & set(DATA_AWARE)
+    if not needs:
+        return {}
+    if config.calibration is None:
+        raise CloverError(f"criterion {sorted(needs)[0]!r} needs calibration data: pass --calib PATH "
+                          "(or set CLOVER_DATA)")
+    return {"inputs": "whitened" in needs, "head_outputs": "whitened" in needs and config.vo_whitening == "mixed",
+            "channels": "rotary-activation" in needs}
+
+
+def pair_candidate(config: PruneConfig, site: AttentionSite, weights: AttentionWeights, kind: PairKind,
+                   stats: SiteStats | None, warn) -> Candidate:
+    """One block's candidate for one pair, exactly as the configuration asks (shared with clover.streaming)."""
+    return candidate(weights, kind, config.pair_criterion(kind), rotary=site.rotary, name=f"{site.name} {kind}",
+                     stats=stats, compute_dtype=config.compute_dtype, warn=warn, vo_whitening=config.vo_whitening,
+                     vo_refit=config.vo_refit)
+
+
+def prune_block(site: AttentionSite, w: AttentionWeights, candidates: dict[PairKind, Candidate],
+                keeps: dict[PairKind, int]) -> tuple[AttentionWeights, LayerRanks, dict]:
+    """Truncate one block's pairs to ``keeps``: new weights (in ``w``'s dtype), its ranks, and the intended
+    factors ``{kind: (left, right)}`` whose product the written weights must reproduce."""
+    new = w
+    rope_pairs = None
+    intended = {}
+    for kind, c in candidates.items():
+        left, right = c.truncate(keeps[kind])
+        new = with_factors(new, kind, left, right)
+        intended[kind] = (left, right)
+        if c.order is not None:
+            current = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
+            kept = c.order[:, : keeps[kind]].sort(dim=-1).values
+            rope_pairs = [[current[g][p] for p in kept[g].tolist()] for g in range(w.num_kv_heads)]
+    if rope_pairs is None and site.rotary and getattr(site.module, "rope_channels", None) is not None:
+        rope_pairs = _current_rope_pairs(site, w.num_kv_heads, w.qk_dim)
+    layer = LayerRanks(site.name, site.layer, new.qk_dim, new.vo_dim, w.qk_dim, w.vo_dim, rope_pairs, site.stack)
+    return cast_like(new, w), layer, intended
+
+
+def make_report(config: PruneConfig, model_type: str, layers: list[LayerRanks], params_before: int,
+                params_after: int, kv_before: int, kv_after: int, tokens: int, warnings_: list[str],
+                notes: list[str] = ()) -> PruneReport:
+    kinds = active_kinds(config)
     report = PruneReport(
-        model_type(model),
+        model_type,
         config.pair_criterion("qk") if "qk" in kinds else None,
         config.pair_criterion("vo") if "vo" in kinds else None,
         "threshold" if config.qk_threshold is not None or config.vo_threshold is not None else config.allocation,
-        layers, parameter_count(model), parameter_count(pruned), kv_bytes_per_token(model),
-        kv_bytes_per_token(pruned), 0 if stats is None else stats.tokens, collected,
+        layers, params_before, params_after, kv_before, kv_after, tokens, list(warnings_),
     )
-    report.notes.extend(adapter.prune_notes)
+    report.notes.extend(notes)
     if "qk" in kinds and config.pair_criterion("qk") in ROTARY_CRITERIA:
         report.notes.append("Q-K was pruned by whole rotary frequency pairs: not a CLOVER rewrite "
                             "(rotary embeddings make every change of basis inexact there)")
-    if any(site.role == "cross" for site in sites):
-        report.notes.append("KV-cache bytes / token count self-attention K/V cached per generated token; "
-                            "cross-attention K/V are cached once per encoder position and not included")
-    return pruned, report
+    return report
 
 
 def _targets(sites: list[AttentionSite], kind: PairKind, criterion: str, warn) -> list[AttentionSite]:
@@ -262,21 +304,47 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
         return own
     module = modeling.family_module(model.config.model_type)
     task = modeling.task_of(model)
+    config = pruned_config(model.config, layers, task, type(model).__name__)
+    reference = next(model.parameters())
+    pruned = module.CLASSES[task](config).to(device=reference.device, dtype=reference.dtype)
+    own = pruned.state_dict()
+    source = model.state_dict()
+    unexpected = [k for k in source if k not in own]
+    if unexpected:
+        raise CloverError(f"internal: weights with no place in the pruned model: {unexpected[:3]}")
+    with torch.no_grad():  # everything but the resized attention weights, which the adapter writes next
+        for name, tensor in own.items():
+            if name in source and source[name].shape == tensor.shape:
+                tensor.copy_(source[name])
+    return pruned.eval()
+
+
+def pruned_config(base, layers: list[LayerRanks], task: str, what: str):
+    """The ``clover_<family>`` config for ``base`` with the per-layer dims (and kept rotary pairs) of ``layers``;
+    ``task`` is a ``modeling`` CLASSES key and ``what`` names the model class in the error when it has none."""
+    module = modeling.family_module(base.model_type)
     if task not in module.CLASSES:
-        raise CloverError(f"pruning a {type(model).__name__} is not supported: load the model with a "
+        raise CloverError(f"pruning a {what} is not supported: load the model with a "
                           f"{' or '.join(k for k in module.CLASSES if k != 'config')} head")
     if hasattr(module, "pruned_config"):  # several attention stacks: the family maps site names to its dims
-        return _instantiate(model, module, task, module.pruned_config(model.config, layers))
+        config = module.pruned_config(base, layers)
+    else:
+        config = module.CLASSES["config"](**_pruned_settings(module, base, layers))
+    config.architectures = [module.CLASSES[task].__name__]
+    return config
+
+
+def _pruned_settings(module, base, layers: list[LayerRanks]) -> dict:
     try:  # a family whose pruned runtime is another family's (Mistral, Qwen2 -> clover_llama) converts its config
-        settings = module.llama_settings(model.config) if hasattr(module, "llama_settings") else model.config.to_dict()
+        settings = module.llama_settings(base) if hasattr(module, "llama_settings") else base.to_dict()
     except ValueError as error:
-        raise CloverError(f"cannot prune this {model.config.model_type} model: {error}") from None
+        raise CloverError(f"cannot prune this {base.model_type} model: {error}") from None
     settings = {k: v for k, v in settings.items()
                 if k not in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")}
     main = [lr for lr in layers if not lr.stack]
     if main:
-        n = model.config.num_hidden_layers
-        head_dim = main[0].qk_before if not hasattr(model.config, "head_dim") else model.config.head_dim
+        n = base.num_hidden_layers
+        head_dim = main[0].qk_before if not hasattr(base, "head_dim") else base.head_dim
         qk = [None] * n
         vo = [None] * n
         rope = [None] * n
@@ -292,38 +360,24 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
             raise CloverError(f"internal: {stack} blocks found for layers {sorted(by_layer)}, not 0..n-1")
         settings[f"{stack}_qk_dims"] = [by_layer[i].qk_dim for i in range(len(by_layer))]
         settings[f"{stack}_vo_dims"] = [by_layer[i].vo_dim for i in range(len(by_layer))]
-    return _instantiate(model, module, task, module.CLASSES["config"](**settings))
+    return settings
 
 
-def _instantiate(model: nn.Module, module, task: str, config) -> nn.Module:
-    """The pruned model built from ``config``, holding every weight of ``model`` whose shape did not change."""
-    config.architectures = [module.CLASSES[task].__name__]
-    reference = next(model.parameters())
-    pruned = module.CLASSES[task](config).to(device=reference.device, dtype=reference.dtype)
-    own = pruned.state_dict()
-    source = model.state_dict()
-    unexpected = [k for k in source if k not in own]
-    if unexpected:
-        raise CloverError(f"internal: weights with no place in the pruned model: {unexpected[:3]}")
-    with torch.no_grad():  # everything but the resized attention weights, which the adapter writes next
-        for name, tensor in own.items():
-            if name in source and source[name].shape == tensor.shape:
-                tensor.copy_(source[name])
-    return pruned.eval()
+def check_block(adapter: Adapter, site: AttentionSite, intended: dict) -> None:
+    """The weights written into ``site`` must reproduce the products of the intended ``{kind: (left, right)}``.
 
-
-def _check_written(pruned: nn.Module, intended: dict) -> None:
-    adapter = adapter_for(pruned)
-    for site in adapter.sites(pruned):
-        w = adapter.read(site)
-        for kind in ("qk", "vo"):
-            if (site.name, kind) not in intended:
-                continue
-            left, right = factors(w, kind)
-            got = left.double() @ right.double().mT
-            want = intended[site.name, kind].to(got.dtype)
-            err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
-            tol = 1e-5 if w.q.weight.dtype == torch.float32 else 2e-2
-            if err > tol:
-                raise CloverError(f"internal: {site.name} {kind} written weights differ from the intended "
-                                  f"truncation by {err:.1e} (relative); nothing was saved")
+    Products are compared on random probe vectors (``left (right^T X)``), never formed: a product is
+    (heads x D) x D per group, gigabytes per layer for a 7B model, while any layout or truncation error still
+    shows on the probes.
+    """
+    w = adapter.read(site)
+    for kind, (want_left, want_right) in intended.items():
+        left, right = factors(w, kind)
+        probes = torch.randn(right.shape[-2], 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        got = left.double() @ (right.double().mT @ probes)
+        want = want_left.double() @ (want_right.double().mT @ probes)
+        err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+        tol = 1e-5 if w.q.weight.dtype == torch.float32 else 2e-2
+        if err > tol:
+            raise CloverError(f"internal: {site.name} {kind} written weights differ from the intended "
+                              f"truncation by {err:.1e} (relative); nothing was saved")

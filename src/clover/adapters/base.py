@@ -103,6 +103,16 @@ class Adapter(ABC):
         None: use the generic ``clover_<family>`` runtime."""
         return None
 
+    def block_name(self, site: AttentionSite) -> str:
+        """Name of the module holding a site's whole layer (attention, MLP, norms). Streaming conversion reads,
+        calibrates and writes one such block at a time; the default is the attention module's parent."""
+        return site.name.rpartition(".")[0]
+
+    def tensor_names(self, site: AttentionSite) -> list[str]:
+        """Checkpoint names of the tensors a site's attention reads (its module's state dict, fully named), so a
+        streaming conversion loads exactly those from the safetensors shards."""
+        return [f"{site.name}.{key}" for key in site.module.state_dict()]
+
     def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
         """Model inputs for one calibration batch of token ids; families with another stream (audio, images,
         encoder states) override this to add it, so calibration itself stays family-free."""
