@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 try:  # run as a script: benchmarks/ is sys.path[0]
-    from _report import load_average, machine_info, machine_line, markdown_table, print_table, update_benchmarks_md, write_json
+    from _report import (load_average, machine_info, machine_line, markdown_table, print_table,
+                         update_benchmarks_md, write_json)
 except ImportError:  # imported as benchmarks.decompose_speed
     from benchmarks._report import (  # type: ignore[no-redef]
         load_average,

@@ -125,7 +125,7 @@ def test_calibration_batches_are_deterministic_windows_of_the_corpus(tok):
     starts = [_find(ids, window.tolist()) for window in a]
     assert all(s >= 0 for s in starts)
     starts.sort()
-    assert all(later - earlier >= 32 for earlier, later in zip(starts, starts[1:])), "windows overlap"
+    assert all(later - earlier >= 32 for earlier, later in zip(starts, starts[1:], strict=False)), "windows overlap"
 
 
 def test_calibration_can_use_the_whole_corpus(tok):

@@ -42,7 +42,8 @@ def test_truncation_is_the_best_low_rank_approximation():
 def test_whitened_rewrite_is_exact_and_minimises_weighted_error():
     left, right = _random_pair(groups=2, m=2 * 33, n=33)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(33, 400, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 33, dtype=torch.float64)[:, None]
+    spread = torch.linspace(0.1, 3, 33, dtype=torch.float64)[:, None]
+    x = torch.randn(33, 400, generator=g, dtype=torch.float64) * spread
     chol = torch.linalg.cholesky(x @ x.T / 400)
     out = decompose(left, right, left_whiten=chol, right_whiten=chol)
     product = left.double() @ right.double().mT

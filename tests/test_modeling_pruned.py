@@ -111,7 +111,7 @@ def zero_and_slice_gpt2(ref, pruned, qk_dims, vo_dims, cross_qk=None, cross_vo=N
         for name, tensor in ref.state_dict().items():
             if name in own and own[name].shape == tensor.shape:
                 own[name].copy_(tensor)
-        for layer, (block, new) in enumerate(zip(ref.transformer.h, pruned.transformer.h)):
+        for layer, (block, new) in enumerate(zip(ref.transformer.h, pruned.transformer.h, strict=True)):
             mods = [("attn", qk_dims[layer], vo_dims[layer])]
             if hasattr(block, "crossattention"):
                 mods.append(("crossattention", cross_qk[layer], cross_vo[layer]))
@@ -189,7 +189,7 @@ def test_gpt2_base_model_and_reorder_upcast_path():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_gpt2_pruned_shapes_scale_and_outputs(attn):
     ref, pruned = gpt2_pair(scale_attn_by_inverse_layer_idx=True, attn_implementation=attn)
-    for layer, (a, b) in enumerate(zip(ref.transformer.h, pruned.transformer.h)):
+    for layer, (a, b) in enumerate(zip(ref.transformer.h, pruned.transformer.h, strict=True)):
         assert (b.attn.qk_dim, b.attn.vo_dim) == (QK[layer], VO[layer])
         assert b.attn.c_attn.weight.shape == (H * D, H * (2 * QK[layer] + VO[layer]))
         assert b.attn.c_proj.weight.shape == (H * VO[layer], H * D)
@@ -289,7 +289,8 @@ def zero_and_slice_bert(ref, pruned, qk_dims, vo_dims):
         for name, tensor in ref.state_dict().items():
             if name in own and own[name].shape == tensor.shape:
                 own[name].copy_(tensor)
-        layers = zip(getattr(ref, "bert", ref).encoder.layer, getattr(pruned, "bert", pruned).encoder.layer)
+        layers = zip(getattr(ref, "bert", ref).encoder.layer, getattr(pruned, "bert", pruned).encoder.layer,
+                     strict=True)
         for layer, (a_layer, b_layer) in enumerate(layers):
             qk, vo = qk_dims[layer], vo_dims[layer]
             pairs = [(a_layer.attention, b_layer.attention)]
@@ -347,7 +348,7 @@ def test_bert_masked_lm_pruned(attn):
     ref = _build(BertForMaskedLM, bert_config(attn_implementation=attn))
     model = CloverBertForMaskedLM(clover_config(CloverBertConfig, ref.config, qk_dims=QK, vo_dims=VO)).eval()
     zero_and_slice_bert(ref, model, QK, VO)
-    for layer, (a, b) in enumerate(zip(ref.bert.encoder.layer, model.bert.encoder.layer)):
+    for layer, (a, b) in enumerate(zip(ref.bert.encoder.layer, model.bert.encoder.layer, strict=True)):
         s = b.attention.self
         assert (s.qk_dim, s.vo_dim) == (QK[layer], VO[layer])
         assert s.query.weight.shape == s.key.weight.shape == (H * QK[layer], H * D)

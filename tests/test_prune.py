@@ -71,7 +71,7 @@ def test_clover_truncation_is_the_best_rank_k_product():
     model = tiny_gpt2()
     pruned, _ = prune(model, _config("clover", None, qk_ratio=0.25, vo_ratio=0.5))
     a, b = adapter_for(model), adapter_for(pruned)
-    for site, new_site in zip(a.sites(model), b.sites(pruned)):
+    for site, new_site in zip(a.sites(model), b.sites(pruned), strict=True):
         for kind, keep in (("qk", 12), ("vo", 8)):
             left0, right0 = factors(a.read(site), kind)
             product = left0.double() @ right0.double().mT
@@ -95,7 +95,7 @@ def test_rotary_pairs_equal_zeroing_those_channels_in_the_original():
     reference = tiny_llama(num_key_value_heads=2)
     attn_ref = [layer.self_attn for layer in reference.model.layers]
     with torch.no_grad():
-        for lr, attn in zip(report.layers, attn_ref):
+        for lr, attn in zip(report.layers, attn_ref, strict=True):
             assert lr.rope_pairs is not None and all(len(p) == 4 for p in lr.rope_pairs)
             for g, pairs in enumerate(lr.rope_pairs):
                 dropped = [i for i in range(8) if i not in pairs]

@@ -175,7 +175,8 @@ def orthogonalize(
         table.add_row({"qk": "Q-K", "vo": "V-O"}.get(kind, kind), str(len(done)), str(len(skipped)), "; ".join(reasons))
     console.print(table)
     check = report.check
-    console.print(f"lossless check: max |logit diff| = {check.max_abs_diff:.3e}, logit scale = {check.logit_scale:.3e}, "
+    console.print(f"lossless check: max |logit diff| = {check.max_abs_diff:.3e}, "
+                  f"logit scale = {check.logit_scale:.3e}, "
                   f"relative = {check.relative_diff:.3e} (tolerance {check.tolerance:.0e}) -> "
                   + ("[green]PASSED[/]" if check.passed else "[red]FAILED[/]"))
     payload = {"model": model, **report.to_dict()}

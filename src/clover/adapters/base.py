@@ -130,6 +130,26 @@ class Adapter(ABC):
         return inputs
 
 
+class LinearsAdapter(Adapter):
+    """Families whose attention holds four separate ``nn.Linear`` modules for q, k, v and o (LLaMA, Whisper,
+    Mllama): ``linear_names`` says what they are called; reading, hooking and writing follow from it."""
+
+    linear_names: ClassVar[tuple[str, str, str, str]] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
+        return {kind: getattr(site.module, name) for kind, name in zip("qkvo", self.linear_names, strict=True)}
+
+    def read(self, site: AttentionSite) -> AttentionWeights:
+        mods = self.projections(site)
+        return AttentionWeights(*(linear_projection(mods[kind]) for kind in "qkvo"), site.num_heads,
+                                site.num_kv_heads)
+
+    def write(self, site: AttentionSite, weights: AttentionWeights) -> None:
+        mods = self.projections(site)
+        for kind in "qkvo":
+            write_linear(mods[kind], getattr(weights, kind))
+
+
 def linear_projection(layer: nn.Linear) -> Projection:
     return Projection(layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..pairs import AttentionWeights
-from .base import Adapter, AttentionSite, linear_projection, write_linear
+from .base import AttentionSite, LinearsAdapter
 
 
-class LlamaAdapter(Adapter):
+class LlamaAdapter(LinearsAdapter):
     name = "llama"
     model_types = ("llama", "mistral", "qwen2", "clover_llama")
 
@@ -25,19 +24,3 @@ class LlamaAdapter(Adapter):
             for name, module in model.named_modules()
             if name.endswith("self_attn") and hasattr(module, "q_proj") and hasattr(module, "o_proj")
         ]
-
-    def read(self, site: AttentionSite) -> AttentionWeights:
-        m = site.module
-        return AttentionWeights(
-            linear_projection(m.q_proj), linear_projection(m.k_proj), linear_projection(m.v_proj),
-            linear_projection(m.o_proj), site.num_heads, site.num_kv_heads,
-        )
-
-    def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
-        m = site.module
-        return {"q": m.q_proj, "k": m.k_proj, "v": m.v_proj, "o": m.o_proj}
-
-    def write(self, site: AttentionSite, weights: AttentionWeights) -> None:
-        m = site.module
-        for layer, p in ((m.q_proj, weights.q), (m.k_proj, weights.k), (m.v_proj, weights.v), (m.o_proj, weights.o)):
-            write_linear(layer, p)

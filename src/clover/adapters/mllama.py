@@ -24,8 +24,7 @@ from transformers.models.mllama.modeling_mllama import (
 )
 
 from ..errors import CloverError
-from ..pairs import AttentionWeights
-from .base import Adapter, AttentionSite, linear_projection, write_linear
+from .base import AttentionSite, LinearsAdapter
 
 QK_NORM_REASON = (
     "an RMSNorm with a per-channel weight (q_norm/k_norm) acts on each q and k head between the projections and "
@@ -54,7 +53,7 @@ def _expect(module: nn.Module | None, cls: type, where: str) -> nn.Module:
     return module
 
 
-class MllamaAdapter(Adapter):
+class MllamaAdapter(LinearsAdapter):
     name = "mllama"
     model_types = ("mllama", "clover_mllama")
     prunes_cross_attention = True
@@ -87,22 +86,6 @@ class MllamaAdapter(Adapter):
                 attn = _expect(getattr(layer, "self_attn", None), MllamaTextSelfAttention, name)
                 sites.append(AttentionSite(name, i, attn, heads, kv_heads, rotary=True))
         return sites
-
-    def read(self, site: AttentionSite) -> AttentionWeights:
-        m = site.module
-        return AttentionWeights(
-            linear_projection(m.q_proj), linear_projection(m.k_proj), linear_projection(m.v_proj),
-            linear_projection(m.o_proj), site.num_heads, site.num_kv_heads,
-        )
-
-    def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
-        m = site.module
-        return {"q": m.q_proj, "k": m.k_proj, "v": m.v_proj, "o": m.o_proj}
-
-    def write(self, site: AttentionSite, weights: AttentionWeights) -> None:
-        m = site.module
-        for layer, p in ((m.q_proj, weights.q), (m.k_proj, weights.k), (m.v_proj, weights.v), (m.o_proj, weights.o)):
-            write_linear(layer, p)
 
     def caches_per_token(self, site: AttentionSite) -> bool:
         """Only the text self-attention caches K and V per token; the vision encoder caches nothing and the

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CloverError
-from ..pairs import AttentionWeights
-from .base import Adapter, AttentionSite, linear_projection, write_linear
+from .base import AttentionSite, LinearsAdapter
 
 STACKS = {"encoder.self_attn": "encoder", "decoder.self_attn": "decoder", "decoder.encoder_attn": "cross"}
 SUPPORTED = "WhisperForConditionalGeneration or WhisperModel (encoder + decoder with self- and cross-attention)"
@@ -88,10 +87,11 @@ def synthetic_log_mel(config, index: int, seed: int = 0) -> torch.Tensor:
     return features[0]
 
 
-class WhisperAdapter(Adapter):
+class WhisperAdapter(LinearsAdapter):
     name = "whisper"
     model_types = ("whisper", "clover_whisper")
     prunes_cross_attention = True
+    linear_names = ("q_proj", "k_proj", "v_proj", "out_proj")
 
     def sites(self, model: nn.Module) -> list[AttentionSite]:
         from transformers.models.whisper.modeling_whisper import WhisperAttention
@@ -120,23 +120,6 @@ class WhisperAdapter(Adapter):
                                                stack=STACKS[f"{stack_name}.{attr}"],
                                                caches_kv=role == "self" and stack_name == "decoder"))
         return sites
-
-    def read(self, site: AttentionSite) -> AttentionWeights:
-        m = site.module
-        return AttentionWeights(
-            linear_projection(m.q_proj), linear_projection(m.k_proj), linear_projection(m.v_proj),
-            linear_projection(m.out_proj), site.num_heads, site.num_kv_heads,
-        )
-
-    def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
-        m = site.module
-        return {"q": m.q_proj, "k": m.k_proj, "v": m.v_proj, "o": m.out_proj}
-
-    def write(self, site: AttentionSite, weights: AttentionWeights) -> None:
-        m = site.module
-        for layer, p in ((m.q_proj, weights.q), (m.k_proj, weights.k), (m.v_proj, weights.v),
-                         (m.out_proj, weights.o)):
-            write_linear(layer, p)
 
     def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
         """Audio features for the encoder (user-set or synthetic) and the text as decoder input ids.
