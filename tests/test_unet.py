@@ -6,6 +6,7 @@ survives a save/load round trip, and a UNet with a processor clover does not und
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 import clover  # noqa: E402
 from clover.adapters import adapter_for  # noqa: E402
@@ -261,3 +263,75 @@ def test_other_unet_variants_get_a_clear_error():
     class_conditioned = UNet2DConditionModel(**{**BASE, **VARIANTS["sd"]}, class_embed_type="timestep")
     with pytest.raises(CloverError, match="class-conditioned"):
         orthogonalize_(class_conditioned, QUIET)
+
+
+# --- the `clover` command on UNet directories (diffusers save_pretrained layout) ---
+
+cli_runner = CliRunner()
+
+
+def _cli(*args):
+    from clover.cli import app
+
+    result = cli_runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def unet_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("unet") / "sdxl"
+    tiny_unet("sdxl").save_pretrained(path)
+    return path
+
+
+def test_cli_inspect_reads_a_diffusers_unet_folder(unet_dir, tmp_path):
+    code, out = _cli("inspect", unet_dir, "--json", tmp_path / "s.json")
+    assert code == 0, out
+    pairs = json.loads((tmp_path / "s.json").read_text())["pairs"]
+    unet = tiny_unet("sdxl")
+    sites = {s.name for s in adapter_for(unet).sites(unet)}
+    assert {(p["site"], p["kind"]) for p in pairs} == {(s, k) for s in sites for k in ("qk", "vo")}
+
+
+def test_cli_orthogonalize_saves_a_stock_reloadable_unet(unet_dir, tmp_path):
+    code, out = _cli("orthogonalize", unet_dir, "--out", tmp_path / "orth")
+    assert code == 0, out
+    assert "PASSED" in out
+    assert not (tmp_path / "orth" / "clover_dims.json").exists() and (tmp_path / "orth" / "clover_report.json").exists()
+    original = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    rewritten = UNet2DConditionModel.from_pretrained(tmp_path / "orth").eval()
+    inputs = _inputs(original)
+    assert _relative(model_outputs(rewritten, inputs), model_outputs(original, inputs)) <= 1e-4
+
+
+@pytest.mark.parametrize("criterion", ["clover", "whitened"])
+def test_cli_prune_saves_what_load_pruned_unet_reloads_identically(unet_dir, tmp_path, criterion, monkeypatch):
+    monkeypatch.delenv("CLOVER_DATA", raising=False)  # a UNet's calibration reads no corpus
+    code, out = _cli("prune", unet_dir, "--out", tmp_path / "pruned", "--qk-ratio", 0.5, "--vo-ratio", 0.25,
+                     "--criterion", criterion, "--calib-samples", 3, "--calib-seqlen", 8, "--json", tmp_path / "r.json")
+    assert code == 0, out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["calibration_tokens"] == (24 if criterion == "whitened" else 0)
+    loaded = load_pruned_unet(tmp_path / "pruned")
+    # The same prune in memory, with the ids the CLI drew: the saved folder holds exactly that model.
+    calibration = torch.randint(0, 2**15, (3, 8), generator=torch.Generator().manual_seed(0))
+    pruned, _ = prune(UNet2DConditionModel.from_pretrained(unet_dir).eval(),
+                      PruneConfig(criterion=criterion, qk_ratio=0.5, vo_ratio=0.25, calibration=calibration,
+                                  progress=False))
+    assert loaded.clover_dims == pruned.clover_dims
+    assert {lr["qk_dim"] for lr in report["layers"]} == {4}
+    inputs = _inputs(pruned)
+    assert torch.equal(model_outputs(loaded, inputs), model_outputs(pruned, inputs))
+    # A pruned folder is itself a model the CLI reads.
+    code, out = _cli("orthogonalize", tmp_path / "pruned", "--out", tmp_path / "again")
+    assert code == 0 and "PASSED" in out, out
+    assert load_pruned_unet(tmp_path / "again").clover_dims == pruned.clover_dims
+
+
+def test_cli_refuses_perplexity_on_a_unet(unet_dir, tmp_path):
+    for args in (("eval", unet_dir), ("sweep", unet_dir),
+                 ("prune", unet_dir, "--out", tmp_path / "p", "--criterion", "clover", "--qk-ratio", 0.5,
+                  "--eval-ppl")):
+        code, out = _cli(*args)
+        assert code == 2 and "needs a language model" in out and "Traceback" not in out, out
+    assert not (tmp_path / "p").exists()

@@ -73,7 +73,24 @@ def _streams(model: str, stream: Optional[bool]) -> bool:
     if stream and not Path(model).is_dir():
         raise CloverError(f"--stream needs a local checkpoint folder with safetensors weights, not {model!r}: "
                           "save the model with save_pretrained first, or drop --stream")
+    if stream:
+        from .models import resolve
+
+        if resolve(model).library == "diffusers":
+            raise CloverError(f"--stream converts transformers checkpoints only and {model} is a diffusers model: "
+                              "drop --stream (a UNet fits in memory)")
     return stream
+
+
+def _refuse_perplexity(model: str, what: str) -> None:
+    """Perplexity scores text with a language model; a diffusers model (a UNet) reads none. Checked before any
+    corpus or weights are loaded."""
+    from .models import resolve
+
+    if resolve(model).library == "diffusers":
+        raise CloverError(f"{what} needs a language model and {model} is a diffusers model, which reads no text: "
+                          "judge it in its diffusion pipeline instead" + (", and drop --eval-ppl"
+                                                                           if what == "--eval-ppl" else ""))
 
 
 def _ranks_cell(ranks: list[int]) -> str:
@@ -205,6 +222,7 @@ def evaluate(
 
     if ppl != "wikitext2":
         raise CloverError(f"unknown corpus {ppl!r}: clover evaluates perplexity on wikitext2")
+    _refuse_perplexity(model, "perplexity")
     text = load_text(corpus=ppl, split="test", data=data)
     loaded = _load(model, dtype)
     if loaded.tokenizer is None:
@@ -221,9 +239,19 @@ CriterionOpt = Annotated[str, typer.Option(help="vanilla (norm product), clover 
 
 
 def _calibration(loaded, calib: Optional[Path], samples: int, seqlen: int):
-    """Token windows from the validation split (never the test split), for data-aware criteria."""
+    """Token windows from the validation split (never the test split), for data-aware criteria.
+
+    A diffusers model (a UNet) reads no text: its adapter turns each row into seeded random latents and
+    embeddings shaped like it, so it gets seeded random ids of the asked shape and needs no corpus."""
+    import torch
+
     from .data import calibration_batches, load_rows
 
+    source = getattr(loaded, "source", None)
+    if source is not None and source.library == "diffusers":
+        if samples < 1 or seqlen < 1:
+            raise CloverError(f"calibration needs --calib-samples and --calib-seqlen >= 1, got {samples} and {seqlen}")
+        return torch.randint(0, 2**15, (samples, seqlen), generator=torch.Generator().manual_seed(0))
     if loaded.tokenizer is None:
         raise CloverError("the model folder has no tokenizer, which data-aware criteria need for calibration text: "
                           "save the tokenizer next to the weights, or use --criterion clover")
@@ -296,8 +324,10 @@ def prune(
                                                    "input (layer inputs).")] = "mixed",
     calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; "
                                                        "else $CLOVER_DATA, else the hub).")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 16,
-    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows (UNet: samples of seeded random latents "
+                                                    "and text embeddings; no corpus is read).")] = 16,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window (UNet: text-embedding tokens "
+                                                   "per sample).")] = 512,
     calib_features: Annotated[Optional[Path], typer.Option(help="Whisper: log-mel features (.pt or .npy, n x mel "
                                                                 "bins x frames) for the encoder's calibration, "
                                                                 "instead of synthetic audio.")] = None,
@@ -315,6 +345,8 @@ def prune(
     from .save import check_output_dir, save_model, write_json
 
     check_output_dir(out, overwrite)
+    if eval_ppl:
+        _refuse_perplexity(model, "--eval-ppl")
     streaming = _streams(model, stream)
     if streaming and eval_ppl:
         raise CloverError("--eval-ppl needs the whole model in memory: run `clover eval` on the streamed output, "
@@ -364,14 +396,17 @@ def prune(
         rows.append(("WikiText-2 test ppl", payload["ppl_before"], payload["ppl_after"]))
     for name, before, after in rows:
         fmt = (lambda v: f"{v:,.3f}") if isinstance(before, float) else (lambda v: f"{v:,}")
-        summary.add_row(name, fmt(before), fmt(after), f"{after / before:.3f}")
+        summary.add_row(name, fmt(before), fmt(after), f"{after / before:.3f}" if before else "-")  # UNet: no KV
     console.print(summary)
     for note in report.notes:
         console.print(f"note: {note}")
     if pruned is not None:  # a streamed prune has saved itself, layer by layer
         save_model(pruned, loaded.tokenizer, out, overwrite=overwrite, report=payload)
-    console.print(f"saved to {out} (loads with AutoModel*.from_pretrained after `import clover`, or with "
-                  "trust_remote_code=True without clover)")
+    if not streaming and loaded.source.library == "diffusers":
+        console.print(f"saved to {out} (loads with clover.load_pruned_unet)")
+    else:
+        console.print(f"saved to {out} (loads with AutoModel*.from_pretrained after `import clover`, or with "
+                      "trust_remote_code=True without clover)")
     if json_path:
         write_json(json_path, payload)
 
@@ -403,6 +438,7 @@ def sweep(
 
     if pair not in ("qk", "vo", "both"):
         raise CloverError(f"unknown --pair {pair!r}: use qk, vo or both")
+    _refuse_perplexity(model, "clover sweep (perplexity against ratio)")
     ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
     criteria_list = [c.strip() for c in criteria.split(",") if c.strip()]
     loaded = _load(model, dtype)

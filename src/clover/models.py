@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 import re
 from contextlib import contextmanager
@@ -25,6 +26,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# diffusers models clover handles: config "_class_name" -> (module, loader(path, dtype)), imported only when used.
+DIFFUSERS_LOADERS: dict[str, tuple[str, str]] = {
+    "UNet2DConditionModel": ("clover.modeling.clover_unet", "load_unet"),
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class ModelSource:
     path: str
     gguf_file: str | None
     name: str
+    library: str = "transformers"  # "diffusers" for a folder whose config.json names a diffusers "_class_name"
 
 
 @dataclass
@@ -65,13 +71,15 @@ def _directory_source(folder: str, shown: str) -> ModelSource:
     has_config = os.path.isfile(os.path.join(folder, "config.json"))
     has_weights = any(glob.glob(os.path.join(folder, pattern)) for pattern in _WEIGHT_PATTERNS)
     if has_config and has_weights:
-        return ModelSource("local", folder, None, shown)
+        return ModelSource("local", folder, None, shown, _library(folder, shown))
     if len(ggufs) == 1:
         return ModelSource("gguf", folder, ggufs[0], shown)
     if len(ggufs) > 1:
         raise CloverError(
             f"model folder {shown} holds several .gguf files ({', '.join(ggufs)}): pass the path of the one to use"
         )
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise CloverError(f"model folder {shown} is a diffusers pipeline: pass its UNet folder ({shown}/unet)")
     if has_config:
         raise CloverError(
             f"model folder {shown} has config.json but no weights (*.safetensors or *.bin): "
@@ -81,6 +89,23 @@ def _directory_source(folder: str, shown: str) -> ModelSource:
         f"model folder {shown} has no config.json and no .gguf file: "
         "pass a folder written by save_pretrained, a .gguf file, or one of: " + ", ".join(sorted(REGISTRY))
     )
+
+
+def _library(folder: str, shown: str) -> str:
+    """diffusers writes its class as "_class_name" in config.json; transformers configs have none."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise CloverError(
+            f"model {shown}: config.json could not be read ({_first_line(error)}): fix or replace it"
+        ) from error
+    if not isinstance(config, dict) or "_class_name" not in config:
+        return "transformers"
+    if config["_class_name"] not in DIFFUSERS_LOADERS:
+        raise CloverError(f"model {shown} is a diffusers {config['_class_name']}: clover handles diffusers "
+                          f"{', '.join(DIFFUSERS_LOADERS)} only; pass one of those")
+    return "diffusers"
 
 
 def resolve(name_or_path: str) -> ModelSource:
@@ -256,6 +281,18 @@ def _load_transformers(source: ModelSource, dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _load_diffusers(source: ModelSource, dtype) -> tuple[Any, None]:
+    """A diffusers model folder through its family's loader (no tokenizer: it reads no text)."""
+    with open(os.path.join(source.path, "config.json")) as f:
+        module, function = DIFFUSERS_LOADERS[json.load(f)["_class_name"]]
+    try:
+        loader = getattr(importlib.import_module(module), function)
+    except ImportError as error:
+        raise CloverError(f"model {source.name} is a diffusers model, which needs diffusers: "
+                          "pip install 'clover[diffusion]'") from error
+    return loader(source.path, dtype), None
+
+
 def load(name_or_path: str, dtype: Any = None) -> LoadedModel:
     """Resolve and load a model in eval mode, with its tokenizer when it ships one.
 
@@ -266,6 +303,8 @@ def load(name_or_path: str, dtype: Any = None) -> LoadedModel:
     with _quiet_transformers():
         if source.gguf_file is not None:
             model, tokenizer = _load_gguf(source, torch_dtype)
+        elif source.library == "diffusers":
+            model, tokenizer = _load_diffusers(source, torch_dtype)
         else:
             model, tokenizer = _load_transformers(source, torch_dtype)
     model.eval()

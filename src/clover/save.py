@@ -70,6 +70,10 @@ def save_model(model, tokenizer, out: str | os.PathLike, overwrite: bool = False
     """
     from . import modeling
 
+    if type(model).__module__.startswith("diffusers."):  # diffusers models have no tokenizer and their own layout
+        from .modeling.clover_unet import save_unet
+
+        return save_unet(model, out, overwrite, report)
     model_type = model.config.model_type
     with atomic_dir(out, overwrite) as tmp:
         if model_type.startswith("clover_"):

@@ -162,3 +162,30 @@ def load_pruned_unet(path: str | os.PathLike) -> UNet2DConditionModel:
         raise CloverError(f"{path}: weights do not match the config and {DIMS_FILE} ({str(error).splitlines()[0]}); "
                           "the directory was modified after saving, save the pruned UNet again") from error
     return unet.eval()
+
+
+def load_unet(path: str | os.PathLike, dtype: torch.dtype | None = None) -> UNet2DConditionModel:
+    """A UNet directory as the CLI is given it: pruned by clover (``clover_dims.json``) or stock diffusers."""
+    path = Path(path)
+    if (path / DIMS_FILE).is_file():
+        unet = load_pruned_unet(path)
+        return unet.to(dtype) if dtype is not None else unet
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as error:  # missing/mismatched weights, unreadable config
+        line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CloverError(f"UNet {path} could not be loaded ({line}): save it again with "
+                          "UNet2DConditionModel.save_pretrained (or save_pruned_unet for a pruned one)") from error
+    return unet.eval()
+
+
+def save_unet(unet: nn.Module, out: str | os.PathLike, overwrite: bool = False, report: dict | None = None) -> Path:
+    """Save any UNet clover handed back: pruned ones with their widths, stock ones as plain diffusers weights
+    (which ``UNet2DConditionModel.from_pretrained`` reloads), each atomically and with clover's report."""
+    if getattr(unet, "clover_dims", None) is not None:
+        return save_pruned_unet(unet, out, overwrite, report)
+    with atomic_dir(out, overwrite) as tmp:
+        unet.save_pretrained(tmp)
+        if report is not None:
+            write_json(tmp / "clover_report.json", report)
+    return Path(out)
