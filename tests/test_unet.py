@@ -335,3 +335,13 @@ def test_cli_refuses_perplexity_on_a_unet(unet_dir, tmp_path):
         code, out = _cli(*args)
         assert code == 2 and "needs a language model" in out and "Traceback" not in out, out
     assert not (tmp_path / "p").exists()
+
+
+def test_cli_names_the_unet_folder_of_a_pipeline_and_refuses_streaming(unet_dir, tmp_path):
+    pipeline = tmp_path / "pipe"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    code, out = _cli("inspect", pipeline)
+    assert code == 2 and "pass its UNet folder" in out, out
+    code, out = _cli("prune", unet_dir, "--out", tmp_path / "p", "--stream", "--criterion", "clover")
+    assert code == 2 and "drop --stream" in out, out
