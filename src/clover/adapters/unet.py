@@ -65,7 +65,9 @@ class UNetAdapter(Adapter):
         for name, module in found:
             layer = parents.setdefault(name.rsplit(".", 1)[0], len(parents))  # attn1/attn2 of a block share it
             role = "cross" if module.is_cross_attention else "self"
-            sites.append(AttentionSite(name, layer, module, module.heads, module.heads, rotary=False, role=role))
+            # stack: tables group blocks as "self 0-15" / "cross 0-15" instead of by their long module names
+            sites.append(AttentionSite(name, layer, module, module.heads, module.heads, rotary=False, role=role,
+                                       stack=role))
         return sites
 
     @staticmethod
