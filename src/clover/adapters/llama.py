@@ -33,6 +33,10 @@ class LlamaAdapter(Adapter):
             linear_projection(m.o_proj), site.num_heads, site.num_kv_heads,
         )
 
+    def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{name}.up_proj", m.up_proj) for name, m in model.named_modules()
+                if name.endswith("mlp") and hasattr(m, "up_proj")]
+
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
         m = site.module
         return {"q": m.q_proj, "k": m.k_proj, "v": m.v_proj, "o": m.o_proj}
