@@ -147,10 +147,11 @@ def merge_(model: nn.Module, verify: bool = True) -> Check | None:
     for p in model.parameters():
         p.requires_grad_(state.requires_grad.get(id(p), True))
     delattr(model, STATE_ATTR)
-    model.train(was_training)
     if not verify:
+        model.train(was_training)
         return None
     check = compare(reference, model, inputs)
+    model.train(was_training)
     if not check.passed:
         raise CloverError(f"merging moved the outputs by {check.relative_diff:.2e} of their scale "
                           f"(tolerance {check.tolerance:.0e}): fine-tune in float32")
