@@ -23,7 +23,8 @@ def load_texts(path: str | os.PathLike) -> list[str]:
     """The non-empty texts of a training file; missing, unknown or empty files fail with the fix."""
     path = Path(path)
     if not path.is_file():
-        raise CloverError(f"training data {path} does not exist: pass --data pointing at a .txt, .jsonl or .parquet file")
+        raise CloverError(f"training data {path} does not exist: "
+                          "pass --data pointing at a .txt, .jsonl or .parquet file")
     suffix = path.suffix.lower()
     if suffix == ".txt":
         texts = [path.read_text(encoding="utf-8")]
