@@ -93,12 +93,16 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 
 def update_benchmarks_md(section: str, markdown: str, path: str | os.PathLike | None = None) -> Path:
-    """Replace the ``section`` block of BENCHMARKS.md (or append it), creating the file if needed."""
+    """Replace the ``section`` block of BENCHMARKS.md (or append it), creating the file if needed; a block without
+    its own heading gets ``## section``."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", section):
         raise ValueError(f"bad section name {section!r}")
     path = Path(path) if path is not None else BENCHMARKS_MD
     start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    block = f"{start}\n{markdown.strip()}\n{end}"
+    body = markdown.strip()
+    if not body.startswith("#"):
+        body = f"## {section}\n\n{body}"
+    block = f"{start}\n{body}\n{end}"
     text = path.read_text(encoding="utf-8") if path.exists() else MD_HEADER
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if pattern.search(text):

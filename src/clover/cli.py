@@ -463,6 +463,98 @@ def sweep(
         write_json(json_path, {"model": model, **result})
 
 
+@app.command()
+@_fails_cleanly
+def finetune(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory for the merged model (written atomically).")],
+    data: Annotated[Optional[Path], typer.Option(help="Training text: .txt, .jsonl (a 'text' field per line) or "
+                                                     ".parquet (a 'text' column).")] = None,
+    method: Annotated[str, typer.Option(help="clover, lora, pissa, dora (peft) or full.")] = "clover",
+    targets: Annotated[Optional[str], typer.Option(help="CLOVER targets (and the modules LoRA adapts): some of qk, "
+                                                        "k, vo, up. Default: qk (k on rotary models), vo, up.")] = None,
+    match_params_of: Annotated[Optional[str], typer.Option(help="lora:r=N: pick the CLOVER targets whose trainable "
+                                                               "count is closest to LoRA r=N on the same modules.")]
+    = None,
+    lora_r: Annotated[int, typer.Option(help="Rank for lora / pissa / dora.")] = 8,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 100,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Windows per device per step.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    seqlen: Annotated[int, typer.Option(help="Tokens per training window.")] = 256,
+    dropout: Annotated[float, typer.Option(help="Dropout on the update path (LoRA's lora_dropout).")] = 0.0,
+    train_bias: Annotated[bool, typer.Option(help="Also train the biases of the targeted projections "
+                                                  "(CLOVER-dagger).")] = False,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    checkpoints: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: OUT.checkpoints).")]
+    = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the last complete checkpoint if there is one.")] = True,
+    init_only: Annotated[bool, typer.Option(help="Only decompose (CLOVER) and save the attached model to --out, "
+                                                 "for every rank of a distributed run to load.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed (data order, dropout).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Fine-tune with CLOVER (or LoRA / PiSSA / DoRA / full) on the Hugging Face Trainer, merge, save.
+
+    Runs unchanged under `accelerate launch` (DDP, FSDP: see configs/accelerate/)."""
+    import os
+
+    from .finetune import attach, is_decomposed_dir, load_decomposed, save_decomposed
+    from .finetune.attach import TuneConfig
+    from .finetune.data import load_texts, token_windows
+    from .finetune.targets import parse_match
+    from .finetune.train import FinetuneConfig, train
+    from .save import check_output_dir, save_model, write_json
+
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun, rank 0 writes
+    check_output_dir(out, overwrite)
+    config = FinetuneConfig(method=method, targets=targets, lora_r=lora_r, steps=steps, lr=lr, batch_size=batch_size,
+                            grad_accum=grad_accum, seqlen=seqlen, dropout=dropout, train_bias=train_bias,
+                            save_steps=save_steps, seed=seed, resume=resume,
+                            match_lora_r=parse_match(match_params_of) if match_params_of else None)
+    config.check()
+    if init_only:
+        if method != "clover":
+            raise CloverError("--init-only decomposes for CLOVER: use it with --method clover")
+        loaded = _load(model, dtype)
+        report = attach(loaded.model, TuneConfig(targets=targets, dropout=dropout, train_bias=train_bias))
+        if main_process:
+            save_decomposed(loaded.model, loaded.tokenizer, out, overwrite=overwrite)
+        console.print(f"CLOVER targets {list(report.targets)}: {report.trainable_parameters:,} trainable parameters; "
+                      f"decomposed model saved to {out} (pass it as MODEL to every rank)")
+        return
+    if data is None:
+        raise CloverError("no training data: pass --data PATH (.txt, .jsonl or .parquet)")
+    texts = load_texts(data)
+    if is_decomposed_dir(model):
+        if method != "clover":
+            raise CloverError(f"{model} is a decomposed CLOVER checkpoint: train it with --method clover, "
+                              "or start LoRA / PiSSA / DoRA from the original model")
+        net, tokenizer, _ = load_decomposed(model, dtype=_torch_dtype(dtype), dropout=dropout)
+    else:
+        loaded = _load(model, dtype)
+        net, tokenizer = loaded.model, loaded.tokenizer
+    dataset = token_windows(tokenizer, texts, seqlen)
+    run_dir = checkpoints or out.parent / f"{out.name}.checkpoints"
+    final, result = train(net, tokenizer, dataset, config, run_dir, model_name=str(model),
+                          log=lambda line: console.print(line, highlight=False) if main_process else None)
+    payload = {"model": str(model), "data": str(data), "config": {k: v for k, v in vars(config).items()},
+               **result.to_dict()}
+    if result.rank == 0:
+        save_model(final, tokenizer, out, overwrite=overwrite, report=payload)
+        table = Table(title=f"{model}: fine-tuned with {result.method}")
+        for col in ("trainable parameters", "steps", "train loss", "wall s", "merged weights sha256"):
+            table.add_column(col, justify="right")
+        loss = "-" if result.train_loss is None else f"{result.train_loss:.4f}"
+        table.add_row(f"{result.trainable:,}", str(result.steps), loss, f"{result.wall_s:.1f}", result.digest[:16])
+        console.print(table)
+        console.print(f"merged model saved to {out} (checkpoints in {run_dir})")
+        if json_path:
+            write_json(json_path, payload)
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()
 

@@ -7,6 +7,9 @@ An adapter finds every attention block (a *site*), reads its Q/K/V/O into the fa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -113,6 +116,11 @@ class Adapter(ABC):
         streaming conversion loads exactly those from the safetensors shards."""
         return [f"{site.name}.{key}" for key in site.module.state_dict()]
 
+    def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The MLP up projection of every layer as ``(name, module)`` (an ``nn.Linear`` or a transformers
+        ``Conv1D``); fine-tuning trains it in head-sized blocks. Families without one return ``[]``."""
+        return []
+
     def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
         """Model inputs for one calibration batch of token ids; families with another stream (audio, images,
         encoder states) override this to add it, so calibration itself stays family-free."""
@@ -154,8 +162,29 @@ def linear_projection(layer: nn.Linear) -> Projection:
     return Projection(layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
 
 
+# While set (inside ``capture_writes``), ``set_parameter`` records instead of writing.
+_CAPTURED: ContextVar[dict | None] = ContextVar("clover_captured_writes", default=None)
+
+
+@contextmanager
+def capture_writes() -> Iterator[dict[int, tuple[nn.Parameter, torch.Tensor]]]:
+    """Run an adapter's ``write`` without touching the model: every value it would store is collected as
+    ``{id(param): (param, value)}``, still attached to autograd. Fine-tuning uses this to compute the weights of
+    a site from trainable factors through the adapter, so the adapter stays the only code knowing the layout."""
+    captured: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    token = _CAPTURED.set(captured)
+    try:
+        yield captured
+    finally:
+        _CAPTURED.reset(token)
+
+
 def set_parameter(param: nn.Parameter, value: torch.Tensor) -> None:
     """Write ``value`` into ``param`` in place when shapes agree (keeps ties and optimiser refs), else resize."""
+    captured = _CAPTURED.get()
+    if captured is not None:
+        captured[id(param)] = (param, value)
+        return
     with torch.no_grad():
         if param.shape == value.shape:
             param.copy_(value)

@@ -34,6 +34,9 @@ class BertAdapter(Adapter):
             linear_projection(o), site.num_heads, site.num_kv_heads,
         )
 
+    def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{name}.dense", m.dense) for name, m in model.named_modules() if name.endswith("intermediate")]
+
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
         s = site.module.self
         return {"q": s.query, "k": s.key, "v": s.value, "o": site.module.output.dense}

@@ -59,6 +59,10 @@ class GPT2Adapter(Adapter):
         vo = getattr(m, "vo_dim", m.head_dim) * m.num_heads
         return [qk, vo] if m.is_cross_attention else [qk, qk, vo]
 
+    def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{name}.c_fc", m.c_fc) for name, m in model.named_modules()
+                if name.endswith("mlp") and hasattr(m, "c_fc")]
+
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
         m = site.module
         return {"q": m.q_attn if site.role == "cross" else m.c_attn, "k": m.c_attn, "v": m.c_attn, "o": m.c_proj}

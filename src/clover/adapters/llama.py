@@ -24,3 +24,7 @@ class LlamaAdapter(LinearsAdapter):
             for name, module in model.named_modules()
             if name.endswith("self_attn") and hasattr(module, "q_proj") and hasattr(module, "o_proj")
         ]
+
+    def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{name}.up_proj", m.up_proj) for name, m in model.named_modules()
+                if name.endswith("mlp") and hasattr(m, "up_proj")]

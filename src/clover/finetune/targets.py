@@ -1,0 +1,147 @@
+"""What CLOVER fine-tuning can train in a model, and what that costs in trainable parameters.
+
+Targets:
+
+- ``qk``: the cross-layer Q-K pair, one d x d core per KV group. Exact only without rotary embeddings.
+- ``k``: the intra-layer QR form of K (``K = Q_k R_k``, ``R_k`` trained), the paper's choice for rotary models.
+- ``vo``: the cross-layer V-O pair, one d x d core per KV group; exact in every family.
+- ``up``: the MLP up projection in head-sized blocks of output rows, one d x d core per block (the U-D term).
+
+Counts are computed from shapes so that ``--match-params-of lora:r=N`` can compare budgets before anything is
+built; the LoRA count is what peft trains on the same modules, ``r * (in + out)`` per module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from torch import nn
+
+from ..adapters import Adapter, AttentionSite, adapter_for
+from ..errors import CloverError
+
+TARGETS = ("qk", "k", "vo", "up")
+ROTARY_QK = ("target 'qk' needs a model without rotary embeddings (rotary embeddings sit between Q and K, so the "
+             "cross-layer rewrite would not be exact): use target 'k' (the intra-layer QR form) instead")
+
+
+def block_size(model: nn.Module) -> int:
+    """Head-sized MLP blocks: the model's original head dim (pruned configs keep it)."""
+    cfg = model.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The paper's recipe: Q-K cross-layer where exact (else K's QR form), V-O, and the MLP up blocks."""
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
+    qk = "k" if any(site.rotary for site in sites) else "qk"
+    return (qk, "vo") + (("up",) if adapter.mlp_up(model) else ())
+
+
+def resolve_targets(model: nn.Module, targets) -> tuple[Adapter, list[AttentionSite], tuple[str, ...]]:
+    """Validate ``targets`` against the model; every failure names the fix."""
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
+    if not sites:
+        raise CloverError(f"no attention blocks found in this {model.config.model_type} model: "
+                          "pass a full model (with its attention layers)")
+    if targets is None:
+        targets = default_targets(model)
+    if isinstance(targets, str):
+        targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    targets = tuple(dict.fromkeys(targets))
+    if not targets:
+        raise CloverError(f"no fine-tuning targets given: use some of {', '.join(TARGETS)}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise CloverError(f"unknown fine-tuning target(s) {unknown}: use some of {', '.join(TARGETS)}")
+    if "qk" in targets and "k" in targets:
+        raise CloverError("targets 'qk' and 'k' both train the Q-K scores: pick one")
+    if "qk" in targets and any(site.rotary for site in sites):
+        raise CloverError(ROTARY_QK)
+    if "up" in targets and not adapter.mlp_up(model):
+        raise CloverError(f"this {model.config.model_type} model has no MLP up projection clover knows: "
+                          "drop 'up' from the targets")
+    return adapter, sites, targets
+
+
+def target_modules(model: nn.Module, targets) -> list[str]:
+    """Names of the modules the targets touch: what LoRA / PiSSA / DoRA adapt for a like-for-like comparison."""
+    adapter, sites, targets = resolve_targets(model, targets)
+    names = {id(m): n for n, m in model.named_modules()}
+    wanted = {"qk": ("q", "k"), "k": ("k",), "vo": ("v", "o")}
+    out: list[str] = []
+    for site in sites:
+        projections = adapter.projections(site)
+        for t in targets:
+            for role in wanted.get(t, ()):
+                out.append(names[id(projections[role])])
+    if "up" in targets:
+        out.extend(name for name, _ in adapter.mlp_up(model))
+    return list(dict.fromkeys(out))
+
+
+def clover_parameter_count(model: nn.Module, targets, train_bias: bool = False) -> int:
+    """Trainable parameters CLOVER adds for ``targets``: d x d per KV group per pair, d x d per MLP block."""
+    adapter, sites, targets = resolve_targets(model, targets)
+    total = 0
+    for site in sites:
+        w = adapter.read(site)
+        for t in targets:
+            if t in ("qk", "k"):
+                total += w.num_kv_heads * w.qk_dim ** 2
+            elif t == "vo":
+                total += w.num_kv_heads * w.vo_dim ** 2
+        if train_bias and any(t != "up" for t in targets):
+            total += sum(p.bias.numel() for p in (w.q, w.k, w.v, w.o) if p.bias is not None)
+    if "up" in targets:
+        block = block_size(model)
+        for _, module in adapter.mlp_up(model):
+            total += _out_features(module) * block
+            if train_bias and getattr(module, "bias", None) is not None:
+                total += module.bias.numel()
+    return total
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)  # transformers Conv1D stores (in, out)
+
+
+def _out_features(module: nn.Module) -> int:
+    return _in_out(module)[1]
+
+
+def lora_parameter_count(model: nn.Module, modules: list[str], r: int) -> int:
+    """What peft's LoRA of rank ``r`` trains on ``modules``: ``A`` (r x in) and ``B`` (out x r) per module."""
+    by_name = dict(model.named_modules())
+    return sum(r * sum(_in_out(by_name[name])) for name in modules)
+
+
+def parse_match(spec: str) -> int:
+    """``lora:r=N`` -> N."""
+    method, _, setting = spec.partition(":")
+    key, _, value = setting.partition("=")
+    if method.strip() != "lora" or key.strip() != "r" or not value.strip().isdigit() or int(value) < 1:
+        raise CloverError(f"cannot read --match-params-of {spec!r}: write it as lora:r=N with N a positive integer")
+    return int(value)
+
+
+def match_lora(model: nn.Module, targets, r: int, train_bias: bool = False) -> tuple[tuple[str, ...], int, int]:
+    """The subset of ``targets`` whose CLOVER count is closest (in ratio) to LoRA r on the modules of ``targets``.
+
+    Returns ``(chosen targets, clover count, lora count)``.
+    """
+    _, _, targets = resolve_targets(model, targets)
+    lora = lora_parameter_count(model, target_modules(model, targets), r)
+    best = None
+    for n in range(len(targets), 0, -1):
+        for subset in itertools.combinations(targets, n):
+            count = clover_parameter_count(model, subset, train_bias)
+            score = abs(math.log(count / lora))
+            if best is None or score < best[0] - 1e-12:
+                best = (score, subset, count)
+    return best[1], best[2], lora

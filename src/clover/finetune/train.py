@@ -1,0 +1,275 @@
+"""``finetune``: one method (CLOVER, or LoRA / PiSSA / DoRA from peft, or full) trained by the Hugging Face Trainer.
+
+Everything about devices and parallelism comes from the Trainer / accelerate: run under ``accelerate launch`` (or
+``torchrun``) for DDP or FSDP with no code change. Checkpoints are the Trainer's own (model, optimiser, scheduler,
+RNG and data position), kept in a run directory that records the method; a checkpoint counts only once a commit
+marker is written after it, so an interrupted save is never resumed from. The final merged model is written
+atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CloverError
+from .attach import TuneConfig, attach, is_attached, merge_, trainable_parameters
+from .targets import lora_parameter_count, match_lora, target_modules
+
+METHODS = ("clover", "lora", "pissa", "dora", "full")
+RUN_MARKER = "clover_finetune.json"
+COMMIT_MARKER = "clover_checkpoint_complete.json"
+
+
+@dataclass
+class FinetuneConfig:
+    """A training run. ``lora_r`` is the rank of LoRA / PiSSA / DoRA; ``match_lora_r`` makes CLOVER pick the
+    subset of its targets whose trainable count is closest to LoRA at that rank on the same modules."""
+
+    method: str = "clover"
+    targets: tuple[str, ...] | str | None = None
+    lora_r: int = 8
+    match_lora_r: int | None = None
+    dropout: float = 0.0
+    train_bias: bool = False
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    seqlen: int = 256
+    save_steps: int = 50
+    logging_steps: int = 10
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    seed: int = 0
+    resume: bool = True
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise CloverError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        for name in ("steps", "batch_size", "grad_accum", "save_steps", "lora_r", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise CloverError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise CloverError(f"learning rate {self.lr} is not positive: pass --lr such as 1e-4")
+        if self.match_lora_r is not None and self.method != "clover":
+            raise CloverError("--match-params-of sizes CLOVER against LoRA: use it with --method clover")
+
+
+@dataclass
+class MethodSetup:
+    model: nn.Module  # what the Trainer trains (a peft wrapper for lora / pissa / dora)
+    method: str
+    trainable: int
+    details: dict = field(default_factory=dict)
+
+
+def prepare(model: nn.Module, config: FinetuneConfig, progress: bool = True) -> MethodSetup:
+    """Make ``model`` trainable with ``config.method``; returns what to train and its trainable parameter count."""
+    config.check()
+    if config.method == "clover":
+        details = {}
+        targets = config.targets
+        if config.match_lora_r is not None:
+            targets, count, lora = match_lora(model, targets, config.match_lora_r, config.train_bias)
+            details.update(match_lora_r=config.match_lora_r, lora_trainable=lora, clover_trainable_planned=count)
+        if not is_attached(model):
+            report = attach(model, TuneConfig(targets=targets, dropout=config.dropout, train_bias=config.train_bias,
+                                              progress=progress))
+            details["targets"] = list(report.targets)
+        else:
+            details["targets"] = list(model._clover_finetune.targets)
+        return MethodSetup(model, "clover", trainable_parameters(model), details)
+    if is_attached(model):
+        raise CloverError(f"this model carries CLOVER tuners, so it cannot be trained with {config.method}: "
+                          "load the original model, or use --method clover")
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return MethodSetup(model, "full", trainable_parameters(model))
+    from peft import LoraConfig, get_peft_model
+
+    modules = target_modules(model, config.targets)
+    init = {"lora": True, "dora": True, "pissa": "pissa"}[config.method]
+    lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_r, lora_dropout=config.dropout,
+                             target_modules=modules, init_lora_weights=init, use_dora=config.method == "dora",
+                             bias="lora_only" if config.train_bias else "none")
+    import warnings
+
+    with warnings.catch_warnings():  # peft warns that GPT-2's Conv1D needs fan_in_fan_out, then sets it itself
+        warnings.simplefilter("ignore", UserWarning)
+        wrapped = get_peft_model(model, lora_config)
+    details = {"lora_r": config.lora_r, "target_modules": len(modules),
+               "lora_formula": lora_parameter_count(model, modules, config.lora_r)}
+    return MethodSetup(wrapped, config.method, trainable_parameters(wrapped), details)
+
+
+def merged(setup: MethodSetup) -> nn.Module:
+    """The plain model with the training folded into its weights (outputs checked before and after for CLOVER)."""
+    if setup.method == "clover":
+        merge_(setup.model)
+        return setup.model
+    if setup.method == "full":
+        return setup.model
+    return setup.model.merge_and_unload()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every tensor of the state dict (names, shapes, bytes): equal digests, equal models."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+def _run_settings(config: FinetuneConfig, model_name: str) -> dict:
+    keep = ("method", "targets", "lora_r", "match_lora_r", "train_bias", "seqlen", "batch_size", "grad_accum")
+    settings = {k: v for k, v in asdict(config).items() if k in keep}
+    if isinstance(settings["targets"], tuple):
+        settings["targets"] = list(settings["targets"])
+    return {"model": model_name, **settings}
+
+
+def check_run_dir(run_dir: Path, settings: dict) -> None:
+    """Refuse to resume checkpoints written by another method (or model) with a message naming the fix."""
+    marker = run_dir / RUN_MARKER
+    if not marker.is_file():
+        if run_dir.is_dir() and any(run_dir.glob("checkpoint-*")):
+            raise CloverError(f"{run_dir} holds checkpoints clover did not write (no {RUN_MARKER}): "
+                              "pass another --checkpoints directory")
+        return
+    previous = json.loads(marker.read_text())
+    for key in ("method", "model"):
+        if previous.get(key) != settings.get(key):
+            raise CloverError(f"checkpoints in {run_dir} were written for {key} {previous.get(key)!r}, not "
+                              f"{settings.get(key)!r}: resume with --{key if key == 'method' else 'model'} "
+                              f"{previous.get(key)}, or pass another --checkpoints directory (or --no-resume)")
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose commit marker exists (an interrupted save has none and is skipped)."""
+    done = [p for p in run_dir.glob("checkpoint-*") if (p / COMMIT_MARKER).is_file() and p.name[11:].isdigit()]
+    return max(done, key=lambda p: int(p.name[11:])) if done else None
+
+
+def _drop_incomplete(run_dir: Path) -> None:
+    for path in run_dir.glob("checkpoint-*"):
+        if not (path / COMMIT_MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _commit_callback(settings: dict):
+    from transformers import TrainerCallback
+
+    class CommitCheckpoint(TrainerCallback):
+        """Runs after the Trainer has written a whole checkpoint: mark it complete (and record the method)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                (folder / COMMIT_MARKER).write_text(json.dumps({**settings, "step": state.global_step}) + "\n")
+            return control
+
+    return CommitCheckpoint()
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneResult:
+    method: str
+    trainable: int
+    total: int
+    steps: int
+    train_loss: float | None
+    resumed_from: str | None
+    wall_s: float
+    digest: str
+    details: dict = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir: str | os.PathLike,
+          model_name: str = "model", progress: bool = True, log=print) -> tuple[nn.Module, FinetuneResult]:
+    """Train with the Trainer, resuming from the last complete checkpoint in ``run_dir``; return the merged model."""
+    import time
+
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    config.check()
+    run_dir = Path(run_dir)
+    settings = _run_settings(config, model_name)
+    if config.resume:
+        check_run_dir(run_dir, settings)
+    setup = prepare(model, config, progress=progress)
+    total = sum(p.numel() for p in setup.model.parameters())
+    log(f"method {setup.method}: {setup.trainable:,} trainable parameters of {total:,} "
+        f"({100 * setup.trainable / total:.3f}%)")
+    if "lora_trainable" in setup.details:
+        log(f"matched budget: LoRA r={config.match_lora_r} on the same modules trains "
+            f"{setup.details['lora_trainable']:,}; CLOVER targets {setup.details['targets']} train {setup.trainable:,}")
+
+    # Several processes and no GPU: DDP over gloo on CPU (what the two-process CI test runs).
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    args = TrainingArguments(
+        use_cpu=cpu_processes, ddp_backend="gloo" if cpu_processes else None,
+        output_dir=str(run_dir), max_steps=config.steps, learning_rate=config.lr,
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps, weight_decay=0.0,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=2, logging_steps=config.logging_steps,
+        report_to=[], seed=config.seed, data_seed=config.seed, dataloader_num_workers=0,
+        remove_unused_columns=False, disable_tqdm=not progress, ddp_find_unused_parameters=False,
+    )
+    trainer = Trainer(model=setup.model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                      callbacks=[_commit_callback(settings)])
+    resume_from = None
+    if trainer.is_world_process_zero():
+        if not config.resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _drop_incomplete(run_dir)
+        (run_dir / RUN_MARKER).write_text(json.dumps(settings, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()
+    if config.resume:
+        last = last_complete_checkpoint(run_dir)
+        resume_from = str(last) if last is not None else None
+        if resume_from:
+            log(f"resuming from {resume_from}")
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - start
+    final = merged(setup)
+    digest = weights_digest(final)
+    result = FinetuneResult(setup.method, setup.trainable, total, trainer.state.global_step,
+                            output.training_loss if output is not None else None, resume_from, wall, digest,
+                            setup.details, trainer.accelerator.process_index, trainer.accelerator.num_processes)
+    _check_ranks_agree(trainer, run_dir, digest)
+    return final, result
+
+
+def _check_ranks_agree(trainer, run_dir: Path, digest: str) -> None:
+    """Every rank records the digest of its merged weights; under several processes they must all be equal."""
+    state = trainer.accelerator.state
+    if state.num_processes <= 1:
+        return
+    (run_dir / f"merged-rank{state.process_index}.sha256").write_text(digest + "\n")
+    trainer.accelerator.wait_for_everyone()
+    digests = {(run_dir / f"merged-rank{i}.sha256").read_text().strip() for i in range(state.num_processes)}
+    if len(digests) != 1:
+        raise CloverError(f"the {state.num_processes} processes ended with different merged weights: "
+                          "check that every rank loads the same model (use a decomposed checkpoint, --init-only)")

@@ -1,0 +1,276 @@
+"""CLOVER fine-tuning: exact at step 0, trainable, merged back into plain weights that load with stock loaders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_MODELS, tiny_gpt2, tiny_llama
+from tiny_tokenizer import SAMPLE_TEXT, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from clover.adapters import adapter_for
+from clover.errors import CloverError
+from clover.finetune import (
+    TuneConfig,
+    attach,
+    clover_parameter_count,
+    load_decomposed,
+    lora_parameter_count,
+    match_lora,
+    merge_,
+    save_decomposed,
+    target_modules,
+    trainable_parameters,
+)
+from clover.finetune.data import load_texts, token_windows
+from clover.pairs import factors
+from clover.finetune.train import COMMIT_MARKER, FinetuneConfig, prepare, train
+from clover.verify import model_outputs
+
+VALID_TARGETS = {"gpt2": ("qk", "k", "vo", "up"), "bert": ("qk", "k", "vo", "up")}
+ROTARY_TARGETS = ("k", "vo", "up")
+
+
+def _steps(model, inputs, n=2, lr=5e-2):
+    """A few SGD steps on the LM loss (masked-LM models: predict the input ids), so cores move away from init."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
+    for _ in range(n):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_every_target_is_exact_at_step_zero(name):
+    for target in VALID_TARGETS.get(name, ROTARY_TARGETS):
+        model = TINY_MODELS[name]()
+        inputs = adapter_for(model).example_inputs(model)
+        before = model_outputs(model, inputs)
+        report = attach(model, TuneConfig(targets=(target,), progress=False))
+        assert report.check.passed, (name, target, report.check)
+        assert torch.allclose(model_outputs(model, inputs), before, atol=1e-4 * before.abs().max().item())
+        assert 0 < report.trainable_parameters == trainable_parameters(model)
+        assert report.trainable_parameters == clover_parameter_count(TINY_MODELS[name](), (target,))
+
+
+def test_tune_then_merge_keeps_shapes_names_and_logits(tiny_model):
+    name, model = tiny_model
+    inputs = adapter_for(model).example_inputs(model)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    original = model_outputs(model, inputs)
+    attach(model, TuneConfig(dropout=0.1, train_bias=True, progress=False))
+    _steps(model, inputs)
+    tuned = model_outputs(model, inputs)
+    assert (tuned - original).abs().max() > 1e-3, "training did not change the model"
+    check = merge_(model)
+    assert check.passed
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert torch.allclose(model_outputs(model, inputs), tuned, atol=1e-5 * tuned.abs().max().item())
+    assert not any(p.requires_grad is False for p in model.parameters())  # flags restored
+
+
+def test_update_is_full_rank():
+    """The point of CLOVER: a d x d core gives a full-rank change of the V-O product, unlike a rank-r adapter."""
+    model = tiny_llama()
+    adapter = adapter_for(model)
+    site = adapter.sites(model)[0]
+    left, right = factors(adapter.read(site), "vo")
+    before = left @ right.mT  # the per-group V-O products
+    attach(model, TuneConfig(targets=("vo",), progress=False))
+    with torch.no_grad():
+        site.module.clover_tune.vo_core.add_(torch.randn_like(site.module.clover_tune.vo_core))
+    merge_(model, verify=False)
+    left, right = factors(adapter.read(site), "vo")
+    delta = left @ right.mT - before
+    d = adapter.read(site).vo_dim
+    assert [torch.linalg.matrix_rank(g).item() for g in delta] == [d] * delta.shape[0]
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+def test_merged_model_loads_with_stock_from_pretrained(builder, tmp_path):
+    model = builder()
+    inputs = adapter_for(model).example_inputs(model)
+    attach(model, TuneConfig(progress=False))
+    _steps(model, inputs)
+    tuned = model_outputs(model, inputs)
+    merge_(model)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model)
+    assert torch.allclose(model_outputs(reloaded, inputs), tuned, atol=1e-5 * tuned.abs().max().item())
+
+
+def test_pruned_model_prune_tune_merge_reload(tmp_path):
+    from clover.prune import PruneConfig, prune
+    from clover.save import save_model
+
+    pruned, _ = prune(tiny_llama(), PruneConfig(vo_ratio=0.5, criterion="clover", progress=False))
+    inputs = adapter_for(pruned).example_inputs(pruned)
+    report = attach(pruned, TuneConfig(progress=False))
+    assert report.check.passed and report.targets == ("k", "vo", "up")
+    _steps(pruned, inputs)
+    tuned = model_outputs(pruned, inputs)
+    merge_(pruned)
+    assert pruned.config.vo_dims == [8, 8]
+    save_model(pruned, None, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.model_type == "clover_llama"
+    assert torch.allclose(model_outputs(reloaded, inputs), tuned, atol=1e-5 * tuned.abs().max().item())
+
+
+def test_bias_training_trains_biases_with_the_cores():
+    model = TINY_MODELS["llama-gqa-bias"]()
+    inputs = adapter_for(model).example_inputs(model)
+    site = adapter_for(model).sites(model)[0]
+    without = clover_parameter_count(model, ("k", "vo"))
+    report = attach(model, TuneConfig(targets=("k", "vo"), train_bias=True, progress=False))
+    assert report.trainable_parameters == clover_parameter_count(TINY_MODELS["llama-gqa-bias"](), ("k", "vo"), True)
+    assert report.trainable_parameters > without
+    bias_before = site.module.q_proj.bias.detach().clone()
+    _steps(model, inputs)
+    merge_(model)
+    assert not torch.allclose(site.module.q_proj.bias, bias_before)
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+def test_lora_count_is_what_peft_trains(builder):
+    model = builder()
+    modules = target_modules(model, None)
+    expected = lora_parameter_count(model, modules, 4)
+    setup = prepare(model, FinetuneConfig(method="lora", lora_r=4))
+    assert setup.trainable == expected
+
+
+def test_match_lora_picks_the_closest_target_set():
+    model = tiny_llama()
+    chosen, clover, lora = match_lora(model, None, 2)
+    assert lora == lora_parameter_count(model, target_modules(model, None), 2)
+    every = clover_parameter_count(model, ("k", "vo", "up"))
+    assert clover == clover_parameter_count(model, chosen)
+    assert abs(clover - lora) <= abs(every - lora)
+
+
+def test_decomposed_checkpoint_round_trip(tmp_path):
+    """What every rank of a distributed run loads: same tensors, same outputs, no SVD."""
+    model = tiny_llama()
+    inputs = adapter_for(model).example_inputs(model)
+    attach(model, TuneConfig(progress=False))
+    _steps(model, inputs, n=1)
+    tuned = model_outputs(model, inputs)
+    save_decomposed(model, None, tmp_path / "dec")
+    loaded, _, tune = load_decomposed(tmp_path / "dec")
+    assert tune.targets == ("k", "vo", "up")
+    assert torch.allclose(model_outputs(loaded, inputs), tuned, atol=1e-6 * tuned.abs().max().item())
+    assert trainable_parameters(loaded) == trainable_parameters(model)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+def test_bad_targets_and_models_fail_clearly(monkeypatch):
+    with pytest.raises(CloverError, match="unknown fine-tuning target"):
+        attach(tiny_llama(), TuneConfig(targets=("attn",)))
+    with pytest.raises(CloverError, match="use target 'k'"):
+        attach(tiny_llama(), TuneConfig(targets=("qk",)))
+    with pytest.raises(CloverError, match="pick one"):
+        attach(tiny_gpt2(), TuneConfig(targets=("qk", "k")))
+    with pytest.raises(CloverError, match="unsupported model type"):
+        attach(torch.nn.Linear(2, 2))
+    from clover.adapters.gpt2 import GPT2Adapter
+
+    monkeypatch.setattr(GPT2Adapter, "mlp_up", lambda self, model: [])
+    with pytest.raises(CloverError, match="no MLP up projection"):
+        attach(tiny_gpt2(), TuneConfig(targets=("vo", "up")))
+    model = tiny_gpt2()
+    attach(model, TuneConfig(targets=("vo",), progress=False))
+    with pytest.raises(CloverError, match="already has CLOVER tuners"):
+        attach(model, TuneConfig(targets=("vo",)))
+    with pytest.raises(CloverError, match="cannot be trained with lora"):
+        prepare(model, FinetuneConfig(method="lora"))
+    with pytest.raises(CloverError, match="no CLOVER tuners to merge"):
+        merge_(tiny_gpt2())
+    with pytest.raises(CloverError, match="unknown method"):
+        FinetuneConfig(method="qlora").check()
+
+
+def test_bad_data_fails_clearly(tmp_path):
+    with pytest.raises(CloverError, match="does not exist"):
+        load_texts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(CloverError, match="is empty"):
+        load_texts(tmp_path / "empty.txt")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(CloverError, match="unknown format"):
+        load_texts(tmp_path / "x.csv")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "no text"}\n')
+    with pytest.raises(CloverError, match="no 'text'"):
+        load_texts(tmp_path / "bad.jsonl")
+    (tmp_path / "ok.jsonl").write_text('{"text": "a b c"}\n\n{"text": "d e"}\n')
+    assert load_texts(tmp_path / "ok.jsonl") == ["a b c", "d e"]
+
+
+# --- training, checkpoints, resume -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer(vocab_size=300)
+
+
+def _dataset(tokenizer):
+    return token_windows(tokenizer, [SAMPLE_TEXT * 10], 32)
+
+
+def test_resume_after_interruption_loses_nothing(tokenizer, tmp_path):
+    """Two runs: uninterrupted, and one whose last checkpoint save was cut off; the merged weights are equal."""
+    config = FinetuneConfig(method="clover", steps=4, save_steps=2, lr=1e-2, batch_size=2, logging_steps=2,
+                            dropout=0.1)
+    _, first = train(tiny_llama(vocab_size=320), tokenizer, _dataset(tokenizer), config, tmp_path / "run",
+                     progress=False, log=lambda s: None)
+    last = tmp_path / "run" / "checkpoint-4"
+    assert (last / COMMIT_MARKER).is_file()
+    shutil.rmtree(last)
+    last.mkdir()  # an interrupted save: a folder without the commit marker is never resumed from
+    (last / "model.safetensors").write_bytes(b"partial")
+    _, second = train(tiny_llama(vocab_size=320), tokenizer, _dataset(tokenizer), config, tmp_path / "run",
+                      progress=False, log=lambda s: None)
+    assert second.resumed_from.endswith("checkpoint-2")
+    assert second.digest == first.digest
+    with pytest.raises(CloverError, match="written for method 'clover'"):
+        train(tiny_llama(vocab_size=320), tokenizer, _dataset(tokenizer), FinetuneConfig(method="lora", steps=2),
+              tmp_path / "run", progress=False, log=lambda s: None)
+
+
+def test_cli_finetune_init_only_then_train(tokenizer, tmp_path):
+    from typer.testing import CliRunner
+
+    from clover.cli import app
+
+    base = tmp_path / "base"
+    tiny_gpt2(vocab_size=320).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "train.txt"
+    data.write_text(SAMPLE_TEXT * 10)
+    runner = CliRunner()
+    result = runner.invoke(app, ["finetune", str(base), "--method", "clover", "--init-only", "--out",
+                                 str(tmp_path / "dec")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["finetune", str(tmp_path / "dec"), "--data", str(data), "--steps", "2",
+                                 "--batch-size", "2", "--seqlen", "32", "--lr", "1e-2", "--out", str(tmp_path / "out"),
+                                 "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "trainable parameters" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["method"] == "clover" and report["steps"] == 2
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(reloaded).__name__ == "GPT2LMHeadModel"
+    bad = runner.invoke(app, ["finetune", str(base), "--data", str(tmp_path / "nope.txt"), "--out",
+                              str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+    bad = runner.invoke(app, ["finetune", str(base), "--data", str(data), "--targets", "xyz", "--steps", "1",
+                              "--out", str(tmp_path / "o3")])
+    assert bad.exit_code == 2 and "unknown fine-tuning target" in bad.output
