@@ -274,3 +274,42 @@ def test_cli_finetune_init_only_then_train(tokenizer, tmp_path):
     bad = runner.invoke(app, ["finetune", str(base), "--data", str(data), "--targets", "xyz", "--steps", "1",
                               "--out", str(tmp_path / "o3")])
     assert bad.exit_code == 2 and "unknown fine-tuning target" in bad.output
+
+
+def _other_families():
+    """The paper's other families, tiny and random: (name, builder, targets attach picks by default)."""
+    from test_deepseek_v2 import tiny_deepseek
+    from test_mllama import tiny_mllama
+    from test_unet import tiny_unet
+    from test_whisper import tiny_whisper
+    return [("whisper", tiny_whisper, ("qk", "vo")), ("deepseek_v2", tiny_deepseek, ("qk", "vo")),
+            ("mllama", tiny_mllama, ("k", "vo")), ("unet", tiny_unet, ("qk", "vo"))]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["whisper", "deepseek_v2", "mllama", "unet"])
+def test_other_families_tune_exactly_and_merge_to_the_same_shapes(index):
+    name, build, targets = _other_families()[index]
+    model = build()
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    inputs = adapter_for(model).example_inputs(model)
+    before = model_outputs(model, inputs)
+    report = attach(model, TuneConfig(progress=False))
+    assert report.targets == targets, name
+    assert report.check.passed and report.trainable_parameters > 0
+    assert torch.allclose(model_outputs(model, inputs), before, atol=1e-4 * before.abs().max().item())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    tuned = model_outputs(model, inputs)
+    assert not torch.allclose(tuned, before, atol=1e-3 * before.abs().max().item()), name
+    merge_(model)
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert torch.allclose(model_outputs(model, inputs), tuned, atol=1e-4 * tuned.abs().max().item())
+
+
+def test_a_unet_without_mlp_up_support_names_the_fix():
+    from test_unet import tiny_unet
+    with pytest.raises(CloverError, match="UNet2DConditionModel model has no MLP up projection"):
+        attach(tiny_unet(), TuneConfig(targets="qk,vo,up", progress=False))

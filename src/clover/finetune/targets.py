@@ -26,6 +26,11 @@ ROTARY_QK = ("target 'qk' needs a model without rotary embeddings (rotary embedd
              "cross-layer rewrite would not be exact): use target 'k' (the intra-layer QR form) instead")
 
 
+def _family(model: nn.Module) -> str:
+    """How errors name the model: its transformers model type, else its class (diffusers configs have no type)."""
+    return getattr(model.config, "model_type", None) or type(model).__name__
+
+
 def block_size(model: nn.Module) -> int:
     """Head-sized MLP blocks: the model's original head dim (pruned configs keep it)."""
     cfg = model.config
@@ -45,7 +50,7 @@ def resolve_targets(model: nn.Module, targets) -> tuple[Adapter, list[AttentionS
     adapter = adapter_for(model)
     sites = adapter.sites(model)
     if not sites:
-        raise CloverError(f"no attention blocks found in this {model.config.model_type} model: "
+        raise CloverError(f"no attention blocks found in this {_family(model)} model: "
                           "pass a full model (with its attention layers)")
     if targets is None:
         targets = default_targets(model)
@@ -62,7 +67,7 @@ def resolve_targets(model: nn.Module, targets) -> tuple[Adapter, list[AttentionS
     if "qk" in targets and any(site.rotary for site in sites):
         raise CloverError(ROTARY_QK)
     if "up" in targets and not adapter.mlp_up(model):
-        raise CloverError(f"this {model.config.model_type} model has no MLP up projection clover knows: "
+        raise CloverError(f"this {_family(model)} model has no MLP up projection clover knows: "
                           "drop 'up' from the targets")
     return adapter, sites, targets
 
