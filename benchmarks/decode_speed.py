@@ -125,7 +125,7 @@ def main() -> None:
               "timed); median tokens/s of the repeats, original and pruned alternating. KV bytes per token are "
               "measured on the cache after prefill.\n\n" + markdown_table(columns, rows) + "\n\n"
               f"Load average (1 min) after the last measurement: {results[-1]['loadavg_1m_after']} on "
-              f"{info['cores']} cores (above the thread count, other work shared the CPU).\n")
+              f"{info['cores']} cores (a load above the thread count means other work shared the CPU).\n")
         update_benchmarks_md("decode_speed", md)
 
 
