@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,9 +31,11 @@ def test_two_gloo_processes_end_with_identical_merged_weights(tmp_path):
                "--num_processes", "2", "--main_process_port", "29517", "-m", "clover.cli", "finetune",
                str(tmp_path / "decomposed"), "--data", str(data), "--steps", "3", "--batch-size", "2", "--seqlen", "32",
                "--lr", "1e-2", "--save-steps", "2", "--out", str(tmp_path / "out"),
-               "--checkpoints", str(tmp_path / "ck")]
+               "--checkpoints", str(tmp_path / "ck"), "--json", str(tmp_path / "result.json")]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     digests = [(tmp_path / "ck" / f"merged-rank{rank}.sha256").read_text().strip() for rank in (0, 1)]
     assert digests[0] == digests[1]
     assert (tmp_path / "out" / "config.json").is_file()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["world_size"], result["engine"]) == (2, "MULTI_CPU")  # really two data-parallel processes

@@ -199,6 +199,7 @@ class FinetuneResult:
     details: dict = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    engine: str = "NO"  # accelerate's distributed type: NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,7 +258,8 @@ def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir:
     digest = weights_digest(final)
     result = FinetuneResult(setup.method, setup.trainable, total, trainer.state.global_step,
                             output.training_loss if output is not None else None, resume_from, wall, digest,
-                            setup.details, trainer.accelerator.process_index, trainer.accelerator.num_processes)
+                            setup.details, trainer.accelerator.process_index, trainer.accelerator.num_processes,
+                            str(trainer.accelerator.distributed_type.value))
     _check_ranks_agree(trainer, run_dir, digest)
     return final, result
 
