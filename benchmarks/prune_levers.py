@@ -5,7 +5,8 @@
 The issue's goals (V-O 50% <= 1.35x base; Q-K 50% + V-O 50% <= 1.6x base) are aimed at with data: the
 prototype whitened V-O with the layer input (16 x 512 calibration tokens). Here every variant is one row:
 which covariance whitens V-O, whether O is refit per head, how much calibration text, uniform or global ranks,
-and the rotary-pair Q-K criteria together with the best V-O. Calibration is WikiText-2 validation; evaluation
+one-shot or sequential calibration (each layer measured with the earlier layers already pruned), and the
+rotary-pair Q-K criteria together with the best V-O. Calibration is WikiText-2 validation; evaluation
 is the test split. Prints a table, writes JSON, updates the ``prune_levers`` section of BENCHMARKS.md.
 """
 
@@ -36,12 +37,15 @@ def variants(calib16, calib64):
         ("V-O 50%", "attention-mixed values + per-head O refit", PruneConfig(**vo, calibration=calib16)),
         ("V-O 50%", "mixed + refit, 64 calibration windows", PruneConfig(**vo, calibration=calib64)),
         ("V-O 50%", "mixed + refit, global allocation", PruneConfig(**vo, allocation="global", calibration=calib16)),
+        ("V-O 50%", "mixed + refit, sequential calibration", PruneConfig(**vo, sequential=True, calibration=calib16)),
         ("Q-K 50% + V-O 50%", "rotary-weight Q-K, mixed + refit V-O",
          PruneConfig(**both, qk_criterion="rotary-weight", calibration=calib16)),
         ("Q-K 50% + V-O 50%", "rotary-activation Q-K, mixed + refit V-O",
          PruneConfig(**both, qk_criterion="rotary-activation", calibration=calib16)),
         ("Q-K 50% + V-O 50%", "rotary-activation Q-K, mixed + refit V-O, 64 windows",
          PruneConfig(**both, qk_criterion="rotary-activation", calibration=calib64)),
+        ("Q-K 50% + V-O 50%", "rotary-activation Q-K, mixed + refit V-O, sequential calibration",
+         PruneConfig(**both, qk_criterion="rotary-activation", sequential=True, calibration=calib16)),
     ]
 
 

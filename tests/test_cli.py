@@ -100,6 +100,8 @@ def test_prune_end_to_end(model_dir, tmp_path):
     (["--qk-ratio", 0.5], "rotary-weight or rotary-activation"),
     (["--vo-ratio", 0.5, "--calib-samples", 100000], "tokens"),
     (["--vo-ratio", 0.5, "--calib", "/no/such/corpus"], "/no/such/corpus"),
+    (["--vo-ratio", 0.5, "--sequential", "--allocation", "global", "--calib-samples", 2, "--calib-seqlen", 32],
+     "--allocation uniform"),
 ])
 def test_prune_errors_leave_nothing_behind(model_dir, tmp_path, args, message):
     code, out = run("prune", model_dir, "--out", tmp_path / "p", *args)

@@ -322,6 +322,8 @@ def prune(
                                                  "scores are smallest.")] = "uniform",
     vo_whitening: Annotated[str, typer.Option(help="whitened V-O: mixed (attention-mixed values, default) or "
                                                    "input (layer inputs).")] = "mixed",
+    sequential: Annotated[bool, typer.Option(help="Data-aware criteria: measure each layer with the earlier "
+                                                  "layers already pruned (single-stack models).")] = False,
     calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; "
                                                        "else $CLOVER_DATA, else the hub).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (UNet: samples of seeded random latents "
@@ -354,7 +356,7 @@ def prune(
     loaded = _tokenizer_only(model) if streaming else _load(model, dtype)
     config = PruneConfig(qk_ratio=qk_ratio, vo_ratio=vo_ratio, criterion=criterion, qk_criterion=qk_criterion,
                          qk_threshold=qk_threshold, vo_threshold=vo_threshold, allocation=allocation,
-                         vo_whitening=vo_whitening)
+                         vo_whitening=vo_whitening, sequential=sequential)
     if _needs_calibration(config.pair_criterion("qk") if config.active("qk") else None,
                           config.pair_criterion("vo") if config.active("vo") else None):
         config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)

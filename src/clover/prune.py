@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calibrate, modeling
+from . import calibrate, modeling, sequential
 from .adapters import Adapter, AttentionSite, adapter_for, model_type
 from .calibrate import SiteStats
 from .criteria import CRITERIA, DATA_AWARE, ROTARY_CRITERIA, Candidate, candidate
@@ -33,6 +33,7 @@ class PruneConfig:
     for their pair. ``calibration`` holds token ids (n, seqlen) for data-aware criteria. ``vo_whitening`` picks
     what whitens V-O: ``mixed`` (the attention-mixed values each head hands to O, then a per-head least-squares
     refit of O unless ``vo_refit`` is off; measured better) or ``input`` (the layer's input, as in the prototype).
+    ``sequential`` gathers each layer's statistics with the earlier layers already pruned (``clover.sequential``).
     """
 
     qk_ratio: float = 0.0
@@ -45,6 +46,7 @@ class PruneConfig:
     calibration: torch.Tensor | None = None
     vo_whitening: str = "mixed"
     vo_refit: bool = True
+    sequential: bool = False
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
 
@@ -147,26 +149,17 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
 
     targets = {kind: _targets(sites, kind, config.pair_criterion(kind), warn) for kind in kinds}
     needs = statistics_needed(config)
-    stats = None
-    if needs:
-        stats = calibrate.collect(model, adapter, sites, config.calibration, **needs, progress=config.progress)
-
-    # One candidate per (kind, site); ranks need all of a kind at once for the global allocation.
     weights = {site.name: adapter.read(site) for site in sites}
-    candidates: dict[PairKind, list[Candidate]] = {}
-    for kind in kinds:
-        crit = config.pair_criterion(kind)
-        candidates[kind] = [
-            pair_candidate(config, site, weights[site.name], kind, None if stats is None else stats.sites[site.name],
-                           warn)
-            for site in tqdm(targets[kind], desc=f"rank {kind} ({crit})", unit="block", disable=not config.progress)
-        ]
-    keeps = {
-        kind: choose(candidates[kind], ratio=config.qk_ratio if kind == "qk" else config.vo_ratio,
-                     threshold=config.qk_threshold if kind == "qk" else config.vo_threshold,
-                     allocation=config.allocation, what=f"--{kind}-ratio")
-        for kind in kinds
-    }
+    if config.sequential and not needs:
+        warn("sequential calibration has no effect here: no data-aware criterion (whitened, rotary-activation) "
+             "is in use")
+    if config.sequential and needs:
+        candidates, keeps = sequential.plan(
+            model, adapter, sites, config, targets, weights, needs,
+            lambda site, w, kind, st: pair_candidate(config, site, w, kind, st, warn))
+        tokens = config.calibration.numel()
+    else:
+        candidates, keeps, tokens = _plan_one_shot(model, adapter, sites, config, targets, weights, needs, warn)
     for kind in kinds:  # what the family's runtime can hold (e.g. one head dim for all layers)
         keeps[kind], why = adapter.adjust_ranks(kind, keeps[kind], candidates[kind][0].units)
         if why:
@@ -190,8 +183,31 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
 
     report = make_report(config, model_type(model), layers, parameter_count(model), parameter_count(pruned),
                          kv_bytes_per_token(model), kv_bytes_per_token(pruned),
-                         0 if stats is None else stats.tokens, collected, notes=report_notes(adapter, sites))
+                         tokens, collected, notes=report_notes(adapter, sites))
     return pruned, report
+
+
+def _plan_one_shot(model, adapter, sites, config, targets, weights, needs, warn):
+    """Statistics of the original model for every layer at once, then one candidate per (kind, site) and the
+    ranks (the global allocation needs all of a kind at once)."""
+    stats = None
+    if needs:
+        stats = calibrate.collect(model, adapter, sites, config.calibration, **needs, progress=config.progress)
+    candidates: dict[PairKind, list[Candidate]] = {}
+    for kind, chosen in targets.items():
+        crit = config.pair_criterion(kind)
+        candidates[kind] = [
+            pair_candidate(config, site, weights[site.name], kind, None if stats is None else stats.sites[site.name],
+                           warn)
+            for site in tqdm(chosen, desc=f"rank {kind} ({crit})", unit="block", disable=not config.progress)
+        ]
+    keeps = {
+        kind: choose(candidates[kind], ratio=config.qk_ratio if kind == "qk" else config.vo_ratio,
+                     threshold=config.qk_threshold if kind == "qk" else config.vo_threshold,
+                     allocation=config.allocation, what=f"--{kind}-ratio")
+        for kind in targets
+    }
+    return candidates, keeps, 0 if stats is None else stats.tokens
 
 
 def report_notes(adapter: Adapter, sites: list[AttentionSite]) -> list[str]:

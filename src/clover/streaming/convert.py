@@ -258,6 +258,9 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
     options = options or StreamOptions(progress=config.progress)
     kinds = active_kinds(config)
     needs = statistics_needed(config)
+    if config.sequential and needs:
+        raise CloverError("sequential calibration is not implemented for streamed pruning (it measures each layer "
+                          "on the original model's states): drop --sequential, or pass --no-stream")
     settings = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(config).items()
                 if k not in ("calibration", "progress")}
     conv = _Conversion(source, out, "prune", settings, options,
