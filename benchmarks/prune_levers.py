@@ -28,7 +28,7 @@ from clover.models import load
 from clover.prune import PruneConfig, prune
 
 
-def variants(calib16, calib64):
+def variants(calib16, calib64, calib256):
     vo = dict(vo_ratio=0.5, criterion="whitened")
     both = dict(vo_ratio=0.5, qk_ratio=0.5, criterion="whitened")
     return [
@@ -36,7 +36,10 @@ def variants(calib16, calib64):
         ("V-O 50%", "attention-mixed values, no refit", PruneConfig(**vo, vo_refit=False, calibration=calib16)),
         ("V-O 50%", "attention-mixed values + per-head O refit", PruneConfig(**vo, calibration=calib16)),
         ("V-O 50%", "mixed + refit, 64 calibration windows", PruneConfig(**vo, calibration=calib64)),
+        ("V-O 50%", "mixed + refit, 256 calibration windows", PruneConfig(**vo, calibration=calib256)),
         ("V-O 50%", "mixed + refit, global allocation", PruneConfig(**vo, allocation="global", calibration=calib16)),
+        ("V-O 50%", "mixed + refit, global allocation, 256 windows",
+         PruneConfig(**vo, allocation="global", calibration=calib256)),
         ("V-O 50%", "mixed + refit, sequential calibration", PruneConfig(**vo, sequential=True, calibration=calib16)),
         ("Q-K 50% + V-O 50%", "rotary-weight Q-K, mixed + refit V-O",
          PruneConfig(**both, qk_criterion="rotary-weight", calibration=calib16)),
@@ -44,6 +47,8 @@ def variants(calib16, calib64):
          PruneConfig(**both, qk_criterion="rotary-activation", calibration=calib16)),
         ("Q-K 50% + V-O 50%", "rotary-activation Q-K, mixed + refit V-O, 64 windows",
          PruneConfig(**both, qk_criterion="rotary-activation", calibration=calib64)),
+        ("Q-K 50% + V-O 50%", "rotary-activation Q-K, mixed + refit V-O, 256 windows",
+         PruneConfig(**both, qk_criterion="rotary-activation", calibration=calib256)),
         ("Q-K 50% + V-O 50%", "rotary-activation Q-K, mixed + refit V-O, sequential calibration",
          PruneConfig(**both, qk_criterion="rotary-activation", sequential=True, calibration=calib16)),
     ]
@@ -64,13 +69,14 @@ def main() -> None:
     rows = load_rows(split="validation", data=args.data)
     calib16 = calibration_batches(lm.tokenizer, rows, 16, 512)
     calib64 = calibration_batches(lm.tokenizer, rows, 64, 512)
+    calib256 = calibration_batches(lm.tokenizer, rows, 256, 512)
 
     def ppl(model) -> float:
         return perplexity(model, lm.tokenizer, text, seqlen=args.seqlen, max_windows=args.windows, progress=False).ppl
 
     base = ppl(lm.model)
     results = []
-    for pruned_what, lever, config in tqdm(variants(calib16, calib64), desc="levers", unit="prune"):
+    for pruned_what, lever, config in tqdm(variants(calib16, calib64, calib256), desc="levers", unit="prune"):
         config.progress = False
         start = time.perf_counter()
         pruned, report = prune(lm.model, config)

@@ -128,6 +128,19 @@ def test_global_allocation_spends_one_budget():
     assert report.allocation == "global"
 
 
+def test_global_allocation_compares_shares_of_each_layer_not_raw_scores():
+    """A layer whose outputs are 1000x larger must not keep everything: scores count as shares of their layer."""
+    from clover.ranks import global_keeps
+
+    class Scores:
+        def __init__(self, values):
+            self.scores = torch.tensor([values], dtype=torch.float64)
+            self.units = len(values)
+
+    flat, steep = [4.0, 3.0, 2.0, 1.0], [8.0, 1.2, 0.4, 0.4]
+    assert global_keeps([Scores(flat), Scores([1000 * v for v in steep])], 0.5, "--vo-ratio") == [3, 1]
+
+
 def test_threshold_keeps_directions_above_it():
     model = tiny_gpt2()
     site = adapter_for(model).sites(model)[0]

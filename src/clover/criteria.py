@@ -9,7 +9,8 @@
   frequency pairs (channels i and i + d/2 of q and k, every head of the KV group together) are kept or dropped,
   scored by weight norms or by the mean squared q and k activations.
 
-Scores are comparable across layers, so a global allocation can spend one budget where they are smallest.
+Scores are output errors in each layer's own units; the global allocation compares each unit's share of its
+layer's total (``ranks.global_keeps``).
 """
 
 from __future__ import annotations
