@@ -318,8 +318,8 @@ def prune(
                                                                 "<= this (replaces --qk-ratio).")] = None,
     vo_threshold: Annotated[Optional[float], typer.Option(help="Remove V-O directions with singular value "
                                                                 "<= this (replaces --vo-ratio).")] = None,
-    allocation: Annotated[str, typer.Option(help="uniform: same ratio per layer; global: one budget, spent where "
-                                                 "scores are smallest.")] = "uniform",
+    allocation: Annotated[str, typer.Option(help="uniform: same ratio per layer; global: one budget, removing the "
+                                                 "units with the smallest share of their layer's score.")] = "uniform",
     vo_whitening: Annotated[str, typer.Option(help="whitened V-O: mixed (attention-mixed values, default) or "
                                                    "input (layer inputs).")] = "mixed",
     sequential: Annotated[bool, typer.Option(help="Data-aware criteria: measure each layer with the earlier "
