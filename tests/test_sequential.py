@@ -91,9 +91,18 @@ def test_sequential_on_gpt2_prunes_both_pairs():
     assert torch.isfinite(model_outputs(pruned, INPUTS)).all()
 
 
-def test_global_allocation_with_sequential_is_refused():
+@pytest.mark.parametrize("thresholds", [{}, {"vo_threshold": 0.01}], ids=["ratios", "one pair by threshold"])
+def test_global_allocation_with_sequential_is_refused(thresholds):
+    """Any pair still ranked by a global ratio is refused, even when the other pair uses a threshold."""
     with pytest.raises(CloverError, match="allocation uniform"):
-        prune(tiny_llama(), _config(sequential=True, allocation="global"))
+        prune(tiny_llama(), _config(sequential=True, allocation="global", **thresholds))
+
+
+def test_global_allocation_is_moot_when_every_pair_uses_a_threshold():
+    _, report = prune(tiny_gpt2(), PruneConfig(criterion="whitened", qk_threshold=1e-9, vo_threshold=1e-9,
+                                               allocation="global", calibration=CALIB, progress=False,
+                                               sequential=True))
+    assert all((lr.qk_dim, lr.vo_dim) == (16, 16) for lr in report.layers)
 
 
 def test_two_stacks_are_refused():

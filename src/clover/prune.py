@@ -53,9 +53,14 @@ class PruneConfig:
     def pair_criterion(self, kind: PairKind) -> str:
         return (self.qk_criterion or self.criterion) if kind == "qk" else self.criterion
 
+    def ratio_for(self, kind: PairKind) -> float:
+        return self.qk_ratio if kind == "qk" else self.vo_ratio
+
+    def threshold_for(self, kind: PairKind) -> float | None:
+        return self.qk_threshold if kind == "qk" else self.vo_threshold
+
     def active(self, kind: PairKind) -> bool:
-        ratio, threshold = (self.qk_ratio, self.qk_threshold) if kind == "qk" else (self.vo_ratio, self.vo_threshold)
-        return threshold is not None or ratio > 0
+        return self.threshold_for(kind) is not None or self.ratio_for(kind) > 0
 
 
 @dataclass
@@ -123,8 +128,7 @@ def validate(config: PruneConfig, adapter: Adapter, sites: list[AttentionSite]) 
         crit = config.pair_criterion(kind)
         if crit not in CRITERIA:
             raise CloverError(f"unknown criterion {crit!r}: use one of {', '.join(CRITERIA)}")
-        threshold = config.qk_threshold if kind == "qk" else config.vo_threshold
-        if threshold is not None and (crit == "vanilla" or crit in ROTARY_CRITERIA):
+        if config.threshold_for(kind) is not None and (crit == "vanilla" or crit in ROTARY_CRITERIA):
             raise CloverError(f"a singular-value threshold needs the clover or whitened criterion, not {crit!r}")
     if adapter.uniform_head_dims and config.allocation == "global":
         raise CloverError(f"--allocation global gives layers different head dims, but {adapter.name} configs hold one "
@@ -202,8 +206,7 @@ def _plan_one_shot(model, adapter, sites, config, targets, weights, needs, warn)
             for site in tqdm(chosen, desc=f"rank {kind} ({crit})", unit="block", disable=not config.progress)
         ]
     keeps = {
-        kind: choose(candidates[kind], ratio=config.qk_ratio if kind == "qk" else config.vo_ratio,
-                     threshold=config.qk_threshold if kind == "qk" else config.vo_threshold,
+        kind: choose(candidates[kind], ratio=config.ratio_for(kind), threshold=config.threshold_for(kind),
                      allocation=config.allocation, what=f"--{kind}-ratio")
         for kind in targets
     }

@@ -39,8 +39,8 @@ def check_supported(sites: list[AttentionSite], config) -> None:
     if len({s.stack for s in sites}) > 1 or any(s.role != "self" for s in sites):
         raise CloverError("sequential calibration needs a single stack of self-attention layers (GPT-2, LLaMA "
                           "family, BERT); this model has several stacks or cross-attention: drop --sequential")
-    thresholds = config.qk_threshold is not None or config.vo_threshold is not None
-    if config.allocation == "global" and not thresholds:
+    ranked_globally = [k for k in ("qk", "vo") if config.active(k) and config.threshold_for(k) is None]
+    if config.allocation == "global" and ranked_globally:
         raise CloverError("--allocation global ranks every layer against the others before any is pruned, so it "
                           "cannot follow sequential calibration: use --allocation uniform (or a threshold) with "
                           "--sequential, or drop --sequential")
@@ -50,7 +50,7 @@ def masked(c: Candidate, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-width factors computing what ``c.truncate(keep)`` computes: kept columns in place, the rest zero."""
     left, right = c.truncate(keep)
     idx = c.columns(keep)
-    full_left = torch.zeros(*left.shape[:2], c.left.shape[-1], dtype=left.dtype)
+    full_left = torch.zeros(*left.shape[:2], c.left.shape[-1], dtype=left.dtype, device=left.device)
     full_right = torch.zeros_like(c.right)
     full_left.scatter_(2, idx[:, None, :].expand(-1, left.shape[1], -1), left)
     full_right.scatter_(2, idx[:, None, :].expand(-1, right.shape[1], -1), right)
@@ -111,8 +111,7 @@ def plan(model: nn.Module, adapter: Adapter, sites: list[AttentionSite], config,
                 if site not in chosen:
                     continue
                 c = make_candidate(site, weights[site.name], kind, stats[site.name])
-                keep = choose([c], ratio=config.qk_ratio if kind == "qk" else config.vo_ratio,
-                              threshold=config.qk_threshold if kind == "qk" else config.vo_threshold,
+                keep = choose([c], ratio=config.ratio_for(kind), threshold=config.threshold_for(kind),
                               allocation="uniform", what=f"--{kind}-ratio")[0]
                 candidates[kind].append(c)
                 keeps[kind].append(keep)

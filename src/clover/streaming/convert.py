@@ -278,9 +278,7 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
         raise CloverError(f"unknown allocation {config.allocation!r}: use uniform or global")
     pruned_config(conv.config, [LayerRanks(s.name, s.layer, 1, 1, 1, 1) for s in sites[:1]], task,
                   type(conv.model).__name__)  # fails now, not after the work, if the family cannot be pruned
-    threshold = {"qk": config.qk_threshold, "vo": config.vo_threshold}
-    ratio = {"qk": config.qk_ratio, "vo": config.vo_ratio}
-    global_kinds = [k for k in kinds if config.allocation == "global" and threshold[k] is None]
+    global_kinds = [k for k in kinds if config.allocation == "global" and config.threshold_for(k) is None]
 
     work = conv.work.open()
     collected: list[str] = []
@@ -334,8 +332,9 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
         for block in conv.blocks:
             scores.update(work.read_tensors(f"scores-{block.index:05d}.safetensors"))
         for kind in global_kinds:
-            keeps_global[kind] = choose([_Scores(scores[f"{s.name}|{kind}"]) for s in sites], ratio=ratio[kind],
-                                        threshold=None, allocation="global", what=f"--{kind}-ratio")
+            keeps_global[kind] = choose([_Scores(scores[f"{s.name}|{kind}"]) for s in sites],
+                                        ratio=config.ratio_for(kind), threshold=None, allocation="global",
+                                        what=f"--{kind}-ratio")
 
     done = work.done("write")
     position = {s.name: i for i, s in enumerate(sites)}
@@ -349,8 +348,8 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
             for site, by_kind in candidates_of(block, stats).items():
                 site_obj = next(s for s in block.sites if s.name == site)
                 keeps = {kind: keeps_global[kind][position[site]] if kind in keeps_global else
-                         choose([c], ratio=ratio[kind], threshold=threshold[kind], allocation="uniform",
-                                what=f"--{kind}-ratio")[0]
+                         choose([c], ratio=config.ratio_for(kind), threshold=config.threshold_for(kind),
+                                allocation="uniform", what=f"--{kind}-ratio")[0]
                          for kind, c in by_kind.items()}
                 before = adapter.read(site_obj)
                 new, layer, intended = prune_block(site_obj, before, by_kind, keeps)
