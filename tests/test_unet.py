@@ -109,7 +109,7 @@ def test_orthogonalize_is_exact_for_self_and_cross_attention(variant):
     assert roles == {("self", "qk"), ("self", "vo"), ("cross", "qk"), ("cross", "vo")}
     assert report.check.passed
     for key, product in _products(unet).items():
-        assert torch.allclose(product, products[key], atol=1e-5, rtol=1e-5), key
+        assert (product - products[key]).abs().max() <= 1e-5 * products[key].abs().max(), key
     assert _relative(model_outputs(unet, inputs), before) <= 1e-4  # fp32 rounding of the rewritten weights
     for pair in report.pairs:  # sorted, so the tail is what pruning drops
         for s in pair.singular_values:
