@@ -66,8 +66,9 @@ def tiny_qwen2():
 
 
 def tiny_bert(**kw):
-    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                     vocab_size=VOCAB, max_position_embeddings=128, initializer_range=INIT, pad_token_id=0, **kw)
+    settings = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                    vocab_size=VOCAB, max_position_embeddings=128, initializer_range=INIT, pad_token_id=0)
+    cfg = BertConfig(**{**settings, **kw})
     return _build(BertForMaskedLM, cfg)
 
 

@@ -97,9 +97,9 @@ def test_prune_end_to_end(model_dir, tmp_path):
 @needs_data
 @pytest.mark.parametrize("args, message", [
     (["--vo-ratio", 1.5], "outside"),
-    (["--qk-ratio", 0.5], "rotary-weight or rotary-activation"),
+    (["--qk-ratio", 0.5, "--calib-seqlen", 32], "rotary-weight or rotary-activation"),
     (["--vo-ratio", 0.5, "--calib-samples", 100000], "tokens"),
-    (["--vo-ratio", 0.5, "--calib", "/no/such/corpus"], "/no/such/corpus"),
+    (["--vo-ratio", 0.5, "--calib-seqlen", 32, "--calib", "/no/such/corpus"], "/no/such/corpus"),
     (["--vo-ratio", 0.5, "--sequential", "--allocation", "global", "--calib-samples", 2, "--calib-seqlen", 32],
      "--allocation uniform"),
 ])
@@ -122,7 +122,7 @@ def test_sweep_table_plot_json(model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["eval", "{model}", "--seqlen", 100000], "--seqlen"),
-    (["eval", "{model}", "--data", "/no/such/dir"], "/no/such/dir"),
+    (["eval", "{model}", "--seqlen", 64, "--data", "/no/such/dir"], "/no/such/dir"),
     (["inspect", "/no/such/model"], "/no/such/model"),
     (["orthogonalize", "{model}", "--out", "{tmp}/o", "--pairs", "qk,xy"], "unknown pair"),
 ])

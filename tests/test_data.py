@@ -72,7 +72,15 @@ def test_folder_without_the_split_says_what_was_expected(no_env, tmp_path):
         data.load_rows(split="validation", data=tmp_path)
 
 
-def test_hub_failure_tells_how_to_work_offline(no_env, monkeypatch):
+@pytest.fixture
+def online(monkeypatch):
+    """Pretend the hub answers (the machine running the tests may be offline), so load_dataset is what decides."""
+    from clover import hub
+
+    monkeypatch.setattr(hub, "unreachable_reason", lambda timeout=3.0: None)
+
+
+def test_hub_failure_tells_how_to_work_offline(no_env, online, monkeypatch):
     import datasets
 
     def offline(*args, **kwargs):
@@ -83,7 +91,23 @@ def test_hub_failure_tells_how_to_work_offline(no_env, monkeypatch):
         data.load_rows()
 
 
-def test_hub_is_the_last_resort(no_env, monkeypatch):
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_fails_fast_without_trying_the_hub(no_env, monkeypatch, var):
+    """No corpus and an offline machine: the error comes at once, without the hub client's retries."""
+    import datasets
+
+    def never(*args, **kwargs):
+        raise AssertionError("load_dataset must not be tried when offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    for other in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(var, "1")
+    with pytest.raises(CloverError, match=rf"hub is not available \({var} is set\).*--data.*CLOVER_DATA"):
+        data.load_rows(split="validation")
+
+
+def test_hub_is_the_last_resort(no_env, online, monkeypatch):
     import datasets
 
     calls = []

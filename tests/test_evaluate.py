@@ -94,7 +94,7 @@ def test_bad_arguments(model, tok, text):
         perplexity(model, None, text, seqlen=32)
     with pytest.raises(CloverError, match="at least 2"):
         perplexity(model, tok, text, seqlen=1)
-    with pytest.raises(CloverError, match="max_windows"):
+    with pytest.raises(CloverError, match="--max-windows"):
         perplexity(model, tok, text, seqlen=32, max_windows=0)
 
 

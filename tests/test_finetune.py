@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -240,7 +241,7 @@ def test_resume_after_interruption_loses_nothing(tokenizer, tmp_path):
                       progress=False, log=lambda s: None)
     assert second.resumed_from.endswith("checkpoint-2")
     assert second.digest == first.digest
-    with pytest.raises(CloverError, match="written for method 'clover'"):
+    with pytest.raises(CloverError, match="another run \\(method 'clover' there, 'lora' now"):
         train(tiny_llama(vocab_size=320), tokenizer, _dataset(tokenizer), FinetuneConfig(method="lora", steps=2),
               tmp_path / "run", progress=False, log=lambda s: None)
 
@@ -272,6 +273,7 @@ def test_cli_finetune_init_only_then_train(tokenizer, tmp_path):
                               str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
     bad = runner.invoke(app, ["finetune", str(base), "--data", str(data), "--targets", "xyz", "--steps", "1",
+                              "--seqlen", "32",
                               "--out", str(tmp_path / "o3")])
     assert bad.exit_code == 2 and "unknown fine-tuning target" in bad.output
 
@@ -313,3 +315,43 @@ def test_a_unet_without_mlp_up_support_names_the_fix():
     from test_unet import tiny_unet
     with pytest.raises(CloverError, match="UNet2DConditionModel model has no MLP up projection"):
         attach(tiny_unet(), TuneConfig(targets="qk,vo,up", progress=False))
+
+
+def test_cli_resume_respects_what_changed(tokenizer, tmp_path):
+    """Other data or lr with --overwrite starts afresh (a new model); without it, the old checkpoints are refused."""
+    from typer.testing import CliRunner
+
+    from clover.cli import app
+
+    base = tmp_path / "base"
+    tiny_llama(vocab_size=320).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    (tmp_path / "a.txt").write_text(SAMPLE_TEXT * 10)
+    (tmp_path / "b.txt").write_text(SAMPLE_TEXT.upper() * 10)
+    runner = CliRunner()
+
+    def tune(data, lr, *extra):
+        result = runner.invoke(app, ["finetune", str(base), "--data", str(tmp_path / data), "--steps", "2",
+                                     "--save-steps", "1", "--batch-size", "2", "--seqlen", "32", "--lr", lr,
+                                     "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json"), *extra])
+        return result.exit_code, result.output
+
+    code, out = tune("a.txt", "1e-2")
+    assert code == 0, out
+    first = json.loads((tmp_path / "r.json").read_text())
+    code, out = tune("b.txt", "5e-3", "--overwrite")
+    assert code == 0, out
+    second = json.loads((tmp_path / "r.json").read_text())
+    assert second["resumed_from"] is None and second["digest"] != first["digest"]
+    assert second["config"]["data"].endswith(
+        hashlib.sha256((tmp_path / "b.txt").read_bytes()).hexdigest())
+    # The same output name without --overwrite is refused before anything; another --out over the same checkpoints
+    # with other settings is refused naming what differs.
+    code, out = tune("a.txt", "1e-2", "--checkpoints", str(tmp_path / "out.checkpoints"))
+    assert code == 2 and "--overwrite" in out
+    result = runner.invoke(app, ["finetune", str(base), "--data", str(tmp_path / "a.txt"), "--steps", "2",
+                                 "--batch-size", "2", "--seqlen", "32", "--lr", "1e-2", "--out", str(tmp_path / "o2"),
+                                 "--checkpoints", str(tmp_path / "out.checkpoints")])
+    assert result.exit_code == 2 and "belong to another run" in result.output, result.output
+    assert "lr 0.005 there, 0.01 now" in " ".join(result.output.split())
+    assert not (tmp_path / "o2").exists()

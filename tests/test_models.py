@@ -135,11 +135,26 @@ def test_broken_gguf_names_the_file(tmp_path):
 def test_hub_failure_suggests_local_or_registry(monkeypatch):
     from transformers import AutoConfig
 
+    from clover import hub
+
+    monkeypatch.setattr(hub, "unreachable_reason", lambda timeout=3.0: None)  # the hub "answers"; loading fails
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(AutoConfig, "from_pretrained", offline)
     with pytest.raises(CloverError, match=r"could not be fetched.*local folder.*smollm2-135m"):
+        models.load("someorg/somemodel")
+
+
+def test_hub_model_offline_fails_fast(monkeypatch):
+    from transformers import AutoConfig
+
+    def never(*args, **kwargs):
+        raise AssertionError("the hub must not be tried when offline")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", never)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CloverError, match=r"could not be fetched.*HF_HUB_OFFLINE is set.*local folder"):
         models.load("someorg/somemodel")
 
 

@@ -297,3 +297,20 @@ def test_mistral_and_qwen2_prune_into_the_llama_runtime(build, tmp_path):
 def test_sliding_window_attention_is_refused_for_pruning():
     with pytest.raises(CloverError, match="sliding-window attention"):
         prune(tiny_mistral(sliding_window=16), _config("clover", None, vo_ratio=0.5))
+
+
+def test_bfloat16_prune_reports_the_model_it_saves(tmp_path):
+    """In bfloat16 the pruned model keeps the float32 rotary frequencies the loader keeps, so what prune returns
+    (and reports perplexity for) computes exactly what the saved checkpoint computes once reloaded."""
+    from clover.models import load
+    from clover.save import save_model
+
+    tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    model = load(str(tmp_path / "src"), dtype="bfloat16").model
+    pruned, _ = prune(model, PruneConfig(vo_ratio=0.5, progress=False))
+    assert {b.dtype for b in pruned.buffers()} == {b.dtype for b in model.buffers()} == {torch.float32}
+    save_model(pruned, None, tmp_path / "out")
+    reloaded = load(str(tmp_path / "out")).model
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(pruned(ids).logits, reloaded(ids).logits)

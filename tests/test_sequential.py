@@ -24,8 +24,11 @@ NEEDS = dict(inputs=True, head_outputs=True, channels=True)
 
 
 def _config(**kw):
-    return PruneConfig(criterion="whitened", qk_criterion="rotary-activation", qk_ratio=0.5, vo_ratio=0.5,
-                       calibration=CALIB, progress=False, **kw)
+    settings = dict(criterion="whitened", qk_criterion="rotary-activation", qk_ratio=0.5, vo_ratio=0.5,
+                    calibration=CALIB, progress=False)
+    if "vo_threshold" in kw:  # a threshold replaces the pair's ratio (giving both is an error)
+        settings["vo_ratio"] = 0.0
+    return PruneConfig(**{**settings, **kw})
 
 
 def _mask_layer(model, site, stats):

@@ -343,5 +343,6 @@ def test_cli_names_the_unet_folder_of_a_pipeline_and_refuses_streaming(unet_dir,
     (pipeline / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     code, out = _cli("inspect", pipeline)
     assert code == 2 and "pass its UNet folder" in out, out
-    code, out = _cli("prune", unet_dir, "--out", tmp_path / "p", "--stream", "--criterion", "clover")
+    code, out = _cli("prune", unet_dir, "--out", tmp_path / "p", "--stream", "--criterion", "clover",
+                     "--vo-ratio", "0.25")
     assert code == 2 and "drop --stream" in out, out

@@ -4,6 +4,7 @@ Importing clover registers the pruned model types (``clover_llama``, ``clover_gp
 ``clover_whisper``) with transformers' Auto classes, so pruned checkpoints load with a plain ``from_pretrained``.
 """
 
+from . import save  # documented as clover.save.save_model(...), so it must be there after `import clover`
 from .decompose import Factors, decompose
 from .errors import CloverError
 from .modeling import register_all as _register_all
@@ -38,5 +39,6 @@ __all__ = [
     "load_pruned_unet",
     "orthogonalize_",
     "prune",
+    "save",
     "save_pruned_unet",
 ]

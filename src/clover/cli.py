@@ -93,6 +93,53 @@ def _refuse_perplexity(model: str, what: str) -> None:
                                                                            if what == "--eval-ppl" else ""))
 
 
+def _check_outputs(model: str, *, out: Optional[Path] = None, overwrite: bool = False,
+                   json_path: Optional[Path] = None, plot: Optional[Path] = None) -> None:
+    """Every path the command will write, checked before anything loads (nothing is written on failure)."""
+    from .preflight import check_json, check_out_dir, check_plot
+
+    if out is not None:
+        check_out_dir(out, overwrite, model)
+    check_json(json_path)
+    check_plot(plot)
+
+
+def _task(config_or_model) -> Optional[str]:
+    """The head of a config (from its architectures) or of a loaded model, as a modeling CLASSES key."""
+    from . import modeling
+    from .preflight import architecture
+
+    if config_or_model is None:
+        return None
+    if hasattr(config_or_model, "forward"):
+        return modeling.task_of(config_or_model)
+    name = architecture(config_or_model)
+    return modeling.task_of_architecture(name) if name else None
+
+
+def _require_causal_lm(config_or_model, model: str, what: str) -> None:
+    """Next-token perplexity and causal-LM training mean nothing for other heads: refuse them by name."""
+    from . import modeling
+
+    task = _task(config_or_model)
+    if task is None or task == "causal_lm":
+        return
+    name = modeling.TASK_NAMES.get(task, task)
+    fix = {"masked_lm": "for an encoder, compare it with its original: clover eval MODEL --compare ORIGINAL",
+           "base": "for an encoder, compare it with its original: clover eval MODEL --compare ORIGINAL",
+           "speech_seq2seq": "judge a speech model by its word error rate in your own pipeline"}.get(
+        task, "use a causal-LM checkpoint (architectures *ForCausalLM)")
+    raise CloverError(f"{what} needs a causal language model and {model} is a {name}: {fix}")
+
+
+def _check_seqlens(config, seqlens: dict[str, int]) -> None:
+    """Each ``{flag: tokens}`` fits the model's context (a no-op where the config is not known yet)."""
+    from .preflight import check_seqlen
+
+    for flag, tokens in seqlens.items():
+        check_seqlen(config, tokens, flag)
+
+
 def _ranks_cell(ranks: list[int]) -> str:
     """Per-head counts when there are few heads, else min / median / max."""
     if len(ranks) <= 4:
@@ -112,6 +159,7 @@ def inspect(
     from .save import write_json
     from .spectra import collect_spectra, plot_spectra, spectra_to_json
 
+    _check_outputs(model, json_path=json_path, plot=plot)
     loaded = _load(model, dtype)
     rows = collect_spectra(loaded.model)
     head_dim = {r.kind: len(r.singular_values[0]) for r in rows}
@@ -160,13 +208,14 @@ def orthogonalize(
     """Rewrite every head so its dims are orthogonal and sorted by singular value; prove nothing changed; save."""
     import torch
 
-    from .orthogonalize import OrthogonalizeConfig, orthogonalize_
-    from .save import check_output_dir, save_model, write_json
+    from .orthogonalize import OrthogonalizeConfig, check_config, orthogonalize_
+    from .save import save_model, write_json
 
-    check_output_dir(out, overwrite)
+    _check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
     if compute_dtype not in ("float64", "float32"):
         raise CloverError(f"unknown --compute-dtype {compute_dtype!r}: use float64 or float32")
     kinds = tuple(p.strip() for p in pairs.split(",") if p.strip())
+    check_config(OrthogonalizeConfig(pairs=kinds))
     if _streams(model, stream):
         from .streaming import StreamOptions, stream_orthogonalize
 
@@ -212,27 +261,68 @@ def evaluate(
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Folder holding wikitext-2-raw-v1/ (else $CLOVER_DATA, "
                                                       "else the hub).")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="Encoders: instead of perplexity, compare mean-pooled "
+                                                        "embeddings with this original model on held-out text.")]
+    = None,
+    max_texts: Annotated[int, typer.Option(help="--compare: held-out texts embedded (WikiText-2 test rows).")] = 256,
+    text_tokens: Annotated[int, typer.Option(help="--compare: tokens per text (longer texts are truncated).")] = 128,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = None,
 ):
-    """Perplexity on the WikiText-2 test split: rows joined by blank lines, tokenized once, disjoint windows."""
+    """Perplexity on the WikiText-2 test split (rows joined by blank lines, tokenized once, disjoint windows), or
+    with --compare ORIGINAL the embedding fidelity of an encoder to the model it was made from."""
     from .data import load_text
     from .evaluate import perplexity
+    from .preflight import read_config
     from .save import write_json
 
+    _check_outputs(model, json_path=json_path)
     if ppl != "wikitext2":
         raise CloverError(f"unknown corpus {ppl!r}: clover evaluates perplexity on wikitext2")
+    if compare is not None:
+        return _compare(model, compare, max_texts, text_tokens, data, json_path, dtype)
     _refuse_perplexity(model, "perplexity")
+    config = read_config(model)
+    _require_causal_lm(config, model, "eval --ppl (next-token perplexity)")
+    _check_seqlens(config, {"--seqlen": seqlen})
     text = load_text(corpus=ppl, split="test", data=data)
     loaded = _load(model, dtype)
     if loaded.tokenizer is None:
         raise CloverError(f"{model} has no tokenizer: save one next to the weights to evaluate perplexity")
+    _require_causal_lm(loaded.model, model, "eval --ppl (next-token perplexity)")
     result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=seqlen, max_windows=max_windows)
     console.print(f"{model}: wikitext2 test perplexity {result.ppl:.3f} "
                   f"({result.windows} windows x {result.seqlen} tokens, {result.tokens} tokens predicted)")
     if json_path:
         write_json(json_path, {"model": model, "corpus": ppl, "split": "test", "ppl": result.ppl, "nll": result.nll,
                                "windows": result.windows, "tokens": result.tokens, "seqlen": result.seqlen})
+
+
+def _compare(model: str, original: str, max_texts: int, max_length: int, data, json_path, dtype) -> None:
+    """``eval --compare``: embedding fidelity of ``model`` to ``original`` (clover.fidelity)."""
+    from .data import load_rows
+    from .fidelity import embedding_fidelity, held_out_texts
+    from .models import resolve
+    from .preflight import read_config
+    from .save import write_json
+
+    resolve(original)  # a typo in either name fails before anything loads
+    _refuse_perplexity(model, "--compare (text embeddings)")
+    _check_seqlens(read_config(model), {"--text-tokens": max_length})
+    texts = held_out_texts(load_rows(corpus="wikitext2", split="test", data=data), max_texts)
+    loaded = _load(model, dtype)
+    reference = _load(original, dtype)
+    tokenizer = loaded.tokenizer or reference.tokenizer
+    with console.status(f"embedding {len(texts)} held-out texts with both models"):
+        result = embedding_fidelity(loaded.model, reference.model, tokenizer, texts, max_length=max_length)
+    table = Table(title=f"{model} against {original}: embedding fidelity on {result.texts} WikiText-2 test texts "
+                        f"(<= {result.max_length} tokens, mean-pooled last hidden states)")
+    for col in ("mean cosine", "min cosine", "similarity rank correlation (Spearman)"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result.mean_cosine:.4f}", f"{result.min_cosine:.4f}", f"{result.similarity_spearman:.4f}")
+    console.print(table)
+    if json_path:
+        write_json(json_path, {"model": model, "original": original, "split": "test", **result.to_dict()})
 
 
 CriterionOpt = Annotated[str, typer.Option(help="vanilla (norm product), clover (SVD) or whitened (data-aware).")]
@@ -343,32 +433,49 @@ def prune(
     stream: StreamOpt = None,
 ):
     """Remove the least important head directions: smaller Q/K/V/O weights and a smaller KV cache."""
-    from .prune import PruneConfig, prune as run_prune
-    from .save import check_output_dir, save_model, write_json
+    from . import modeling
+    from .preflight import read_config
+    from .prune import PruneConfig, check_runtime, prune as run_prune
+    from .save import save_model, write_json
 
-    check_output_dir(out, overwrite)
+    _check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
+    config = PruneConfig(qk_ratio=qk_ratio, vo_ratio=vo_ratio, criterion=criterion, qk_criterion=qk_criterion,
+                         qk_threshold=qk_threshold, vo_threshold=vo_threshold, allocation=allocation,
+                         vo_whitening=vo_whitening, sequential=sequential)
+    config.check()
+    calibrates = _needs_calibration(config.pair_criterion("qk") if config.active("qk") else None,
+                                    config.pair_criterion("vo") if config.active("vo") else None)
+    seqlens = {**({"--calib-seqlen": calib_seqlen} if calibrates else {}), **({"--seqlen": seqlen} if eval_ppl else {})}
     if eval_ppl:
         _refuse_perplexity(model, "--eval-ppl")
     streaming = _streams(model, stream)
     if streaming and eval_ppl:
         raise CloverError("--eval-ppl needs the whole model in memory: run `clover eval` on the streamed output, "
                           "or pass --no-stream")
-    loaded = _tokenizer_only(model) if streaming else _load(model, dtype)
-    config = PruneConfig(qk_ratio=qk_ratio, vo_ratio=vo_ratio, criterion=criterion, qk_criterion=qk_criterion,
-                         qk_threshold=qk_threshold, vo_threshold=vo_threshold, allocation=allocation,
-                         vo_whitening=vo_whitening, sequential=sequential)
-    if _needs_calibration(config.pair_criterion("qk") if config.active("qk") else None,
-                          config.pair_criterion("vo") if config.active("vo") else None):
-        config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
-    if calib_features is not None:
-        from .adapters.whisper import load_calibration_features
-
-        load_calibration_features(loaded.model, calib_features)
+    peeked = read_config(model)
+    if peeked is not None:  # the head and the lengths, from config.json alone
+        modeling.check_prunable(peeked)
+        if eval_ppl:
+            _require_causal_lm(peeked, model, "--eval-ppl (next-token perplexity)")
+        _check_seqlens(peeked, seqlens)
     text = None
     if eval_ppl:
         from .data import load_text
 
         text = load_text(corpus="wikitext2", split="test", data=data)
+    loaded = _tokenizer_only(model) if streaming else _load(model, dtype)
+    if not streaming:
+        check_runtime(loaded.model)
+        if eval_ppl:
+            _require_causal_lm(loaded.model, model, "--eval-ppl (next-token perplexity)")
+        if loaded.source.library == "transformers":  # a UNet's --calib-seqlen counts text-embedding tokens
+            _check_seqlens(loaded.model.config, seqlens)
+    if calibrates:
+        config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
+    if calib_features is not None:
+        from .adapters.whisper import load_calibration_features
+
+        load_calibration_features(loaded.model, calib_features)
     if streaming:
         from .streaming import StreamOptions, stream_prune
 
@@ -413,6 +520,21 @@ def prune(
         write_json(json_path, payload)
 
 
+def _parse_ratios(text: str) -> list[float]:
+    ratios = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            ratios.append(float(part))
+        except ValueError:
+            raise CloverError(f"--ratios {text!r}: {part!r} is not a number; pass fractions such as 0.125,0.25,0.5") \
+                from None
+    if not ratios:
+        raise CloverError("--ratios is empty: pass fractions such as 0.125,0.25,0.5")
+    return ratios
+
+
 @app.command()
 @_fails_cleanly
 def sweep(
@@ -438,15 +560,32 @@ def sweep(
     from .save import write_json
     from .sweep import plot_sweep, run_sweep
 
+    from .preflight import read_config
+    from .ranks import check_ratio
+
+    _check_outputs(model, json_path=json_path, plot=plot)
     if pair not in ("qk", "vo", "both"):
         raise CloverError(f"unknown --pair {pair!r}: use qk, vo or both")
     _refuse_perplexity(model, "clover sweep (perplexity against ratio)")
-    ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    ratio_list = _parse_ratios(ratios)
+    for ratio in ratio_list:
+        check_ratio(ratio, "--ratios entry")
+        if ratio == 0:
+            raise CloverError("--ratios entry 0 prunes nothing (the base model is always measured): drop it")
     criteria_list = [c.strip() for c in criteria.split(",") if c.strip()]
-    loaded = _load(model, dtype)
+    if not criteria_list:
+        raise CloverError("--criteria is empty: pass some of vanilla, clover, whitened")
+    calibrates = _needs_calibration(*criteria_list, qk_criterion)
+    seqlens = {"--seqlen": seqlen, **({"--calib-seqlen": calib_seqlen} if calibrates else {})}
+    peeked = read_config(model)
+    _require_causal_lm(peeked, model, "clover sweep (next-token perplexity)")
+    _check_seqlens(peeked, seqlens)
     text = load_text(corpus="wikitext2", split="test", data=data)
+    loaded = _load(model, dtype)
+    _require_causal_lm(loaded.model, model, "clover sweep (next-token perplexity)")
+    _check_seqlens(loaded.model.config, seqlens)
     calibration = None
-    if _needs_calibration(*criteria_list, qk_criterion):
+    if calibrates:
         calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
     result = run_sweep(loaded.model, loaded.tokenizer, text, pair=pair, ratios=ratio_list, criteria=criteria_list,
                        qk_criterion=qk_criterion, allocation=allocation, calibration=calibration, seqlen=seqlen,
@@ -507,16 +646,23 @@ def finetune(
     from .finetune.attach import TuneConfig
     from .finetune.data import load_texts, token_windows
     from .finetune.targets import parse_match
-    from .finetune.train import FinetuneConfig, train
-    from .save import check_output_dir, save_model, write_json
+    from .finetune.train import FinetuneConfig, data_fingerprint, train
+    from .preflight import read_config
+    from .save import save_model, write_json
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun, rank 0 writes
-    check_output_dir(out, overwrite)
+    _check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
+    # --overwrite replaces the output and starts the run afresh: old checkpoints are another run's.
     config = FinetuneConfig(method=method, targets=targets, lora_r=lora_r, steps=steps, lr=lr, batch_size=batch_size,
                             grad_accum=grad_accum, seqlen=seqlen, dropout=dropout, train_bias=train_bias,
-                            save_steps=save_steps, seed=seed, resume=resume,
+                            save_steps=save_steps, seed=seed, resume=resume and not overwrite,
                             match_lora_r=parse_match(match_params_of) if match_params_of else None)
     config.check()
+    if checkpoints is not None:
+        from .preflight import check_out_dir
+
+        check_out_dir(checkpoints, True, model, flag="--checkpoints")
+    decomposed = is_decomposed_dir(model)
     if init_only:
         if method != "clover":
             raise CloverError("--init-only decomposes for CLOVER: use it with --method clover")
@@ -530,7 +676,11 @@ def finetune(
     if data is None:
         raise CloverError("no training data: pass --data PATH (.txt, .jsonl or .parquet)")
     texts = load_texts(data)
-    if is_decomposed_dir(model):
+    peeked = None if decomposed else read_config(model)
+    _require_causal_lm(peeked, model, "clover finetune (causal-LM training)")
+    _check_seqlens(peeked, {"--seqlen": seqlen})
+    config.data = data_fingerprint(data)
+    if decomposed:
         if method != "clover":
             raise CloverError(f"{model} is a decomposed CLOVER checkpoint: train it with --method clover, "
                               "or start LoRA / PiSSA / DoRA from the original model")
@@ -538,6 +688,8 @@ def finetune(
     else:
         loaded = _load(model, dtype)
         net, tokenizer = loaded.model, loaded.tokenizer
+    _require_causal_lm(net, model, "clover finetune (causal-LM training)")
+    _check_seqlens(net.config, {"--seqlen": seqlen})
     dataset = token_windows(tokenizer, texts, seqlen)
     run_dir = checkpoints or out.parent / f"{out.name}.checkpoints"
     final, result = train(net, tokenizer, dataset, config, run_dir, model_name=str(model),

@@ -64,6 +64,12 @@ def _read_parquet(path: str) -> list[str]:
 
 
 def _from_hub(dataset_args: tuple[str, str], split: str) -> list[str]:
+    from .hub import unreachable_reason
+
+    offline = unreachable_reason()
+    if offline:
+        raise CloverError(f"no local {dataset_args[1]} corpus and the hub is not available ({offline}): pass --data "
+                          f"pointing at a folder holding {dataset_args[1]}/ or set {ENV_VAR}")
     try:
         import datasets
 
@@ -106,13 +112,14 @@ def calibration_batches(tokenizer, rows: list[str], n_samples: int, seqlen: int,
     and the same seed always gives the same batch.
     """
     if n_samples < 1 or seqlen < 1:
-        raise CloverError(f"calibration needs n_samples >= 1 and seqlen >= 1, got {n_samples} and {seqlen}")
+        raise CloverError(f"calibration needs --calib-samples >= 1 and --calib-seqlen >= 1, got {n_samples} and "
+                          f"{seqlen}")
     ids = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
     needed = n_samples * seqlen
     if ids.numel() < needed:
         raise CloverError(
-            f"calibration corpus has {ids.numel()} tokens but {n_samples} samples x {seqlen} tokens = {needed} "
-            "were asked for: lower the number of samples or the sequence length"
+            f"calibration corpus has {ids.numel()} tokens but --calib-samples {n_samples} x --calib-seqlen {seqlen} "
+            f"= {needed} were asked for: lower --calib-samples or --calib-seqlen"
         )
     generator = torch.Generator().manual_seed(seed)
     # Slack left after the maximum number of whole slots; a random shift of the slot grid uses it.

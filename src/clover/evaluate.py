@@ -34,7 +34,7 @@ def context_length(config) -> int | None:
     if callable(get_text):
         configs.append(get_text())  # multimodal configs keep it on the text sub-config
     for cfg in configs:
-        for attr in ("max_position_embeddings", "n_positions"):
+        for attr in ("max_position_embeddings", "n_positions", "max_target_positions"):  # the last: Whisper
             value = getattr(cfg, attr, None)
             if isinstance(value, int) and value > 0:
                 return value
@@ -74,7 +74,7 @@ def perplexity(
     if batch_size < 1:
         raise CloverError(f"batch size {batch_size} is not positive: use a batch size of at least 1")
     if max_windows is not None and max_windows < 1:
-        raise CloverError(f"max_windows {max_windows} is not positive: use at least 1 or leave it unset")
+        raise CloverError(f"--max-windows {max_windows} is not positive: use at least 1 or leave it unset")
     limit = context_length(model.config)
     if limit is not None and seqlen > limit:
         raise CloverError(

@@ -78,6 +78,9 @@ def _directory_source(folder: str, shown: str) -> ModelSource:
         raise CloverError(
             f"model folder {shown} holds several .gguf files ({', '.join(ggufs)}): pass the path of the one to use"
         )
+    if os.path.isfile(os.path.join(folder, "clover_tune.json")):  # finetune.attach.DECOMPOSED_CONFIG
+        raise CloverError(f"model folder {shown} is a decomposed CLOVER checkpoint (written by `clover finetune "
+                          "--init-only`): train it with `clover finetune`, or pass the original or merged model")
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         raise CloverError(f"model folder {shown} is a diffusers pipeline: pass its UNet folder ({shown}/unet)")
     if has_config:
@@ -161,35 +164,64 @@ def _resolve_dtype(dtype: Any):
     return value
 
 
-def _auto_classes(config) -> list:
-    """The auto classes worth trying for ``config``, most specific first."""
+def _named_class(name: str):
+    """The model class ``config.architectures`` names: a transformers class, or one of clover's pruned runtimes."""
+    import transformers
+
+    from . import modeling
+
+    try:
+        cls = getattr(transformers, name)
+    except (AttributeError, ImportError, RuntimeError):
+        cls = None
+    if isinstance(cls, type):
+        return cls
+    for family in dict.fromkeys(modeling.FAMILIES.values()):
+        try:
+            classes = getattr(modeling.family_module(family.removeprefix("clover_")), "CLASSES", None) or {}
+        except ImportError:
+            continue
+        for candidate in classes.values():
+            if candidate.__name__ == name:
+                return candidate
+    return None
+
+
+def _model_classes(config) -> list:
+    """The classes worth trying for ``config``, most specific first: the one its ``architectures`` names, so a
+    checkpoint keeps its head (a sentence encoder's ``BertModel`` with its pooler, a classifier's ``score``)."""
     from transformers import (
         AutoModel,
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
-        AutoModelForMaskedLM,
         AutoModelForSpeechSeq2Seq,
     )
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     architectures = getattr(config, "architectures", None) or []
-    # Whisper: WhisperForCausalLM (decoder only) also exists, so the speech seq2seq head must be asked for first.
-    if type(config) in AutoModelForSpeechSeq2Seq._model_mapping and (
-            not architectures or any(a.endswith("ForConditionalGeneration") for a in architectures)):
+    if architectures:
+        named = _named_class(architectures[0])
+        if named is not None:
+            return [named]
+    # No usable name: the head clover rewrites for most, tried in turn.
+    if type(config) in AutoModelForSpeechSeq2Seq._model_mapping:
         return [AutoModelForSpeechSeq2Seq, AutoModel]
-    # Vision-language checkpoints (Mllama) must not fall through to AutoModelForCausalLM, which would load the
-    # text half alone and drop the vision encoder.
-    if any(a in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values() or a.removeprefix("Clover") in
-           MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values() for a in architectures):
+    if type(config) in AutoModelForImageTextToText._model_mapping:
         return [AutoModelForImageTextToText]
-    if any(a.endswith("ForMaskedLM") for a in architectures):
-        return [AutoModelForMaskedLM, AutoModel]
-    # GPT-2 style checkpoints name their head *LMHeadModel rather than *ForCausalLM.
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return [AutoModelForCausalLM]
-    if not architectures and type(config) in AutoModelForCausalLM._model_mapping:
-        return [AutoModelForCausalLM]
     return [AutoModelForCausalLM, AutoModel]
+
+
+def model_from_config(config, **kwargs):
+    """A randomly initialised model of the class ``_model_classes`` picks (Auto classes and concrete classes
+    spell this differently). Raises ValueError when no class fits, as the Auto classes do."""
+    errors = []
+    for cls in _model_classes(config):
+        try:
+            if hasattr(cls, "_model_mapping"):  # an Auto class
+                return cls.from_config(config, **kwargs)
+            return cls._from_config(config, **kwargs)
+        except ValueError as error:
+            errors.append(error)
+    raise errors[-1]
 
 
 def _hub_failure(source: ModelSource, error: BaseException) -> CloverError:
@@ -231,6 +263,12 @@ def _load_transformers(source: ModelSource, dtype) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     shown = source.name
+    if source.kind == "hub":
+        from .hub import unreachable_reason
+
+        offline = unreachable_reason()
+        if offline:
+            raise _hub_failure(source, RuntimeError(f"the hub is not available: {offline}"))
     try:
         config = AutoConfig.from_pretrained(source.path)
     except (ValueError, KeyError) as error:  # transformers' way of saying "unknown model_type"
@@ -246,7 +284,7 @@ def _load_transformers(source: ModelSource, dtype) -> tuple[Any, Any]:
         ) from error
 
     model, errors = None, []
-    for auto_class in _auto_classes(config):
+    for auto_class in _model_classes(config):
         try:
             model = auto_class.from_pretrained(source.path, config=config, dtype=dtype)
             break
@@ -260,7 +298,7 @@ def _load_transformers(source: ModelSource, dtype) -> tuple[Any, Any]:
             ) from error
     if model is None:
         raise CloverError(
-            f"model {shown} ({type(config).__name__}) has no causal-LM or base model class in transformers "
+            f"model {shown} ({type(config).__name__}) has no model class in transformers for its architecture "
             f"({_first_line(errors[-1], 160)}): use a supported architecture"
         )
 

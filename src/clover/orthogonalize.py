@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, AttentionSite, adapter_for, model_type
 from .decompose import decompose
 from .errors import CloverError
-from .pairs import PairKind, cast_like, factors, with_factors
+from .pairs import PairKind, cast_like, check_finite, factors, with_factors
 from .verify import Check, compare, model_outputs
 
 ROTARY_QK_REASON = (
@@ -78,6 +78,8 @@ def skip_reason(site: AttentionSite, kind: PairKind) -> str:
 
 def check_config(config: OrthogonalizeConfig) -> None:
     unknown = set(config.pairs) - {"qk", "vo"}
+    if not config.pairs:
+        raise CloverError("no pair to rewrite: pass --pairs qk, vo or qk,vo")
     if unknown:
         raise CloverError(f"unknown pair kind(s) {sorted(unknown)}: use 'qk' and/or 'vo'")
 
@@ -87,6 +89,7 @@ def orthogonalize_site(adapter: Adapter, site: AttentionSite, config: Orthogonal
     """Rewrite one block in place; returns its results and the original factors ``{kind: (left, right)}`` whose
     products the rewritten weights must reproduce (clover.streaming checks them block by block)."""
     weights = adapter.read(site)
+    check_finite(weights, site)
     new = weights
     results, products = [], {}
     for kind in config.pairs:

@@ -31,6 +31,19 @@ class Projection:
     bias: torch.Tensor | None = None
 
 
+def check_finite(weights: "AttentionWeights", site) -> None:
+    """NaN or inf in a projection would surface as an opaque LinAlgError inside an SVD: name the layer instead."""
+    from .errors import CloverError
+
+    for name in ("q", "k", "v", "o"):
+        p = getattr(weights, name)
+        for tensor in (p.weight, p.bias):
+            if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                stack = f"{site.stack} " if getattr(site, "stack", "") else ""
+                raise CloverError(f"non-finite weights in {stack}layer {site.layer} ({site.name}, {name} projection): "
+                                  "the checkpoint holds NaN or inf; re-export or repair it before using clover")
+
+
 @dataclass
 class AttentionWeights:
     """One attention block's projections, in the layout every family reduces to."""

@@ -20,7 +20,7 @@ from .adapters import Adapter, AttentionSite, adapter_for, model_type
 from .calibrate import SiteStats
 from .criteria import CRITERIA, DATA_AWARE, ROTARY_CRITERIA, Candidate, candidate
 from .errors import CloverError
-from .pairs import AttentionWeights, PairKind, cast_like, factors, with_factors
+from .pairs import AttentionWeights, PairKind, cast_like, check_finite, factors, with_factors
 from .ranks import check_ratio, choose
 
 
@@ -61,6 +61,24 @@ class PruneConfig:
 
     def active(self, kind: PairKind) -> bool:
         return self.threshold_for(kind) is not None or self.ratio_for(kind) > 0
+
+    def check(self) -> None:
+        """What can be said of the settings alone, before any model loads: ratios in range, thresholds
+        non-negative and not mixed with a ratio for the same pair, and something to prune at all."""
+        for kind in ("qk", "vo"):
+            check_ratio(self.ratio_for(kind), f"--{kind}-ratio")
+            threshold = self.threshold_for(kind)
+            if threshold is None:
+                continue
+            if not threshold >= 0:  # also catches NaN
+                raise CloverError(f"--{kind}-threshold {threshold} is negative: it is the smallest singular value "
+                                  "kept, so use a value >= 0")
+            if self.ratio_for(kind) > 0:
+                raise CloverError(f"--{kind}-ratio and --{kind}-threshold both given: a threshold chooses the ranks "
+                                  "by itself, so pass one of them")
+        if not (self.active("qk") or self.active("vo")):
+            raise CloverError("nothing to prune: pass --qk-ratio and/or --vo-ratio (a fraction of head dims to "
+                              "remove, e.g. 0.25), or --qk-threshold / --vo-threshold")
 
 
 @dataclass
@@ -122,8 +140,7 @@ def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[l
 def validate(config: PruneConfig, adapter: Adapter, sites: list[AttentionSite]) -> None:
     if config.vo_whitening not in ("mixed", "input"):
         raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use mixed or input")
-    check_ratio(config.qk_ratio, "--qk-ratio")
-    check_ratio(config.vo_ratio, "--vo-ratio")
+    config.check()
     for kind in ("qk", "vo"):
         crit = config.pair_criterion(kind)
         if crit not in CRITERIA:
@@ -139,11 +156,33 @@ def validate(config: PruneConfig, adapter: Adapter, sites: list[AttentionSite]) 
                           "orthogonalize works, or prune a model without cross-attention")
 
 
+def check_runtime(model: nn.Module) -> None:
+    """The family's pruned runtime can hold this model (its head; LLaMA-family settings such as a sliding window):
+    checked before calibration, not found out when the pruned model is built."""
+    config = getattr(model, "config", None)
+    base = getattr(config, "model_type", None)
+    if base is None or base.removeprefix("clover_") not in modeling.FAMILIES:
+        return
+    module = modeling.family_module(base)
+    classes = getattr(module, "CLASSES", None)
+    task = modeling.task_of(model)
+    if classes is not None and task not in classes:
+        have = ", ".join(modeling.TASK_NAMES[k] for k in classes if k != "config")
+        raise CloverError(f"pruning a {type(model).__name__} is not supported: clover's pruned "
+                          f"{base.removeprefix('clover_')} runtime holds these heads: {have}")
+    if hasattr(module, "llama_settings"):
+        try:
+            module.llama_settings(config)
+        except ValueError as error:
+            raise CloverError(f"cannot prune this {base} model: {error}") from None
+
+
 def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport]:
     """Return ``(pruned_model, report)``; ``model`` itself is not modified."""
     adapter = adapter_for(model)
     sites = adapter.sites(model)
     validate(config, adapter, sites)
+    check_runtime(model)
     kinds = active_kinds(config)
     collected: list[str] = []
 
@@ -154,6 +193,8 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     targets = {kind: _targets(sites, kind, config.pair_criterion(kind), warn) for kind in kinds}
     needs = statistics_needed(config)
     weights = {site.name: adapter.read(site) for site in sites}
+    for site in sites:
+        check_finite(weights[site.name], site)
     if config.sequential and not needs:
         warn("sequential calibration has no effect here: no data-aware criterion (whitened, rotary-activation) "
              "is in use")
@@ -207,7 +248,7 @@ def _plan_one_shot(model, adapter, sites, config, targets, weights, needs, warn)
         ]
     keeps = {
         kind: choose(candidates[kind], ratio=config.ratio_for(kind), threshold=config.threshold_for(kind),
-                     allocation=config.allocation, what=f"--{kind}-ratio")
+                     allocation=config.allocation, what=f"--{kind}-ratio", names=[s.name for s in targets[kind]])
         for kind in targets
     }
     return candidates, keeps, 0 if stats is None else stats.tokens
@@ -335,7 +376,20 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
         for name, tensor in own.items():
             if name in source and source[name].shape == tensor.shape:
                 tensor.copy_(source[name])
+    _keep_buffer_dtypes(pruned, model)
     return pruned.eval()
+
+
+def _keep_buffer_dtypes(pruned: nn.Module, model: nn.Module) -> None:
+    """``.to(dtype)`` above also cast buffers that loaders keep in float32 (rotary ``inv_freq``): in bfloat16 the
+    pruned model would then compute other rotations than the same checkpoint reloaded, and report another
+    perplexity than the saved model has. Take every such buffer from the source model as it is there."""
+    source = dict(model.named_buffers())
+    for name, buffer in list(pruned.named_buffers()):
+        theirs = source.get(name)
+        if theirs is not None and theirs.shape == buffer.shape and theirs.dtype != buffer.dtype:
+            owner, _, leaf = name.rpartition(".")
+            pruned.get_submodule(owner)._buffers[leaf] = theirs.detach().clone()
 
 
 def pruned_config(base, layers: list[LayerRanks], task: str, what: str):

@@ -15,22 +15,29 @@ from .errors import CloverError
 
 
 def check_ratio(ratio: float, what: str) -> None:
+    """``what`` is the option as the user typed it (``--vo-ratio``)."""
     if not 0.0 <= ratio < 1.0:
-        raise CloverError(f"{what} ratio {ratio} is outside [0, 1): it is the fraction of head dims removed")
+        raise CloverError(f"{what} {ratio} is outside [0, 1): it is the fraction of head dims removed")
 
 
 def uniform_keep(units: int, ratio: float, what: str) -> int:
     keep = units - math.floor(units * ratio + 0.5)
     if keep < 1:
-        raise CloverError(f"{what} ratio {ratio} would leave a head with no dimensions "
+        raise CloverError(f"{what} {ratio} would leave a head with no dimensions "
                           f"({units} units per head): use a smaller ratio")
     return keep
 
 
-def threshold_keep(candidate: Candidate, threshold: float) -> int:
-    """Keep every direction whose singular value exceeds ``threshold`` in any group (at least one)."""
+def threshold_keep(candidate: Candidate, threshold: float, what: str = "threshold", name: str = "a block") -> int:
+    """Keep every direction whose singular value exceeds ``threshold`` in any group. A threshold above every
+    singular value of a block would leave it no dimensions, which is an error, as a ratio that does so is."""
     above = candidate.scores > threshold**2  # scores are squared singular values
-    return max(1, int(above.sum(dim=-1).max().item()))
+    keep = int(above.sum(dim=-1).max().item())
+    if keep < 1:
+        top = float(candidate.scores.max().clamp_min(0).sqrt())
+        raise CloverError(f"{what} {threshold:g} would leave {name} with no dimensions (its largest singular value "
+                          f"is {top:.4g}): use a threshold below that")
+    return keep
 
 
 def global_keeps(candidates: list[Candidate], ratio: float, what: str) -> list[int]:
@@ -43,7 +50,7 @@ def global_keeps(candidates: list[Candidate], ratio: float, what: str) -> list[i
     units = [c.units for c in candidates]
     remove = math.floor(sum(units) * ratio + 0.5)
     if remove > sum(units) - len(units):
-        raise CloverError(f"{what} ratio {ratio} would leave a layer with no dimensions: use a smaller ratio")
+        raise CloverError(f"{what} {ratio} would leave a layer with no dimensions: use a smaller ratio")
     entries = []
     for i, c in enumerate(candidates):
         layer_scores = c.scores.sum(dim=0)  # non-increasing: each group's scores are sorted
@@ -57,9 +64,12 @@ def global_keeps(candidates: list[Candidate], ratio: float, what: str) -> list[i
 
 
 def choose(candidates: list[Candidate], *, ratio: float, threshold: float | None, allocation: str,
-           what: str) -> list[int]:
+           what: str, names: list[str] | None = None) -> list[int]:
+    """Kept units per candidate. ``what`` is the ratio option (``--vo-ratio``); its threshold twin is derived."""
     if threshold is not None:
-        return [threshold_keep(c, threshold) for c in candidates]
+        names = names or [f"block {i}" for i in range(len(candidates))]
+        return [threshold_keep(c, threshold, what.replace("-ratio", "-threshold"), n)
+                for c, n in zip(candidates, names, strict=True)]
     check_ratio(ratio, what)
     if allocation == "global":
         return global_keeps(candidates, ratio, what)

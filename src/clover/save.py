@@ -56,10 +56,14 @@ def write_json(path: str | os.PathLike, payload: object) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (a folder in the way, a full disk) leaves no temp file beside it
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_model(model, tokenizer, out: str | os.PathLike, overwrite: bool = False, report: dict | None = None) -> Path:

@@ -112,7 +112,7 @@ def plan(model: nn.Module, adapter: Adapter, sites: list[AttentionSite], config,
                     continue
                 c = make_candidate(site, weights[site.name], kind, stats[site.name])
                 keep = choose([c], ratio=config.ratio_for(kind), threshold=config.threshold_for(kind),
-                              allocation="uniform", what=f"--{kind}-ratio")[0]
+                              allocation="uniform", what=f"--{kind}-ratio", names=[site.name])[0]
                 candidates[kind].append(c)
                 keeps[kind].append(keep)
                 new = with_factors(new, kind, *masked(c, keep))

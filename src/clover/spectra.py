@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .adapters import adapter_for
 from .decompose import spectrum
 from .orthogonalize import skip_reason
-from .pairs import PairKind, factors
+from .pairs import PairKind, check_finite, factors
 
 ENERGY_LEVELS = (0.90, 0.99)
 
@@ -50,6 +50,7 @@ def collect_spectra(model: nn.Module, compute_dtype: torch.dtype = torch.float64
     rows: list[PairSpectrum] = []
     for site in tqdm(adapter.sites(model), desc="spectra", unit="block", disable=not progress):
         weights = adapter.read(site)
+        check_finite(weights, site)
         for kind in ("qk", "vo"):
             s = spectrum(*factors(weights, kind), compute_dtype=compute_dtype)
             rows.append(PairSpectrum(site.name, site.layer, site.role, kind, not skip_reason(site, kind), s.tolist(),

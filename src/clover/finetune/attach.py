@@ -187,7 +187,7 @@ def load_decomposed(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     from transformers import AutoConfig, AutoTokenizer
 
     from .. import modeling  # noqa: F401  (registers the pruned model types)
-    from ..models import _auto_classes
+    from ..models import model_from_config
 
     path = Path(path)
     if not is_decomposed_dir(path):
@@ -195,7 +195,7 @@ def load_decomposed(path: str | os.PathLike, dtype: torch.dtype | None = None, d
                           "write one with `clover finetune MODEL --method clover --init-only --out DIR`")
     settings = json.loads((path / DECOMPOSED_CONFIG).read_text())
     config = AutoConfig.from_pretrained(path)
-    model = _auto_classes(config)[0].from_config(config)
+    model = model_from_config(config)
     if dtype is not None:
         model = model.to(dtype)
     tune = TuneConfig(targets=tuple(settings["targets"]), dropout=settings["dropout"] if dropout is None else dropout,

@@ -22,15 +22,18 @@ FORMATS = (".txt", ".jsonl", ".parquet")
 def load_texts(path: str | os.PathLike) -> list[str]:
     """The non-empty texts of a training file; missing, unknown or empty files fail with the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise CloverError(f"training data {path} is a folder: pass --data pointing at a .txt, .jsonl or .parquet "
+                          "file inside it")
     if not path.is_file():
         raise CloverError(f"training data {path} does not exist: "
                           "pass --data pointing at a .txt, .jsonl or .parquet file")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        texts = [path.read_text(encoding="utf-8")]
+        texts = [_utf8(path)]
     elif suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -53,6 +56,14 @@ def load_texts(path: str | os.PathLike) -> list[str]:
     if not texts:
         raise CloverError(f"training data {path} is empty: put some text in it")
     return texts
+
+
+def _utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CloverError(f"training data {path} is not UTF-8 text (byte {error.start} cannot be decoded): pass a "
+                          "text file, or convert it with `iconv -t utf-8`") from None
 
 
 class TokenWindows(torch.utils.data.Dataset):

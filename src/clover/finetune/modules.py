@@ -29,7 +29,7 @@ from ..adapters import Adapter, AttentionSite
 from ..adapters.base import capture_writes
 from ..decompose import decompose
 from ..errors import CloverError
-from ..pairs import Projection, factors, with_factors
+from ..pairs import Projection, check_finite, factors, with_factors
 
 TUNER_NAME = "clover_tune"
 
@@ -175,6 +175,8 @@ class SiteTuner(Tuner):
         self._site = [site]  # a list: the site's module is our parent, not a child
         self.kinds = kinds
         w = adapter.read(site)
+        if initialise:
+            check_finite(w, site)
         dtype, device = w.q.weight.dtype, w.q.weight.device
         for kind in kinds:
             pair = "qk" if kind == "k" else kind

@@ -50,6 +50,7 @@ class FinetuneConfig:
     warmup_steps: int = 0
     seed: int = 0
     resume: bool = True
+    data: str | None = None  # the training data's fingerprint (path and content hash), part of the run's identity
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -133,16 +134,30 @@ def weights_digest(model: nn.Module) -> str:
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
+# What makes two runs the same run: a checkpoint may only be resumed by a run that agrees on all of these.
+RUN_IDENTITY = ("method", "targets", "lora_r", "match_lora_r", "train_bias", "dropout", "seqlen", "batch_size",
+                "grad_accum", "lr", "steps", "lr_scheduler", "warmup_steps", "seed", "data")
+
+
+def data_fingerprint(path: str | os.PathLike) -> str:
+    """The training file's path and the SHA-256 of its bytes: other text under the same name is other data."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{Path(path).resolve()} sha256:{digest.hexdigest()}"
+
+
 def _run_settings(config: FinetuneConfig, model_name: str) -> dict:
-    keep = ("method", "targets", "lora_r", "match_lora_r", "train_bias", "seqlen", "batch_size", "grad_accum")
-    settings = {k: v for k, v in asdict(config).items() if k in keep}
+    settings = {k: v for k, v in asdict(config).items() if k in RUN_IDENTITY}
     if isinstance(settings["targets"], tuple):
         settings["targets"] = list(settings["targets"])
     return {"model": model_name, **settings}
 
 
 def check_run_dir(run_dir: Path, settings: dict) -> None:
-    """Refuse to resume checkpoints written by another method (or model) with a message naming the fix."""
+    """Refuse to resume checkpoints written by another run (model, method, data, lr, steps, ...) with a message
+    naming what differs and the fix: resuming them would silently train, or return, another model."""
     marker = run_dir / RUN_MARKER
     if not marker.is_file():
         if run_dir.is_dir() and any(run_dir.glob("checkpoint-*")):
@@ -150,11 +165,11 @@ def check_run_dir(run_dir: Path, settings: dict) -> None:
                               "pass another --checkpoints directory")
         return
     previous = json.loads(marker.read_text())
-    for key in ("method", "model"):
-        if previous.get(key) != settings.get(key):
-            raise CloverError(f"checkpoints in {run_dir} were written for {key} {previous.get(key)!r}, not "
-                              f"{settings.get(key)!r}: resume with --{key if key == 'method' else 'model'} "
-                              f"{previous.get(key)}, or pass another --checkpoints directory (or --no-resume)")
+    differ = [key for key in ("model", *RUN_IDENTITY) if previous.get(key) != settings.get(key)]
+    if differ:
+        shown = "; ".join(f"{key} {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differ[:3])
+        raise CloverError(f"checkpoints in {run_dir} belong to another run ({shown}): pass --overwrite (or "
+                          "--no-resume) to start fresh, or another --checkpoints directory")
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:

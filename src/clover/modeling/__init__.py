@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
     AutoModelForSpeechSeq2Seq,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -36,7 +37,12 @@ TASKS = {
     "masked_lm": (AutoModelForMaskedLM, "AutoModelForMaskedLM"),
     "speech_seq2seq": (AutoModelForSpeechSeq2Seq, "AutoModelForSpeechSeq2Seq"),
     "image_text_to_text": (AutoModelForImageTextToText, "AutoModelForImageTextToText"),
+    "sequence_classification": (AutoModelForSequenceClassification, "AutoModelForSequenceClassification"),
 }
+# What each CLASSES key is called in messages.
+TASK_NAMES = {"base": "base model (no head)", "causal_lm": "causal LM", "masked_lm": "masked LM",
+              "speech_seq2seq": "speech seq2seq", "image_text_to_text": "image-text-to-text",
+              "sequence_classification": "sequence classification"}
 
 
 def family_module(model_type: str) -> ModuleType:
@@ -74,9 +80,47 @@ def task_of(model) -> str:
         return "causal_lm"
     if any(n.endswith("ForMaskedLM") for n in names):
         return "masked_lm"
+    if any(n.endswith("ForSequenceClassification") for n in names):
+        return "sequence_classification"
     if any(n in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values() for n in names):  # clover classes subclass them
         return "image_text_to_text"
     return "base"
+
+
+def task_of_architecture(name: str) -> str | None:
+    """The CLASSES key of a class *name* as ``config.architectures`` holds it; None for a head clover has no
+    runtime for (token classification, question answering, ...)."""
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    if name.endswith("ForMaskedLM"):
+        return "masked_lm"
+    if name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    if name in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values() or name.removeprefix("Clover") in \
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values():
+        return "image_text_to_text"
+    if name.endswith("ForConditionalGeneration") and name.startswith(("Whisper", "CloverWhisper")):
+        return "speech_seq2seq"
+    if name.endswith("Model") and "For" not in name:
+        return "base"
+    return None
+
+
+def check_prunable(config) -> None:
+    """Refuse, from the config alone (before any weights load), a head the family's pruned runtime cannot hold."""
+    architectures = getattr(config, "architectures", None) or []
+    base = config.model_type.removeprefix("clover_")
+    if not architectures or base not in FAMILIES:
+        return
+    module = family_module(base)
+    classes = getattr(module, "CLASSES", None)
+    if classes is None:
+        return
+    task = task_of_architecture(architectures[0])
+    if task not in classes:
+        have = ", ".join(TASK_NAMES[k] for k in classes if k != "config")
+        raise CloverError(f"pruning a {architectures[0]} is not supported: clover's pruned {base} runtime holds "
+                          f"these heads: {have}; orthogonalize works on any head")
 
 
 def remote_code_file(model_type: str) -> Path:

@@ -24,6 +24,7 @@ from transformers.models.bert.modeling_bert import (
     BertAttention,
     BertCrossAttention,
     BertForMaskedLM,
+    BertForSequenceClassification,
     BertModel,
     BertOnlyMLMHead,
     BertPreTrainedModel,
@@ -169,4 +170,16 @@ class CloverBertForMaskedLM(CloverBertPreTrainedModel, BertForMaskedLM):
         self.post_init()
 
 
-CLASSES = {"config": CloverBertConfig, "base": CloverBertModel, "masked_lm": CloverBertForMaskedLM}
+class CloverBertForSequenceClassification(CloverBertPreTrainedModel, BertForSequenceClassification):
+    def __init__(self, config: CloverBertConfig):
+        CloverBertPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.bert = CloverBertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+CLASSES = {"config": CloverBertConfig, "base": CloverBertModel, "masked_lm": CloverBertForMaskedLM,
+           "sequence_classification": CloverBertForSequenceClassification}

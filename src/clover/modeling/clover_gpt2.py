@@ -23,6 +23,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Attention,
+    GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     GPT2Model,
     GPT2PreTrainedModel,
@@ -169,4 +170,14 @@ class CloverGPT2LMHeadModel(CloverGPT2PreTrainedModel, GPT2LMHeadModel):
         self.post_init()
 
 
-CLASSES = {"config": CloverGPT2Config, "base": CloverGPT2Model, "causal_lm": CloverGPT2LMHeadModel}
+class CloverGPT2ForSequenceClassification(CloverGPT2PreTrainedModel, GPT2ForSequenceClassification):
+    def __init__(self, config: CloverGPT2Config):
+        CloverGPT2PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.transformer = CloverGPT2Model(config)
+        self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
+        self.post_init()
+
+
+CLASSES = {"config": CloverGPT2Config, "base": CloverGPT2Model, "causal_lm": CloverGPT2LMHeadModel,
+           "sequence_classification": CloverGPT2ForSequenceClassification}

@@ -19,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     LlamaModel,
     LlamaPreTrainedModel,
     eager_attention_forward,
@@ -116,6 +117,17 @@ class CloverLlamaForCausalLM(CloverLlamaPreTrainedModel, LlamaForCausalLM):
         self.post_init()
 
 
+class CloverLlamaForSequenceClassification(CloverLlamaPreTrainedModel, LlamaForSequenceClassification):
+    """The classifier layout of Llama, Mistral and Qwen2 (``model`` + ``score``, last non-pad token pooled)."""
+
+    def __init__(self, config: CloverLlamaConfig):
+        CloverLlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = CloverLlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
 def llama_settings(config) -> dict:
     """Settings of a CloverLlamaConfig for a LLaMA-layout model: Llama itself, Mistral and Qwen2 without a sliding
     window are the same network (Qwen2 adds biases on q, k and v only). Used by clover when it prunes."""
@@ -133,4 +145,5 @@ def llama_settings(config) -> dict:
     return settings
 
 
-CLASSES = {"config": CloverLlamaConfig, "base": CloverLlamaModel, "causal_lm": CloverLlamaForCausalLM}
+CLASSES = {"config": CloverLlamaConfig, "base": CloverLlamaModel, "causal_lm": CloverLlamaForCausalLM,
+           "sequence_classification": CloverLlamaForSequenceClassification}

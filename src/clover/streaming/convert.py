@@ -38,6 +38,7 @@ from ..prune import (
     PruneReport,
     active_kinds,
     check_block,
+    check_runtime,
     make_report,
     pair_candidate,
     prune_block,
@@ -45,6 +46,7 @@ from ..prune import (
     statistics_needed,
     validate,
 )
+from ..pairs import check_finite
 from ..ranks import choose
 from .calibration import LayerwiseCalibration
 from .checkpoint import INDEX_FILE, SINGLE_FILE, open_checkpoint
@@ -273,6 +275,7 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
                           "--no-stream to prune in memory (streamed orthogonalize works for it)")
     sites = [s for b in conv.blocks for s in b.sites]
     validate(config, adapter, sites)
+    check_runtime(conv.model)
     task = modeling.task_of(conv.model)
     if config.allocation not in ("uniform", "global"):
         raise CloverError(f"unknown allocation {config.allocation!r}: use uniform or global")
@@ -304,10 +307,14 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
         return None
 
     def candidates_of(block: Block, stats) -> dict[str, dict[str, Candidate]]:
-        return {site.name: {kind: pair_candidate(config, site, adapter.read(site), kind,
-                                                 None if stats is None else stats[site.name], warn)
-                            for kind in kinds}
-                for site in block.sites}
+        out = {}
+        for site in block.sites:
+            weights = adapter.read(site)
+            check_finite(weights, site)
+            out[site.name] = {kind: pair_candidate(config, site, weights, kind,
+                                                   None if stats is None else stats[site.name], warn)
+                              for kind in kinds}
+        return out
 
     keeps_global: dict[str, list[int]] = {}
     if global_kinds:  # pass 1: scores (and statistics) of every layer, then one budget
@@ -349,7 +356,7 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
                 site_obj = next(s for s in block.sites if s.name == site)
                 keeps = {kind: keeps_global[kind][position[site]] if kind in keeps_global else
                          choose([c], ratio=config.ratio_for(kind), threshold=config.threshold_for(kind),
-                                allocation="uniform", what=f"--{kind}-ratio")[0]
+                                allocation="uniform", what=f"--{kind}-ratio", names=[site])[0]
                          for kind, c in by_kind.items()}
                 before = adapter.read(site_obj)
                 new, layer, intended = prune_block(site_obj, before, by_kind, keeps)

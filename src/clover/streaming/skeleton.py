@@ -17,7 +17,7 @@ from torch import nn
 
 from ..adapters import Adapter, AttentionSite, adapter_for
 from ..errors import CloverError
-from ..models import _auto_classes
+from ..models import model_from_config
 from .checkpoint import Checkpoint
 
 
@@ -36,16 +36,12 @@ class Block:
 
 def empty_model(config, dtype: torch.dtype) -> nn.Module:
     """The checkpoint's model class with every parameter on the meta device (no memory)."""
-    errors = []
-    for auto_class in _auto_classes(config):
-        try:
-            with init_empty_weights():
-                model = auto_class.from_config(config, dtype=dtype)
-            return model.eval()
-        except ValueError as error:  # this Auto class has no mapping for the config
-            errors.append(error)
-    raise CloverError(f"{type(config).__name__} has no causal-LM or base model class in transformers "
-                      f"({errors[-1]}): use a supported architecture")
+    try:
+        with init_empty_weights():
+            return model_from_config(config, dtype=dtype).eval()
+    except ValueError as error:  # no class for the config
+        raise CloverError(f"{type(config).__name__} has no model class in transformers for its architecture "
+                          f"({error}): use a supported architecture") from None
 
 
 def blocks_of(model: nn.Module) -> tuple[Adapter, list[Block]]:
