@@ -337,3 +337,90 @@ def test_modeling_file_is_self_contained_and_config_checks_dims():
     assert cfg.encoder_qk_dims == [16, 16] and cfg.decoder_vo_dims == [16] * 3 and cfg.cross_vo_dims == [4, 5, 6]
     with pytest.raises(ValueError, match="one per layer"):
         clover_whisper.CloverWhisperConfig(encoder_layers=2, encoder_qk_dims=[8])
+
+
+# ---- by stack, and real audio for the encoder ----------------------------------------------------------------
+
+
+def _dims(report):
+    return {(lr.stack, lr.layer): (lr.qk_dim, lr.vo_dim) for lr in report.layers}
+
+
+def test_stacks_are_pruned_each_by_its_own_amount():
+    from clover.prune import StackPlan
+
+    model = tiny_whisper()
+    pruned, report = prune(model, PruneConfig(criterion="clover", progress=False, stacks={
+        "encoder": StackPlan(vo_ratio=0.5), "cross": StackPlan(qk_ratio=0.25), "decoder": StackPlan(vo_threshold=0.0)}))
+    dims = _dims(report)
+    for layer in range(2):
+        assert dims["encoder", layer] == (16, 8)  # 16 dims per head: V-O halved, Q-K untouched
+        assert dims["cross", layer] == (12, 16)
+        assert dims["decoder", layer] == (16, 16)  # threshold 0 keeps every non-zero direction: exact
+    assert report.kv_bytes_per_token_after == report.kv_bytes_per_token_before  # decoder self-attention untouched
+    _, only_encoder = prune(model, PruneConfig(criterion="clover", progress=False,
+                                               stacks={"encoder": StackPlan(qk_ratio=0.5)}))
+    assert {k: v for k, v in _dims(only_encoder).items() if k[0] != "encoder"} == {
+        (s, i): (16, 16) for s in ("decoder", "cross") for i in range(2)}
+
+
+def test_stack_errors_name_what_exists():
+    from clover.prune import StackPlan
+
+    with pytest.raises(CloverError, match="has the stacks encoder, decoder, cross"):
+        prune(tiny_whisper(), PruneConfig(progress=False, stacks={"vision": StackPlan(vo_ratio=0.5)}))
+    with pytest.raises(CloverError, match="one attention stack"):
+        from conftest import tiny_llama
+        prune(tiny_llama(), PruneConfig(progress=False, stacks={"encoder": StackPlan(vo_ratio=0.5)}))
+    with pytest.raises(CloverError, match="drop --qk-ratio"):
+        PruneConfig(vo_ratio=0.5, stacks={"encoder": StackPlan(vo_ratio=0.5)}).check()
+
+
+def _speech_folder(folder):
+    """Two short clips written with soundfile: a 16 kHz wav and a stereo 8 kHz flac (resampled when read)."""
+    import numpy as np
+    import soundfile
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, rate, channels in (("a.wav", 16000, 1), ("b.flac", 8000, 2)):
+        t = np.arange(int(0.4 * rate)) / rate
+        wave = 0.2 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 4 * t)) + 0.01 * rng.standard_normal(t.size)
+        soundfile.write(folder / name, np.stack([wave] * channels, axis=1), rate)
+    return folder
+
+
+def test_calib_audio_reads_real_files_with_the_models_extractor(tmp_path):
+    from transformers import WhisperFeatureExtractor
+
+    from clover.audio import log_mel_from_folder
+
+    model_dir = tmp_path / "whisper"
+    tiny_whisper(vocab_size=300).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    extractor = WhisperFeatureExtractor(feature_size=MEL)
+    extractor.save_pretrained(model_dir)
+    audio = _speech_folder(tmp_path / "speech")
+    config = tiny_whisper().config
+    features = log_mel_from_folder(audio, str(model_dir), config)
+    assert features.shape == (2, MEL, 2 * SOURCE) and torch.isfinite(features).all()
+    import soundfile
+    samples, _ = soundfile.read(audio / "a.wav", dtype="float32")
+    want = extractor(samples, sampling_rate=16000, return_tensors="pt", padding="max_length",
+                     max_length=2 * SOURCE * extractor.hop_length, truncation=True).input_features[0]
+    assert torch.equal(features[0], want)  # exactly what the model's extractor makes of the file
+    assert not torch.allclose(features[0], synthetic_log_mel(config, 0))
+    if not DATA:
+        return
+    code, out = run("prune", model_dir, "--out", tmp_path / "p", "--criterion", "whitened", "--calib-audio", audio,
+                    "--stack", "encoder:vo-ratio=0.5", "--stack", "cross:qk-ratio=0.25", "--calib-samples", 2,
+                    "--calib-seqlen", 16, "--json", tmp_path / "p.json")
+    assert code == 0, out
+    layers = json.loads((tmp_path / "p.json").read_text())["layers"]
+    assert {(lr["stack"], lr["qk_dim"], lr["vo_dim"]) for lr in layers} == {
+        ("encoder", 16, 8), ("decoder", 16, 16), ("cross", 12, 16)}
+    code, out = run("prune", model_dir, "--out", tmp_path / "q", "--calib-audio", tmp_path / "nothing",
+                    "--stack", "encoder:vo-ratio=0.5", "--calib-samples", 2, "--calib-seqlen", 16)
+    assert code == 2 and "is not a folder" in out and not (tmp_path / "q").exists()
+    code, out = run("prune", model_dir, "--out", tmp_path / "q", "--stack", "encoder:vo=0.5")
+    assert code == 2 and "unknown amount 'vo'" in out

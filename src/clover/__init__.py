@@ -9,7 +9,7 @@ from .decompose import Factors, decompose
 from .errors import CloverError
 from .modeling import register_all as _register_all
 from .orthogonalize import OrthogonalizeConfig, OrthogonalizeReport, orthogonalize_
-from .prune import PruneConfig, PruneReport, prune
+from .prune import PruneConfig, PruneReport, StackPlan, prune
 from .spectra import collect_spectra
 
 _register_all()
@@ -41,4 +41,5 @@ __all__ = [
     "prune",
     "save",
     "save_pruned_unet",
+    "StackPlan",
 ]

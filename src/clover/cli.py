@@ -423,6 +423,13 @@ def prune(
     calib_features: Annotated[Optional[Path], typer.Option(help="Whisper: log-mel features (.pt or .npy, n x mel "
                                                                 "bins x frames) for the encoder's calibration, "
                                                                 "instead of synthetic audio.")] = None,
+    calib_audio: Annotated[Optional[Path], typer.Option(help="Whisper: a folder of .wav / .flac speech for the "
+                                                             "encoder's calibration, turned into features by the "
+                                                             "model's own feature extractor.")] = None,
+    stack: Annotated[Optional[list[str]], typer.Option(
+        help="Per attention stack (Whisper: encoder, decoder, cross), repeatable: NAME:AMOUNT=V[,AMOUNT=V] with "
+             "AMOUNT one of qk-ratio, vo-ratio, qk-threshold, vo-threshold, e.g. --stack encoder:vo-ratio=0.5. "
+             "Only the named stacks are pruned; replaces --qk-ratio / --vo-ratio.")] = None,
     eval_ppl: Annotated[bool, typer.Option(help="Report WikiText-2 test perplexity before and after.")] = False,
     seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 2048,
     max_windows: Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")] = None,
@@ -441,8 +448,11 @@ def prune(
     _check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
     config = PruneConfig(qk_ratio=qk_ratio, vo_ratio=vo_ratio, criterion=criterion, qk_criterion=qk_criterion,
                          qk_threshold=qk_threshold, vo_threshold=vo_threshold, allocation=allocation,
-                         vo_whitening=vo_whitening, sequential=sequential)
+                         vo_whitening=vo_whitening, sequential=sequential,
+                         stacks=_parse_stacks(stack) if stack else None)
     config.check()
+    if calib_features is not None and calib_audio is not None:
+        raise CloverError("--calib-features and --calib-audio both given: pass one source of encoder calibration")
     calibrates = _needs_calibration(config.pair_criterion("qk") if config.active("qk") else None,
                                     config.pair_criterion("vo") if config.active("vo") else None)
     seqlens = {**({"--calib-seqlen": calib_seqlen} if calibrates else {}), **({"--seqlen": seqlen} if eval_ppl else {})}
@@ -476,6 +486,14 @@ def prune(
         from .adapters.whisper import load_calibration_features
 
         load_calibration_features(loaded.model, calib_features)
+    if calib_audio is not None:
+        from .adapters.whisper import set_calibration_features
+        from .audio import log_mel_from_folder
+
+        if getattr(getattr(loaded, "model", None), "config", None) is None or \
+                loaded.model.config.model_type not in ("whisper", "clover_whisper"):
+            raise CloverError("--calib-audio calibrates a Whisper encoder: drop it for this model")
+        set_calibration_features(loaded.model, log_mel_from_folder(calib_audio, model, loaded.model.config))
     if streaming:
         from .streaming import StreamOptions, stream_prune
 
@@ -518,6 +536,36 @@ def prune(
                       "trust_remote_code=True without clover)")
     if json_path:
         write_json(json_path, payload)
+
+
+STACK_AMOUNTS = {"qk-ratio": "qk_ratio", "vo-ratio": "vo_ratio", "qk-threshold": "qk_threshold",
+                 "vo-threshold": "vo_threshold"}
+
+
+def _parse_stacks(values: list[str]) -> dict:
+    """``["encoder:vo-ratio=0.5,qk-ratio=0.25", "cross:vo-threshold=0.01"]`` -> ``{name: StackPlan}``."""
+    from .prune import StackPlan
+
+    plans = {}
+    for value in values:
+        name, _, amounts = value.partition(":")
+        name = name.strip()
+        if not name or not amounts.strip():
+            raise CloverError(f"--stack {value!r}: write NAME:AMOUNT=VALUE, e.g. --stack encoder:vo-ratio=0.5")
+        if name in plans:
+            raise CloverError(f"--stack {name} given twice: put all its amounts in one --stack, comma-separated")
+        settings = {}
+        for item in amounts.split(","):
+            key, _, number = item.partition("=")
+            key = key.strip()
+            if key not in STACK_AMOUNTS:
+                raise CloverError(f"--stack {value!r}: unknown amount {key!r}; use {', '.join(STACK_AMOUNTS)}")
+            try:
+                settings[STACK_AMOUNTS[key]] = float(number)
+            except ValueError:
+                raise CloverError(f"--stack {value!r}: {number.strip()!r} is not a number") from None
+        plans[name] = StackPlan(**settings)
+    return plans
 
 
 def _parse_ratios(text: str) -> list[float]:

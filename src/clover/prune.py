@@ -25,6 +25,17 @@ from .ranks import check_ratio, choose
 
 
 @dataclass
+class StackPlan:
+    """How much to prune in one attention stack (Whisper: ``encoder``, ``decoder``, ``cross``): users cut the
+    encoder for compute, the decoder's self-attention for its KV cache, and cross-attention differently again."""
+
+    qk_ratio: float = 0.0
+    vo_ratio: float = 0.0
+    qk_threshold: float | None = None
+    vo_threshold: float | None = None
+
+
+@dataclass
 class PruneConfig:
     """What to remove and how to choose it. Ratios are the fraction of head dims removed in [0, 1).
 
@@ -34,6 +45,8 @@ class PruneConfig:
     what whitens V-O: ``mixed`` (the attention-mixed values each head hands to O, then a per-head least-squares
     refit of O unless ``vo_refit`` is off; measured better) or ``input`` (the layer's input, as in the prototype).
     ``sequential`` gathers each layer's statistics with the earlier layers already pruned (``clover.sequential``).
+    ``stacks`` (models with several attention stacks) replaces the four top-level amounts: only the stacks it
+    names are pruned, each by its own ``StackPlan``.
     """
 
     qk_ratio: float = 0.0
@@ -49,33 +62,57 @@ class PruneConfig:
     sequential: bool = False
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
+    stacks: dict[str, StackPlan] | None = None
 
     def pair_criterion(self, kind: PairKind) -> str:
         return (self.qk_criterion or self.criterion) if kind == "qk" else self.criterion
 
-    def ratio_for(self, kind: PairKind) -> float:
-        return self.qk_ratio if kind == "qk" else self.vo_ratio
+    def _plan(self, stack: str | None):
+        """Where the amounts for ``stack`` live: its StackPlan (an empty one if unnamed), or the config itself."""
+        if self.stacks is None or stack is None:
+            return self
+        return self.stacks.get(stack, StackPlan())
 
-    def threshold_for(self, kind: PairKind) -> float | None:
-        return self.qk_threshold if kind == "qk" else self.vo_threshold
+    def ratio_for(self, kind: PairKind, stack: str | None = None) -> float:
+        plan = self._plan(stack)
+        return plan.qk_ratio if kind == "qk" else plan.vo_ratio
+
+    def threshold_for(self, kind: PairKind, stack: str | None = None) -> float | None:
+        plan = self._plan(stack)
+        return plan.qk_threshold if kind == "qk" else plan.vo_threshold
+
+    def active_in(self, kind: PairKind, stack: str | None = None) -> bool:
+        return self.threshold_for(kind, stack) is not None or self.ratio_for(kind, stack) > 0
 
     def active(self, kind: PairKind) -> bool:
-        return self.threshold_for(kind) is not None or self.ratio_for(kind) > 0
+        """Whether ``kind`` is pruned anywhere (in some stack, when stacks are named)."""
+        if self.stacks is not None:
+            return any(self.active_in(kind, stack) for stack in self.stacks)
+        return self.active_in(kind)
 
     def check(self) -> None:
         """What can be said of the settings alone, before any model loads: ratios in range, thresholds
         non-negative and not mixed with a ratio for the same pair, and something to prune at all."""
-        for kind in ("qk", "vo"):
-            check_ratio(self.ratio_for(kind), f"--{kind}-ratio")
-            threshold = self.threshold_for(kind)
-            if threshold is None:
-                continue
-            if not threshold >= 0:  # also catches NaN
-                raise CloverError(f"--{kind}-threshold {threshold} is negative: it is the smallest singular value "
-                                  "kept, so use a value >= 0")
-            if self.ratio_for(kind) > 0:
-                raise CloverError(f"--{kind}-ratio and --{kind}-threshold both given: a threshold chooses the ranks "
-                                  "by itself, so pass one of them")
+        if self.stacks is not None:
+            if self.qk_ratio or self.vo_ratio or self.qk_threshold is not None or self.vo_threshold is not None:
+                raise CloverError("--stack names the amount for each stack: drop --qk-ratio / --vo-ratio / "
+                                  "--qk-threshold / --vo-threshold, or drop --stack")
+            if self.sequential or self.allocation == "global":
+                raise CloverError("--stack prunes each named stack by its own amount: use it with --allocation "
+                                  "uniform and without --sequential")
+        for stack in (self.stacks or {None: None}):
+            flag = "--" if stack is None else f"--stack {stack}:"
+            for kind in ("qk", "vo"):
+                check_ratio(self.ratio_for(kind, stack), f"{flag}{kind}-ratio")
+                threshold = self.threshold_for(kind, stack)
+                if threshold is None:
+                    continue
+                if not threshold >= 0:  # also catches NaN
+                    raise CloverError(f"{flag}{kind}-threshold {threshold} is negative: it is the smallest singular "
+                                      "value kept, so use a value >= 0")
+                if self.ratio_for(kind, stack) > 0:
+                    raise CloverError(f"{flag}{kind}-ratio and {flag}{kind}-threshold both given: a threshold "
+                                      "chooses the ranks by itself, so pass one of them")
         if not (self.active("qk") or self.active("vo")):
             raise CloverError("nothing to prune: pass --qk-ratio and/or --vo-ratio (a fraction of head dims to "
                               "remove, e.g. 0.25), or --qk-threshold / --vo-threshold")
@@ -145,13 +182,22 @@ def validate(config: PruneConfig, adapter: Adapter, sites: list[AttentionSite]) 
         crit = config.pair_criterion(kind)
         if crit not in CRITERIA:
             raise CloverError(f"unknown criterion {crit!r}: use one of {', '.join(CRITERIA)}")
-        if config.threshold_for(kind) is not None and (crit == "vanilla" or crit in ROTARY_CRITERIA):
+        thresholds = [config.threshold_for(kind, s) for s in (config.stacks or {None: None})]
+        if any(t is not None for t in thresholds) and (crit == "vanilla" or crit in ROTARY_CRITERIA):
             raise CloverError(f"a singular-value threshold needs the clover or whitened criterion, not {crit!r}")
     if adapter.uniform_head_dims and config.allocation == "global":
         raise CloverError(f"--allocation global gives layers different head dims, but {adapter.name} configs hold one "
                           "head dim for all layers: use --allocation uniform (a threshold works too: every layer "
                           "keeps the largest rank any layer needs)")
-    if not adapter.prunes_cross_attention and any(site.role == "cross" for site in sites):
+    if config.stacks is not None:
+        have = list(dict.fromkeys(site.stack for site in sites if site.stack))
+        unknown = [name for name in config.stacks if name not in have]
+        if unknown:
+            raise CloverError(f"--stack {unknown[0]}: this {adapter.name} model has "
+                              + (f"the stacks {', '.join(have)}" if have else "one attention stack (use "
+                                 "--qk-ratio / --vo-ratio)"))
+    if not adapter.prunes_cross_attention and any(site.role == "cross" for site in sites) and \
+            (config.stacks is None or "cross" in config.stacks):
         raise CloverError("pruning cross-attention blocks is not supported for this family yet: "
                           "orthogonalize works, or prune a model without cross-attention")
 
@@ -190,7 +236,8 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         collected.append(message)
         warnings.warn(message, stacklevel=2)
 
-    targets = {kind: _targets(sites, kind, config.pair_criterion(kind), warn) for kind in kinds}
+    targets = {kind: [s for s in _targets(sites, kind, config.pair_criterion(kind), warn)
+                      if config.stacks is None or config.active_in(kind, s.stack)] for kind in kinds}
     needs = statistics_needed(config)
     weights = {site.name: adapter.read(site) for site in sites}
     for site in sites:
@@ -246,12 +293,26 @@ def _plan_one_shot(model, adapter, sites, config, targets, weights, needs, warn)
                            warn)
             for site in tqdm(chosen, desc=f"rank {kind} ({crit})", unit="block", disable=not config.progress)
         ]
-    keeps = {
-        kind: choose(candidates[kind], ratio=config.ratio_for(kind), threshold=config.threshold_for(kind),
-                     allocation=config.allocation, what=f"--{kind}-ratio", names=[s.name for s in targets[kind]])
-        for kind in targets
-    }
+    keeps = {kind: _keeps(config, kind, chosen, candidates[kind]) for kind, chosen in targets.items()}
     return candidates, keeps, 0 if stats is None else stats.tokens
+
+
+def _keeps(config: PruneConfig, kind: PairKind, sites: list[AttentionSite], candidates: list[Candidate]
+           ) -> list[int]:
+    """Ranks for one pair: one allocation over all sites, or one per named stack with that stack's amounts."""
+    groups = {None: list(range(len(sites)))} if config.stacks is None else {
+        stack: [i for i, s in enumerate(sites) if s.stack == stack] for stack in config.stacks}
+    keeps: list[int] = [0] * len(sites)
+    for stack, index in groups.items():
+        if not index:
+            continue
+        flag = f"--{kind}-ratio" if stack is None else f"--stack {stack}:{kind}-ratio"
+        chosen = choose([candidates[i] for i in index], ratio=config.ratio_for(kind, stack),
+                        threshold=config.threshold_for(kind, stack), allocation=config.allocation, what=flag,
+                        names=[sites[i].name for i in index])
+        for i, keep in zip(index, chosen, strict=True):
+            keeps[i] = keep
+    return keeps
 
 
 def report_notes(adapter: Adapter, sites: list[AttentionSite]) -> list[str]:
