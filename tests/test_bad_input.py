@@ -38,6 +38,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
     broken.save_pretrained(root / "nan")
     tokenizer.save_pretrained(root / "nan")
     paths["nan"] = root / "nan"
+    decomposed = root / "decomposed"  # the layout `finetune --init-only` writes (config + clover_tune.json)
+    decomposed.mkdir()
+    (decomposed / "config.json").write_text((root / "llama" / "config.json").read_text())
+    (decomposed / "clover_tune.json").write_text("{}")
+    paths["decomposed"] = decomposed
     (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
     (root / "binary.jsonl").write_bytes(b'{"text": "\xff\xfe"}\n')
     (root / "folder").mkdir()
@@ -93,6 +98,8 @@ CASES = [
     ("prune-out-inside-model", ["prune", "{llama}", "--out", "{llama}/p", "--vo-ratio", 0.5], "inside it"),
     ("prune-json-is-folder", ["prune", "{llama}", "--out", "{tmp}/p", "--vo-ratio", 0.5,
                               "--json", "{root}/folder"], "is a folder"),
+    ("prune-decomposed-folder", ["prune", "{decomposed}", "--out", "{tmp}/p", "--vo-ratio", 0.5,
+                                 "--criterion", "clover"], "decomposed CLOVER checkpoint"),
     ("prune-nan-weights", ["prune", "{nan}", "--out", "{tmp}/p", "--vo-ratio", 0.5, "--criterion", "clover"],
      "non-finite weights in layer 1"),
     # sweep

@@ -209,13 +209,8 @@ def check_runtime(model: nn.Module) -> None:
     base = getattr(config, "model_type", None)
     if base is None or base.removeprefix("clover_") not in modeling.FAMILIES:
         return
+    modeling.check_head(base, type(model).__name__, modeling.task_of(model))
     module = modeling.family_module(base)
-    classes = getattr(module, "CLASSES", None)
-    task = modeling.task_of(model)
-    if classes is not None and task not in classes:
-        have = ", ".join(modeling.TASK_NAMES[k] for k in classes if k != "config")
-        raise CloverError(f"pruning a {type(model).__name__} is not supported: clover's pruned "
-                          f"{base.removeprefix('clover_')} runtime holds these heads: {have}")
     if hasattr(module, "llama_settings"):
         try:
             module.llama_settings(config)

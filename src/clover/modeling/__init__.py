@@ -106,21 +106,23 @@ def task_of_architecture(name: str) -> str | None:
     return None
 
 
-def check_prunable(config) -> None:
-    """Refuse, from the config alone (before any weights load), a head the family's pruned runtime cannot hold."""
-    architectures = getattr(config, "architectures", None) or []
-    base = config.model_type.removeprefix("clover_")
-    if not architectures or base not in FAMILIES:
+def check_head(model_type: str, class_name: str, task: str | None) -> None:
+    """Refuse a head (``task``, a CLASSES key) that the family's pruned runtime cannot hold, naming those it can."""
+    base = model_type.removeprefix("clover_")
+    if base not in FAMILIES:
         return
-    module = family_module(base)
-    classes = getattr(module, "CLASSES", None)
-    if classes is None:
-        return
-    task = task_of_architecture(architectures[0])
-    if task not in classes:
+    classes = getattr(family_module(base), "CLASSES", None)
+    if classes is not None and task not in classes:
         have = ", ".join(TASK_NAMES[k] for k in classes if k != "config")
-        raise CloverError(f"pruning a {architectures[0]} is not supported: clover's pruned {base} runtime holds "
-                          f"these heads: {have}; orthogonalize works on any head")
+        raise CloverError(f"pruning a {class_name} is not supported: clover's pruned {base} runtime holds these "
+                          f"heads: {have}; orthogonalize works on any head")
+
+
+def check_prunable(config) -> None:
+    """``check_head`` from the config alone, before any weights load."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        check_head(config.model_type, architectures[0], task_of_architecture(architectures[0]))
 
 
 def remote_code_file(model_type: str) -> Path:
