@@ -150,3 +150,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(models, tmp_path, args,
     assert message in errors[0], errors[0]
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
     assert tree(models["root"], work) == before
+
+
+def test_out_beside_a_model_file_is_allowed(tmp_path):
+    """A .gguf model is one file: a sibling --out endangers nothing, an --out that holds the file does."""
+    from clover.errors import CloverError
+    from clover.preflight import check_out_dir
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    check_out_dir(tmp_path / "out", False, tmp_path / "m.gguf")
+    with pytest.raises(CloverError, match="holds the model"):
+        check_out_dir(tmp_path, True, tmp_path / "m.gguf")

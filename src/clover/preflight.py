@@ -51,14 +51,14 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool, model: str | os.PathL
     if model is not None:
         source = Path(os.path.expanduser(str(model)))
         if source.exists():
-            source = source.resolve() if source.is_dir() else source.resolve().parent
+            source = source.resolve()  # a folder, or a model file (.gguf) that only an enclosing --out endangers
             target = path.expanduser().resolve()
-            if _same_or_inside(target, source):
+            if source.is_dir() and _same_or_inside(target, source):
                 raise CloverError(f"{flag} {path} is the model folder or inside it ({source}): writing there would "
                                   "replace or mix with the model being read; choose a folder outside it")
             if _same_or_inside(source, target):
-                raise CloverError(f"{flag} {path} holds the model folder {source}: replacing it would delete the "
-                                  "model being read; choose another folder")
+                raise CloverError(f"{flag} {path} holds the model {source}: replacing it would delete the model "
+                                  "being read; choose another folder")
     _check_creatable(path, flag)
     return path
 
@@ -69,7 +69,8 @@ def check_out_file(path: str | os.PathLike | None, flag: str, suffixes: tuple[st
         return
     path = Path(path)
     if path.is_dir():
-        raise CloverError(f"{flag} {path} is a folder: give a file name, such as {path / ('report' + (suffixes or ('.json',))[0])}")
+        example = path / ("report" + (suffixes or (".json",))[0])
+        raise CloverError(f"{flag} {path} is a folder: give a file name, such as {example}")
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise CloverError(f"{flag} {path} has an unknown extension {path.suffix or '(none)'}: use one of "
                           f"{', '.join(suffixes)}")
