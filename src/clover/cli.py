@@ -140,6 +140,15 @@ def _check_seqlens(config, seqlens: dict[str, int]) -> None:
         check_seqlen(config, tokens, flag)
 
 
+def _check_model(target, model: str, seqlens: dict[str, int], causal_for: Optional[str] = None) -> None:
+    """The checks that need the model: run on its config.json before loading (``target`` a config, or None where
+    reading it is not cheap) and again on the loaded model (GGUF and hub models are only known then).
+    ``causal_for`` names what needs a causal LM, if anything."""
+    if causal_for:
+        _require_causal_lm(target, model, causal_for)
+    _check_seqlens(getattr(target, "config", target), seqlens)
+
+
 def _ranks_cell(ranks: list[int]) -> str:
     """Per-head counts when there are few heads, else min / median / max."""
     if len(ranks) <= 4:
@@ -282,9 +291,7 @@ def evaluate(
     if compare is not None:
         return _compare(model, compare, max_texts, text_tokens, data, json_path, dtype)
     _refuse_perplexity(model, "perplexity")
-    config = read_config(model)
-    _require_causal_lm(config, model, "eval --ppl (next-token perplexity)")
-    _check_seqlens(config, {"--seqlen": seqlen})
+    _check_model(read_config(model), model, {"--seqlen": seqlen}, "eval --ppl (next-token perplexity)")
     text = load_text(corpus=ppl, split="test", data=data)
     loaded = _load(model, dtype)
     if loaded.tokenizer is None:
@@ -462,12 +469,11 @@ def prune(
     if streaming and eval_ppl:
         raise CloverError("--eval-ppl needs the whole model in memory: run `clover eval` on the streamed output, "
                           "or pass --no-stream")
+    causal_for = "--eval-ppl (next-token perplexity)" if eval_ppl else None
     peeked = read_config(model)
     if peeked is not None:  # the head and the lengths, from config.json alone
         modeling.check_prunable(peeked)
-        if eval_ppl:
-            _require_causal_lm(peeked, model, "--eval-ppl (next-token perplexity)")
-        _check_seqlens(peeked, seqlens)
+        _check_model(peeked, model, seqlens, causal_for)
     text = None
     if eval_ppl:
         from .data import load_text
@@ -476,10 +482,8 @@ def prune(
     loaded = _tokenizer_only(model) if streaming else _load(model, dtype)
     if not streaming:
         check_runtime(loaded.model)
-        if eval_ppl:
-            _require_causal_lm(loaded.model, model, "--eval-ppl (next-token perplexity)")
-        if loaded.source.library == "transformers":  # a UNet's --calib-seqlen counts text-embedding tokens
-            _check_seqlens(loaded.model.config, seqlens)
+        # A UNet's --calib-seqlen counts text-embedding tokens, not positions of a context.
+        _check_model(loaded.model, model, seqlens if loaded.source.library == "transformers" else {}, causal_for)
     if calibrates:
         config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
     if calib_features is not None:
@@ -487,12 +491,10 @@ def prune(
 
         load_calibration_features(loaded.model, calib_features)
     if calib_audio is not None:
-        from .adapters.whisper import set_calibration_features
+        from .adapters.whisper import require_whisper, set_calibration_features
         from .audio import log_mel_from_folder
 
-        if getattr(getattr(loaded, "model", None), "config", None) is None or \
-                loaded.model.config.model_type not in ("whisper", "clover_whisper"):
-            raise CloverError("--calib-audio calibrates a Whisper encoder: drop it for this model")
+        require_whisper(getattr(loaded, "model", None), "--calib-audio")
         set_calibration_features(loaded.model, log_mel_from_folder(calib_audio, model, loaded.model.config))
     if streaming:
         from .streaming import StreamOptions, stream_prune
@@ -606,10 +608,9 @@ def sweep(
     """Perplexity against pruning ratio for each criterion (the picture that says which criterion to trust)."""
     from .data import load_text
     from .save import write_json
-    from .sweep import plot_sweep, run_sweep
-
     from .preflight import read_config
     from .ranks import check_ratio
+    from .sweep import plot_sweep, run_sweep
 
     _check_outputs(model, json_path=json_path, plot=plot)
     if pair not in ("qk", "vo", "both"):
@@ -625,13 +626,11 @@ def sweep(
         raise CloverError("--criteria is empty: pass some of vanilla, clover, whitened")
     calibrates = _needs_calibration(*criteria_list, qk_criterion)
     seqlens = {"--seqlen": seqlen, **({"--calib-seqlen": calib_seqlen} if calibrates else {})}
-    peeked = read_config(model)
-    _require_causal_lm(peeked, model, "clover sweep (next-token perplexity)")
-    _check_seqlens(peeked, seqlens)
+    what = "clover sweep (next-token perplexity)"
+    _check_model(read_config(model), model, seqlens, what)
     text = load_text(corpus="wikitext2", split="test", data=data)
     loaded = _load(model, dtype)
-    _require_causal_lm(loaded.model, model, "clover sweep (next-token perplexity)")
-    _check_seqlens(loaded.model.config, seqlens)
+    _check_model(loaded.model, model, seqlens, what)
     calibration = None
     if calibrates:
         calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
@@ -724,9 +723,8 @@ def finetune(
     if data is None:
         raise CloverError("no training data: pass --data PATH (.txt, .jsonl or .parquet)")
     texts = load_texts(data)
-    peeked = None if decomposed else read_config(model)
-    _require_causal_lm(peeked, model, "clover finetune (causal-LM training)")
-    _check_seqlens(peeked, {"--seqlen": seqlen})
+    what = "clover finetune (causal-LM training)"
+    _check_model(None if decomposed else read_config(model), model, {"--seqlen": seqlen}, what)
     config.data = data_fingerprint(data)
     if decomposed:
         if method != "clover":
@@ -736,8 +734,7 @@ def finetune(
     else:
         loaded = _load(model, dtype)
         net, tokenizer = loaded.model, loaded.tokenizer
-    _require_causal_lm(net, model, "clover finetune (causal-LM training)")
-    _check_seqlens(net.config, {"--seqlen": seqlen})
+    _check_model(net, model, {"--seqlen": seqlen}, what)
     dataset = token_windows(tokenizer, texts, seqlen)
     run_dir = checkpoints or out.parent / f"{out.name}.checkpoints"
     final, result = train(net, tokenizer, dataset, config, run_dir, model_name=str(model),

@@ -45,10 +45,16 @@ def set_calibration_features(model: nn.Module, features: torch.Tensor | None) ->
     setattr(model, _FEATURES_ATTR, features)
 
 
+def require_whisper(model: nn.Module | None, flag: str) -> None:
+    """Encoder calibration options (``--calib-features``, ``--calib-audio``) apply to Whisper models only."""
+    found = getattr(getattr(model, "config", None), "model_type", None)
+    if found not in WhisperAdapter.model_types:
+        raise CloverError(f"{flag} is for Whisper models, not {found!r}: drop it")
+
+
 def load_calibration_features(model: nn.Module, path: str | os.PathLike) -> None:
     """Read log-mel features from a ``.pt`` (a tensor) or ``.npy`` file and calibrate ``model`` with them."""
-    if getattr(model.config, "model_type", None) not in WhisperAdapter.model_types:
-        raise CloverError(f"--calib-features is for Whisper models, not {model.config.model_type!r}: drop it")
+    require_whisper(model, "--calib-features")
     path = Path(path)
     if path.suffix not in (".npy", ".pt"):
         raise CloverError(f"calibration features {path} must be a .pt or .npy file: save them with torch.save "
