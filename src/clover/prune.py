@@ -432,11 +432,11 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
         for name, tensor in own.items():
             if name in source and source[name].shape == tensor.shape:
                 tensor.copy_(source[name])
-    _keep_buffer_dtypes(pruned, model)
+    keep_buffer_dtypes(pruned, model)
     return pruned.eval()
 
 
-def _keep_buffer_dtypes(pruned: nn.Module, model: nn.Module) -> None:
+def keep_buffer_dtypes(pruned: nn.Module, model: nn.Module) -> None:
     """``.to(dtype)`` above also cast buffers that loaders keep in float32 (rotary ``inv_freq``): in bfloat16 the
     pruned model would then compute other rotations than the same checkpoint reloaded, and report another
     perplexity than the saved model has. Take every such buffer from the source model as it is there."""

@@ -30,6 +30,8 @@ from ..errors import CloverError
 FAMILIES = {"llama": "clover_llama", "mistral": "clover_llama", "qwen2": "clover_llama", "gpt2": "clover_gpt2",
             "bert": "clover_bert", "whisper": "clover_whisper",
             "mllama": "clover_mllama"}
+# Runtimes that are not the pruned form of one family: model_type -> module (latent attention, clover.latent).
+RUNTIMES = {"clover_latent_llama": "clover_latent_llama"}
 # CLASSES key -> (Auto class, auto_map key)
 TASKS = {
     "base": (AutoModel, "AutoModel"),
@@ -46,6 +48,8 @@ TASK_NAMES = {"base": "base model (no head)", "causal_lm": "causal LM", "masked_
 
 
 def family_module(model_type: str) -> ModuleType:
+    if model_type in RUNTIMES:
+        return importlib.import_module(f"{__name__}.{RUNTIMES[model_type]}")
     base = model_type.removeprefix("clover_")
     if base not in FAMILIES:
         raise CloverError(f"pruning is not supported for model type {model_type!r} yet: supported are "
@@ -54,7 +58,7 @@ def family_module(model_type: str) -> ModuleType:
 
 
 def register_all() -> None:
-    for name in dict.fromkeys(FAMILIES.values()):
+    for name in dict.fromkeys([*FAMILIES.values(), *RUNTIMES.values()]):
         try:
             module = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError:  # a family file not shipped in this build

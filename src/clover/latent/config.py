@@ -1,0 +1,87 @@
+"""What a latent conversion should do: one KV byte budget and how keys meet RoPE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CloverError
+
+ROPE_MODES = ("latent", "shared", "mix")
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclass
+class LatentConfig:
+    """Settings of ``to_latent``.
+
+    ``kv_ratio``: fraction of the KV cache removed, in [0, 1) (0: the exact full-rank conversion). The budget is
+    shared by keys and values and by all layers; how it is split is chosen from calibration data:
+    ``allocation`` ``global`` ranks every candidate direction of every layer together, ``uniform`` gives each
+    layer the same number of cached dims. ``split`` weighs key error against value error (both measured in their
+    own whitened units, as shares of their layer's total): ``"auto"`` tries ``split_grid`` and keeps the value with the
+    lowest loss on held-out calibration windows; a number fixes it.
+
+    ``rope``: how keys meet rotary embeddings. ``latent``: a pre-RoPE key latent, rebuilt at attention time.
+    ``shared``: rotary components shared across KV heads per frequency, cached after rotation (exact, nothing
+    rebuilt). ``mix``: ``shared_fraction`` of each layer's key dims as shared components, the rest of the key in
+    a pre-RoPE latent.
+
+    ``k_dims`` / ``v_dims``: fixed key / value dims for every layer instead of a budget (both or neither).
+    ``calibration``: token ids (n, seqlen); the last ``holdout`` windows choose the split, the rest give the
+    statistics (all of them when the split is fixed).
+    """
+
+    kv_ratio: float = 0.0
+    rope: str = "latent"
+    allocation: str = "global"
+    split: str | float = "auto"
+    split_grid: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    shared_fraction: float = 0.5
+    k_dims: int | None = None
+    v_dims: int | None = None
+    calibration: torch.Tensor | None = None
+    holdout: int = 4
+    compute_dtype: torch.dtype = torch.float64
+    progress: bool = True
+
+    @property
+    def fixed_dims(self) -> bool:
+        return self.k_dims is not None
+
+    def check(self) -> None:
+        """What can be said of the settings alone, before any model loads."""
+        if self.rope not in ROPE_MODES:
+            raise CloverError(f"unknown --rope {self.rope!r}: use one of {', '.join(ROPE_MODES)}")
+        if self.allocation not in ALLOCATIONS:
+            raise CloverError(f"unknown --allocation {self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+        if (self.k_dims is None) != (self.v_dims is None):
+            raise CloverError("--k-dims and --v-dims go together: pass both (dims kept per layer), or neither and "
+                              "a --kv-ratio")
+        if self.fixed_dims:
+            if self.kv_ratio:
+                raise CloverError("--kv-ratio and --k-dims/--v-dims both given: fixed dims set the budget "
+                                  "themselves, so pass one of them")
+            if self.v_dims < 1 or self.k_dims < 1:
+                raise CloverError(f"--k-dims {self.k_dims} / --v-dims {self.v_dims} leave a layer no key or value "
+                                  "dims: use at least 1 of each")
+        elif not 0 <= self.kv_ratio < 1:  # also catches NaN
+            raise CloverError(f"--kv-ratio {self.kv_ratio} is outside [0, 1): it is the fraction of the KV cache "
+                              "removed (0 converts exactly, 0.5 halves the cache)")
+        if not 0 < self.shared_fraction < 1 and self.rope == "mix":
+            raise CloverError(f"--shared-fraction {self.shared_fraction} is outside (0, 1): it is the share of each "
+                              "layer's key dims held as shared rotary components in --rope mix")
+        if isinstance(self.split, str):
+            if self.split != "auto":
+                raise CloverError(f"--split {self.split!r}: use auto or a positive number (the weight of key "
+                                  "error against value error)")
+            if not self.split_grid or any(not s > 0 for s in self.split_grid):
+                raise CloverError("the split grid needs positive weights")
+        elif not self.split > 0:
+            raise CloverError(f"--split {self.split} must be positive (or auto)")
+
+    def searches_split(self) -> bool:
+        """Whether the split is chosen on held-out calibration windows (a budget with more than one way to spend
+        it: fixed dims and the exact conversion have one)."""
+        return self.split == "auto" and not self.fixed_dims and self.kv_ratio > 0

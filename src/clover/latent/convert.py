@@ -1,0 +1,266 @@
+"""``to_latent``: a LLaMA-family model whose KV cache holds one shared key latent and one value latent per layer.
+
+Flow: checks -> calibration (the attention input's second moment) -> per-layer analysis -> one budget, split by
+held-out loss -> rewrite into ``clover_latent_llama`` -> verified against the same function written as plain
+projections. The input model is left untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import calibrate, modeling
+from ..adapters import adapter_for, model_type
+from ..errors import CloverError
+from ..pairs import check_finite
+from ..prune import keep_buffer_dtypes, parameter_count
+from .analysis import LayerAnalysis, analyse
+from .budget import Spectrum, allocate
+from .config import LatentConfig
+from .rewrite import LayerPlan, LayerWeights, realize
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+# Rotary types whose frequencies do not depend on the sequence length: rotating cached components once and
+# rebuilding keys at their cache positions reproduces them exactly.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class LayerLatent:
+    layer: int
+    k_rank: int
+    shared_components: int
+    v_rank: int
+    cached_before: int
+    cached_after: int
+
+
+@dataclass
+class LatentReport:
+    model_type: str
+    rope: str
+    allocation: str
+    kv_ratio: float
+    split: float | None
+    split_losses: dict[str, float]
+    layers: list[LayerLatent]
+    params_before: int
+    params_after: int
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    calibration_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_model(model: nn.Module) -> None:
+    """What the latent runtime can hold: a LLaMA-family causal LM, full attention, a rotary type it reproduces."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED:
+        raise CloverError(f"latent conversion supports the LLaMA family ({', '.join(SUPPORTED)}), not "
+                          f"{model_type(model)!r}")
+    if modeling.task_of(model) != "causal_lm":
+        raise CloverError(f"latent conversion needs a causal LM, not a {type(model).__name__}: load the model with "
+                          "its language-modelling head")
+    try:
+        modeling.family_module(kind).llama_settings(config)
+    except ValueError as error:
+        raise CloverError(f"cannot convert this {kind} model: {error}") from None
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise CloverError(f"rotary scaling {rope_type!r} is not reproduced by the latent runtime (its frequencies "
+                          f"change with the sequence length): supported are {', '.join(ROPE_TYPES)}")
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    if partial != 1.0:
+        raise CloverError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported by the "
+                          "latent runtime: it rotates whole heads")
+
+
+def _plans(analyses: list[LayerAnalysis], config: LatentConfig, split: float) -> list[LayerPlan]:
+    """Ranks and components per layer for one split weight."""
+    shared = config.rope == "shared"
+    k_specs = [Spectrum(a.rotary.energy.flatten().sort(descending=True).values, 2) if shared
+               else Spectrum(a.key_gains()) for a in analyses]
+    v_specs = [Spectrum(a.value_gains()) for a in analyses]
+    if config.fixed_dims:
+        for a, ks, vs in zip(analyses, k_specs, v_specs, strict=True):
+            k_cap, v_cap = len(ks.gains) * ks.cost, len(vs.gains)
+            if config.k_dims > k_cap or config.v_dims > v_cap:
+                raise CloverError(f"--k-dims {config.k_dims} / --v-dims {config.v_dims}: layer {a.layer} has at most "
+                                  f"{k_cap} key and {v_cap} value dims")
+        k_units = [config.k_dims // k_specs[0].cost] * len(analyses)
+        v_units = [config.v_dims] * len(analyses)
+    else:
+        spend = allocate(k_specs, v_specs, config.kv_ratio, config.allocation, split)
+        k_units, v_units = spend.k_units, spend.v_units
+    plans = []
+    for a, k, v in zip(analyses, k_units, v_units, strict=True):
+        if shared:
+            plans.append(LayerPlan(a.layer, a.component_order()[:k], 0, v))
+        elif config.rope == "mix":
+            count = min(math.floor(config.shared_fraction * k / 2), len(a.component_order()))
+            plans.append(LayerPlan(a.layer, a.component_order()[:count], k - 2 * count, v))
+        else:
+            plans.append(LayerPlan(a.layer, [], k, v))
+    return plans
+
+
+def _emulator(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose k/v projections carry biases, to hold any effective key / value map."""
+    twin = copy.deepcopy(model)
+    for site in adapter_for(twin).sites(twin):
+        for name in ("k_proj", "v_proj"):
+            old = getattr(site.module, name)
+            if old.bias is None:
+                new = nn.Linear(old.in_features, old.out_features, bias=True).to(old.weight)
+                with torch.no_grad():
+                    new.weight.copy_(old.weight)
+                    new.bias.zero_()
+                setattr(site.module, name, new)
+    return twin
+
+
+def _emulate(twin: nn.Module, rewritten: list[LayerWeights]) -> None:
+    with torch.no_grad():
+        for site, lw in zip(adapter_for(twin).sites(twin), rewritten, strict=True):
+            for name, w in (("k_proj", lw.k_effective), ("v_proj", lw.v_effective)):
+                linear = getattr(site.module, name)
+                linear.weight.copy_(w[:-1].mT)
+                linear.bias.copy_(w[-1])
+
+
+def _loss(model: nn.Module, batches: torch.Tensor) -> float:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        losses = [float(model(input_ids=b[None].to(device), labels=b[None].to(device)).loss) for b in batches]
+    return sum(losses) / len(losses)
+
+
+def _runtime(model: nn.Module, plans: list[LayerPlan], rewritten: list[LayerWeights]) -> nn.Module:
+    module = modeling.family_module("clover_latent_llama")
+    settings = modeling.family_module(model.config.model_type).llama_settings(model.config)
+    settings = {k: v for k, v in settings.items() if k not in ("model_type", "architectures", "auto_map",
+                                                               "transformers_version", "quantization_config")}
+    config = module.CloverLatentLlamaConfig(**settings, k_ranks=[p.k_rank for p in plans],
+                                            v_ranks=[p.v_rank for p in plans],
+                                            rope_freqs=[lw.freqs for lw in rewritten])
+    config.architectures = ["CloverLatentLlamaForCausalLM"]
+    reference = next(model.parameters())
+    latent = module.CloverLatentLlamaForCausalLM(config).to(device=reference.device, dtype=reference.dtype)
+    own, source = latent.state_dict(), model.state_dict()
+    with torch.no_grad():
+        for name, tensor in own.items():
+            if name in source and source[name].shape == tensor.shape:
+                tensor.copy_(source[name])
+        for layer, lw in zip(latent.model.layers, rewritten, strict=True):
+            attn = layer.self_attn
+            pairs = [("v_down", lw.v_down)]
+            if lw.k_rope is not None:
+                pairs += [("q_rope", lw.q_rope), ("k_rope", lw.k_rope)]
+            if lw.k_down is not None:
+                pairs += [("k_down", lw.k_down)]
+                attn.k_up.weight.copy_(lw.k_up.mT)
+                q = source[f"model.layers.{attn.layer_idx}.self_attn.q_proj.weight"]
+                attn.q_proj.weight.copy_(q)
+                if attn.q_proj.bias is not None:
+                    attn.q_proj.bias.copy_(source[f"model.layers.{attn.layer_idx}.self_attn.q_proj.bias"])
+            for name, w in pairs:
+                linear = getattr(attn, name)
+                linear.weight.copy_(w[:-1].mT)
+                if linear.bias is not None:
+                    linear.bias.copy_(w[-1])
+            attn.o_proj.weight.copy_(lw.o)
+            if attn.o_proj.bias is not None:
+                attn.o_proj.bias.copy_(source[f"model.layers.{attn.layer_idx}.self_attn.o_proj.bias"])
+    keep_buffer_dtypes(latent, model)
+    return latent.eval()
+
+
+def _verify(latent: nn.Module, twin: nn.Module) -> None:
+    """The runtime must compute what the plain-projection rewrite computes (same function, other layout)."""
+    inputs = adapter_for(twin).example_inputs(twin, batch=2, seqlen=24)
+    with torch.no_grad():
+        want = twin(**inputs).logits.double()
+        got = latent(**inputs).logits.double()
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    tol = 1e-3 if next(latent.parameters()).dtype == torch.float32 else 5e-2
+    if err > tol:
+        raise CloverError(f"internal: the latent runtime differs from the intended rewrite by {err:.1e} (relative); "
+                          "nothing was saved")
+
+
+def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, LatentReport]:
+    """Return ``(latent_model, report)``; ``model`` itself is not modified."""
+    config.check()
+    check_model(model)
+    collected: list[str] = []
+
+    def warn(message: str) -> None:
+        collected.append(message)
+        warnings.warn(message, stacklevel=2)
+
+    if config.calibration is None:
+        raise CloverError("latent conversion is data-aware: pass calibration token ids (--calib PATH or CLOVER_DATA)")
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
+    weights = [adapter.read(site) for site in sites]
+    for site, w in zip(sites, weights, strict=True):
+        check_finite(w, site)
+    batches = config.calibration
+    searching = config.searches_split()
+    holdout = batches[len(batches) - config.holdout:] if searching else batches[:0]
+    statistics = batches[: len(batches) - len(holdout)]
+    if searching and (len(holdout) == 0 or len(statistics) == 0):
+        raise CloverError(f"choosing the key/value split needs {config.holdout} held-out calibration windows and at "
+                          f"least one more: pass --calib-samples above {config.holdout}, or a fixed --split")
+    hidden = model.config.hidden_size
+    if statistics.numel() < hidden + 1:
+        raise CloverError(f"{statistics.numel()} calibration tokens cannot estimate the {hidden + 1}-dim input moment: "
+                          f"pass more --calib-samples or a longer --calib-seqlen (at least {hidden + 1} tokens)")
+    stats = calibrate.collect(model, adapter, sites, statistics, inputs=True, progress=config.progress)
+    head_dim = model.config.head_dim
+    analyses = [analyse(site.layer, w, stats.sites[site.name].q_input, head_dim, site.rotary, config.compute_dtype,
+                        warn)
+                for site, w in tqdm(list(zip(sites, weights, strict=True)), desc="analyse", unit="layer",
+                                    disable=not config.progress)]
+
+    twin = _emulator(model)
+    losses: dict[str, float] = {}
+    split = None
+    if searching:
+        for candidate in tqdm(config.split_grid, desc="key/value split", unit="split", disable=not config.progress):
+            _emulate(twin, [realize(a, p) for a, p in zip(analyses, _plans(analyses, config, candidate),
+                                                         strict=True)])
+            losses[f"{candidate:g}"] = _loss(twin, holdout)
+        split = min(config.split_grid, key=lambda s: losses[f"{s:g}"])
+    elif not isinstance(config.split, str):
+        split = float(config.split)
+    plans = _plans(analyses, config, split if split is not None else 1.0)
+    rewritten = [realize(a, p) for a, p in zip(analyses, plans, strict=True)]
+    _emulate(twin, rewritten)
+    latent = _runtime(model, plans, rewritten)
+    _verify(latent, twin)
+
+    size = next(model.parameters()).element_size()
+    before = [2 * w.num_kv_heads * head_dim for w in weights]
+    layers = [LayerLatent(p.layer, p.k_rank, len(p.components), p.v_rank, b, p.cached)
+              for p, b in zip(plans, before, strict=True)]
+    report = LatentReport(model.config.model_type, config.rope, "fixed" if config.fixed_dims else config.allocation,
+                          config.kv_ratio, split, losses, layers, parameter_count(model), parameter_count(latent),
+                          sum(before) * size, sum(p.cached for p in plans) * size, stats.tokens, collected)
+    if config.rope != "shared":
+        report.notes.append("keys are rebuilt from the pre-RoPE latent at attention time: decoding pays for that "
+                            "in compute at long contexts (see benchmarks/latent_kv.py)")
+    return latent, report

@@ -1,0 +1,98 @@
+"""The math of latent conversion, with no model knowledge: weighted low-rank maps and rotary components.
+
+Maps act on homogeneous input rows (``x~ = [x, 1]``, so biases ride along): ``y = x~ @ W`` with ``W`` of shape
+(inputs + 1, outputs). Errors are measured on calibration inputs with second moment ``C = L L^T`` and weighted on
+the output side by ``R`` (what an output error costs downstream), i.e. ``E ||x~ (W - W') R||^2``. The best
+rank-r ``W'`` is then a truncated SVD of ``L^T W R`` mapped back, and the dropped squared singular values are the
+error, so every candidate dimension has a price in the same units as its kind's other dimensions.
+
+Rotary components: RoPE turns channel pair ``(f, f + d/2)`` of every KV head by the same phase, i.e. multiplies
+the complex channel ``z_g,f = k_g[f] + i k_g[f + d/2]`` by ``e^{i theta_f t}``. A complex mix across heads within
+one frequency commutes with that, so a per-frequency PCA of ``z_.,f`` (weighted by the query energy each head
+serves) gives components that can be cached after rotation, exactly. Everything here runs in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LowRank:
+    """``W ~= down @ up``; columns of ``down`` / rows of ``up`` sorted by decreasing ``s`` (weighted singular
+    values, so dropping direction i costs ``s[i]**2``). down: (inputs + 1, k), up: (k, outputs)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    s: torch.Tensor
+
+    def truncate(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.down[:, :rank], self.up[:rank]
+
+
+def sym_sqrt(gram: torch.Tensor, floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a PSD matrix and its inverse (eigenvalues floored relative to the largest)."""
+    values, vectors = torch.linalg.eigh(gram)
+    values = values.clamp_min(floor * values.max().clamp_min(1e-300))
+    root = values.sqrt()
+    return (vectors * root) @ vectors.mT, (vectors / root) @ vectors.mT
+
+
+def weighted_lowrank(weight: torch.Tensor, chol: torch.Tensor, out_root: torch.Tensor,
+                     out_root_inv: torch.Tensor) -> LowRank:
+    """All directions of ``weight`` (inputs + 1, outputs) ranked by ``E ||x~ dW R||^2`` (``chol``: lower Cholesky
+    factor of the inputs' second moment; ``out_root`` = R, ``out_root_inv`` = R^-1). sqrt(s) goes to each side, so
+    neither factor carries the whole scale (as CLOVER writes its pairs)."""
+    u, s, vh = torch.linalg.svd(chol.mT @ weight @ out_root, full_matrices=False)
+    root = s.sqrt()
+    down = torch.linalg.solve_triangular(chol.mT, u * root, upper=True)
+    up = (root[:, None] * vh) @ out_root_inv
+    return LowRank(down, up, s)
+
+
+def complex_channels(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """(inputs + 1, heads * head_dim) real map -> (inputs + 1, heads, head_dim / 2) complex map of the rotary
+    channels ``z[f] = y[f] + i y[f + head_dim / 2]`` (rotate-half layout)."""
+    shaped = weight.reshape(weight.shape[0], heads, head_dim)
+    half = head_dim // 2
+    return torch.complex(shaped[..., :half], shaped[..., half:])
+
+
+def real_channels(z: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``complex_channels``: (inputs + 1, heads, half) complex -> (inputs + 1, heads * 2 half) real."""
+    return torch.cat([z.real, z.imag], dim=-1).reshape(z.shape[0], -1)
+
+
+def channel_energy(weight: torch.Tensor, cov: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """E |z_h,f|^2 for every head and frequency of the map ``weight`` on inputs with second moment ``cov``."""
+    per_channel = ((cov @ weight) * weight).sum(0).reshape(heads, head_dim)
+    half = head_dim // 2
+    return per_channel[:, :half] + per_channel[:, half:]
+
+
+@dataclass
+class RotaryComponents:
+    """Per frequency f: ``energy[f, j]`` captured by component j (descending over j), ``encode[f]`` (G comps x G
+    heads: component j = sum_g encode[f, j, g] z_g) and ``decode[f]`` (G heads x G comps: z_g ~= sum_j
+    decode[f, g, j] c_j). Keeping every component is exact: decode @ encode = I."""
+
+    energy: torch.Tensor  # (half, G)
+    encode: torch.Tensor  # (half, G, G) complex
+    decode: torch.Tensor  # (half, G, G) complex
+
+
+def rotary_components(keys: torch.Tensor, cov: torch.Tensor, weight: torch.Tensor) -> RotaryComponents:
+    """Weighted PCA of the KV heads' complex key channels, one frequency at a time.
+
+    ``keys``: complex map (inputs + 1, G, half); ``weight``: (G, half) positive, the square root of the query
+    energy each head's channel serves, so that the captured energy estimates the score error it avoids.
+    """
+    moment = torch.einsum("ngf,nm,mhf->fgh", keys, cov.to(keys.dtype), keys.conj())  # E[z_g conj(z_h)] per f
+    w = weight.T.to(moment.dtype)  # (half, G)
+    values, vectors = torch.linalg.eigh(w[:, :, None] * moment * w[:, None, :].conj())
+    values, vectors = values.flip(-1), vectors.flip(-1)  # strongest first
+    encode = vectors.conj().mT * w[:, None, :]
+    decode = vectors / w[:, :, None]
+    return RotaryComponents(values.clamp_min(0), encode, decode)
