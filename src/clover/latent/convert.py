@@ -220,17 +220,17 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
         check_finite(w, site)
     batches = config.calibration
     searching = config.searches_split()
-    holdout = batches[len(batches) - config.holdout:] if searching else batches[:0]
-    statistics = batches[: len(batches) - len(holdout)]
-    if searching and (len(holdout) == 0 or len(statistics) == 0):
+    if searching and len(batches) <= config.holdout:
         raise CloverError(f"choosing the key/value split needs {config.holdout} held-out calibration windows and at "
                           f"least one more: pass --calib-samples above {config.holdout}, or a fixed --split")
+    holdout = batches[len(batches) - config.holdout:] if searching else batches[:0]
+    statistics = batches[: len(batches) - len(holdout)]
     hidden = model.config.hidden_size
     if statistics.numel() < hidden + 1:
         raise CloverError(f"{statistics.numel()} calibration tokens cannot estimate the {hidden + 1}-dim input moment: "
                           f"pass more --calib-samples or a longer --calib-seqlen (at least {hidden + 1} tokens)")
     stats = calibrate.collect(model, adapter, sites, statistics, inputs=True, progress=config.progress)
-    head_dim = model.config.head_dim
+    head_dim = getattr(model.config, "head_dim", None) or hidden // model.config.num_attention_heads
     analyses = [analyse(site.layer, w, stats.sites[site.name].q_input, head_dim, site.rotary, config.compute_dtype,
                         warn)
                 for site, w in tqdm(list(zip(sites, weights, strict=True)), desc="analyse", unit="layer",

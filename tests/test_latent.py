@@ -1,0 +1,182 @@
+"""Latent KV conversion (clover.latent): exact at full rank, a cache that holds only the latents, and a runtime
+that computes exactly the rewrite it was built from, through cache, generate, save and reload."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from clover.errors import CloverError
+from clover.latent import LatentConfig, to_latent
+from clover.save import save_model
+
+from conftest import VOCAB, _build, tiny_llama, tiny_qwen2
+
+CALIB = torch.randint(1, VOCAB, (10, 32), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the reference ``b``'s own scale (CPU-independent bound)."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def logits(model, ids=IDS, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def convert(model, **kw):
+    return to_latent(model, LatentConfig(calibration=CALIB, progress=False, **kw))
+
+
+def llama_scaled(rope_parameters):
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128, initializer_range=0.3,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, rope_parameters=rope_parameters)
+    return _build(LlamaForCausalLM, cfg)
+
+
+MODELS = {
+    "llama-gqa": lambda: tiny_llama(num_key_value_heads=2),
+    "llama-mha": lambda: tiny_llama(num_key_value_heads=4),
+    "qwen2-bias": tiny_qwen2,
+    "llama3-rope": lambda: llama_scaled({"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 32}),
+    "yarn-rope": lambda: llama_scaled({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                       "original_max_position_embeddings": 32}),
+}
+
+
+@pytest.mark.parametrize("rope", ["latent", "shared", "mix"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_full_rank_conversion_is_exact(name, rope):
+    model = MODELS[name]()
+    latent, report = convert(model, rope=rope)
+    assert latent.config.model_type == "clover_latent_llama"
+    assert rel(logits(latent), logits(model)) < 1e-4
+    assert report.kv_bytes_per_token_after == report.kv_bytes_per_token_before
+
+
+def cache_bytes(model, ids=IDS) -> int:
+    """Bytes per token per sequence actually held by the cache after a prefill."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return total // ids.numel()
+
+
+@pytest.mark.parametrize("rope", ["latent", "shared", "mix"])
+def test_cache_holds_only_the_latent(rope):
+    model = tiny_llama(num_key_value_heads=2)
+    latent, report = convert(model, rope=rope, kv_ratio=0.5)
+    assert cache_bytes(model) == report.kv_bytes_per_token_before
+    assert cache_bytes(latent) == report.kv_bytes_per_token_after
+    assert report.kv_bytes_per_token_after == report.kv_bytes_per_token_before // 2
+    for layer in report.layers:
+        assert layer.k_rank + 2 * layer.shared_components >= 1 and layer.v_rank >= 1
+    if rope == "shared":
+        assert all(layer.k_rank == 0 and layer.shared_components for layer in report.layers)
+    if rope == "latent":
+        assert all(layer.shared_components == 0 for layer in report.layers)
+
+
+@pytest.mark.parametrize("rope", ["latent", "shared", "mix"])
+def test_cached_decoding_matches_full_forward(rope):
+    """Keys rebuilt from the cached latent at their cache positions, and components cached after rotation, give
+    the same next-token logits step by step as one pass over the whole sequence (also with left padding)."""
+    model = tiny_llama(num_key_value_heads=2)
+    latent, _ = convert(model, rope=rope, kv_ratio=0.5)
+    mask = torch.ones_like(IDS)
+    mask[0, :4] = 0
+    full = logits(latent, attention_mask=mask)
+    cache = DynamicCache(config=latent.config)
+    steps = []
+    with torch.no_grad():
+        out = latent(input_ids=IDS[:, :12], attention_mask=mask[:, :12], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+        for t in range(12, IDS.shape[1]):
+            out = latent(input_ids=IDS[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                         use_cache=True)
+            steps.append(out.logits)
+    stepped = torch.cat(steps, dim=1)
+    assert rel(stepped[1], full[1]) < 1e-4
+    assert rel(stepped[0, 4:], full[0, 4:]) < 1e-4  # the padded positions of row 0 carry no meaning
+
+
+def test_generate_at_full_rank_matches_the_original():
+    model = tiny_llama(num_key_value_heads=2)
+    latent, _ = convert(model, rope="mix")
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(latent.generate(IDS[:, :6], **settings), model.generate(IDS[:, :6], **settings))
+
+
+def test_save_reload_with_and_without_clover(tmp_path):
+    model = tiny_qwen2()
+    latent, report = convert(model, rope="mix", kv_ratio=0.5)
+    ref = logits(latent)
+    save_model(latent, None, tmp_path / "m", report=report.to_dict())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert type(loaded) is type(latent)
+    assert rel(logits(loaded), ref) < 1e-6
+    torch.save(IDS, tmp_path / "x.pt")
+    script = (
+        "import sys, torch; sys.modules['clover'] = None\n"
+        "from transformers import AutoModelForCausalLM as A\n"
+        f"m = A.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True).eval()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        "with torch.no_grad(): out = m(input_ids=x).logits\n"
+        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    assert rel(torch.load(tmp_path / "out.pt"), ref) < 1e-6
+
+
+def test_split_is_chosen_on_held_out_windows():
+    model = tiny_llama(num_key_value_heads=2)
+    _, report = convert(model, kv_ratio=0.5, split_grid=(0.5, 2.0))
+    assert set(report.split_losses) == {"0.5", "2"}
+    assert report.split == min((0.5, 2.0), key=lambda s: report.split_losses[f"{s:g}"])
+
+
+def test_input_model_is_untouched():
+    model = tiny_llama(num_key_value_heads=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convert(model, kv_ratio=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"kv_ratio": 1.0}, r"outside \[0, 1\)"),
+    ({"kv_ratio": 0.99}, "fewer than one key and one value dim"),
+    ({"k_dims": 8}, "go together"),
+    ({"k_dims": 64, "v_dims": 8}, "has at most"),
+    ({"k_dims": 0, "v_dims": 8}, "no key or value dims"),
+    ({"rope": "nope"}, "unknown --rope"),
+    ({"split": 0.0}, "must be positive"),
+    ({"kv_ratio": 0.5, "split": 1.0, "calibration": CALIB[:1, :8]}, "calibration tokens"),
+    ({"kv_ratio": 0.5, "calibration": CALIB[:3]}, "held-out calibration windows"),
+])
+def test_bad_settings_fail_with_one_line(kw, message):
+    model = tiny_llama(num_key_value_heads=2)
+    settings = {"calibration": CALIB, "progress": False, **kw}
+    with pytest.raises(CloverError, match=message) as error:
+        to_latent(model, LatentConfig(**settings))
+    assert "\n" not in str(error.value)
+
+
+def test_unsupported_models_are_refused():
+    from conftest import tiny_gpt2
+
+    with pytest.raises(CloverError, match="LLaMA family"):
+        convert(tiny_gpt2())
+    dynamic = llama_scaled({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(CloverError, match="rotary scaling 'dynamic'"):
+        convert(dynamic)
