@@ -540,6 +540,110 @@ def prune(
         write_json(json_path, payload)
 
 
+@app.command()
+@_fails_cleanly
+def latent(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to save the latent model in.")],
+    kv_ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1); 0 converts "
+                                                 "exactly.")] = 0.0,
+    rope: Annotated[str, typer.Option(help="How keys meet RoPE: latent (pre-RoPE key latent, rebuilt when "
+                                           "attending), shared (rotary components shared across KV heads per "
+                                           "frequency, exact, nothing rebuilt) or mix (both).")] = "latent",
+    allocation: Annotated[str, typer.Option(help="global: one budget over all layers; uniform: the same cached "
+                                                 "dims in every layer.")] = "global",
+    split: Annotated[str, typer.Option(help="Weight of key error against value error: auto (chosen on held-out "
+                                            "calibration windows) or a positive number.")] = "auto",
+    shared_fraction: Annotated[float, typer.Option(help="--rope mix: share of each layer's key dims held as "
+                                                        "shared rotary components.")] = 0.5,
+    k_dims: Annotated[Optional[int], typer.Option(help="Fixed key dims per layer (with --v-dims, instead of "
+                                                       "--kv-ratio).")] = None,
+    v_dims: Annotated[Optional[int], typer.Option(help="Fixed value dims per layer.")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; "
+                                                       "else $CLOVER_DATA, else the hub).")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    eval_ppl: Annotated[bool, typer.Option(help="Report WikiText-2 test perplexity before and after.")] = False,
+    seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 2048,
+    max_windows: Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder (for --eval-ppl).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Share one key latent and one value latent across each layer's heads: a KV cache cut across heads."""
+    from .latent import LatentConfig, to_latent
+    from .latent.convert import check_model
+    from .preflight import read_config
+    from .save import save_model, write_json
+
+    _check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
+    try:
+        split_value: str | float = split if split == "auto" else float(split)
+    except ValueError:
+        raise CloverError(f"--split {split!r}: use auto or a positive number") from None
+    config = LatentConfig(kv_ratio=kv_ratio, rope=rope, allocation=allocation, split=split_value,
+                          shared_fraction=shared_fraction, k_dims=k_dims, v_dims=v_dims)
+    config.check()
+    seqlens = {"--calib-seqlen": calib_seqlen, **({"--seqlen": seqlen} if eval_ppl else {})}
+    peeked = read_config(model)
+    if peeked is not None:
+        _check_model(peeked, model, seqlens, "latent conversion")
+    text = None
+    if eval_ppl:
+        from .data import load_text
+
+        text = load_text(corpus="wikitext2", split="test", data=data)
+    loaded = _load(model, dtype)
+    check_model(loaded.model)
+    _check_model(loaded.model, model, seqlens, "latent conversion")
+    config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
+    converted, report = to_latent(loaded.model, config)
+    payload = {"model": model, **report.to_dict()}
+    if eval_ppl:
+        payload["ppl_before"] = _ppl(loaded.model, loaded.tokenizer, text, seqlen, max_windows)
+        payload["ppl_after"] = _ppl(converted, loaded.tokenizer, text, seqlen, max_windows)
+        payload["ppl_protocol"] = {"seqlen": seqlen, "max_windows": max_windows, "split": "test"}
+    split_note = "" if report.split is None else f", key/value split {report.split:g}"
+    table = Table(title=f"{model}: latent KV (--rope {report.rope}, {report.allocation}{split_note})")
+    for col in ("layers", "key latent", "shared rotary components", "value latent", "cached dims / token"):
+        table.add_column(col, justify="right")
+    for layers, row in _runs_of_equal(report.layers, lambda lr: (
+            str(lr.k_rank), str(lr.shared_components), str(lr.v_rank), f"{lr.cached_before} -> {lr.cached_after}")):
+        table.add_row(layers, *row)
+    console.print(table)
+    summary = Table(title="summary")
+    for col in ("", "before", "after", "after / before"):
+        summary.add_column(col, justify="right")
+    rows = [("parameters", report.params_before, report.params_after),
+            ("KV-cache bytes / token", report.kv_bytes_per_token_before, report.kv_bytes_per_token_after)]
+    if eval_ppl:
+        rows.append(("WikiText-2 test ppl", payload["ppl_before"], payload["ppl_after"]))
+    for name, before, after in rows:
+        fmt = (lambda v: f"{v:,.3f}") if isinstance(before, float) else (lambda v: f"{v:,}")
+        summary.add_row(name, fmt(before), fmt(after), f"{after / before:.3f}")
+    console.print(summary)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    save_model(converted, loaded.tokenizer, out, overwrite=overwrite, report=payload)
+    console.print(f"saved to {out} (loads with AutoModelForCausalLM.from_pretrained after `import clover`, or with "
+                  "trust_remote_code=True without clover)")
+    if json_path:
+        write_json(json_path, payload)
+
+
+def _runs_of_equal(layers, cells) -> list[tuple[str, tuple]]:
+    """Consecutive layers whose ``cells(layer)`` agree collapse into one row ("0-29")."""
+    rows: list[tuple[list[int], tuple]] = []
+    for lr in layers:
+        row = cells(lr)
+        if rows and rows[-1][1] == row and rows[-1][0][-1] == lr.layer - 1:
+            rows[-1][0].append(lr.layer)
+        else:
+            rows.append(([lr.layer], row))
+    return [(f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0]), row) for ids, row in rows]
+
+
 STACK_AMOUNTS = {"qk-ratio": "qk_ratio", "vo-ratio": "vo_ratio", "qk-threshold": "qk_threshold",
                  "vo-threshold": "vo_threshold"}
 
