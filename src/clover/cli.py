@@ -555,7 +555,7 @@ def latent(
     split: Annotated[str, typer.Option(help="Weight of key error against value error: auto (chosen on held-out "
                                             "calibration windows) or a positive number.")] = "auto",
     shared_fraction: Annotated[float, typer.Option(help="--rope mix: share of each layer's key dims held as "
-                                                        "shared rotary components.")] = 0.5,
+                                                        "shared rotary components.")] = 0.25,
     k_dims: Annotated[Optional[int], typer.Option(help="Fixed key dims per layer (with --v-dims, instead of "
                                                        "--kv-ratio).")] = None,
     v_dims: Annotated[Optional[int], typer.Option(help="Fixed value dims per layer.")] = None,

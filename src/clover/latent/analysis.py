@@ -45,6 +45,7 @@ class LayerAnalysis:
     k_latent: LowRank
     v_latent: LowRank
     rotary: RotaryComponents | None
+    mixed: torch.Tensor | None = None  # (H, in + 1, in + 1): attention-mixed input moment per head (O refit)
 
     @property
     def group(self) -> int:
@@ -64,7 +65,9 @@ class LayerAnalysis:
 
 
 def analyse(layer: int, w: AttentionWeights, moment: torch.Tensor, head_dim: int, rotary: bool,
-            dtype: torch.dtype = torch.float64, warn=None) -> LayerAnalysis:
+            dtype: torch.dtype = torch.float64, warn=None, mixed: torch.Tensor | None = None) -> LayerAnalysis:
+    """``mixed`` (attention-mixed moments per head, ``mixing.mixed_moments``): values are then whitened by
+    their mean over heads instead of by the plain input moment, and kept for the per-head O refit."""
     heads, kv_heads = w.num_heads, w.num_kv_heads
     q, k, v = (homogeneous(p, dtype) for p in (w.q, w.k, w.v))
     cov = moment.to(dtype)
@@ -79,10 +82,14 @@ def analyse(layer: int, w: AttentionWeights, moment: torch.Tensor, head_dim: int
     roots = [sym_sqrt(torch.einsum("dhi,dhj->ij", blocks[:, g], blocks[:, g])) for g in range(kv_heads)]
     v_root = torch.block_diag(*(r for r, _ in roots))
     v_root_inv = torch.block_diag(*(r for _, r in roots))
+    v_chol = chol
+    if mixed is not None:
+        mixed = mixed.to(dtype)
+        v_chol = cholesky_factor(mixed.mean(0), name=f"layer {layer} attention-mixed input", warn=warn)
     rot = None
     if rotary:
         rot = rotary_components(complex_channels(k, kv_heads, head_dim), cov, key_weight)
     return LayerAnalysis(
         layer, heads, kv_heads, head_dim, q, k, v, o, None if w.o.bias is None else w.o.bias.to(dtype), cov, chol,
         k_root, k_root_inv, v_root, v_root_inv, key_weight,
-        weighted_lowrank(k, chol, k_root, k_root_inv), weighted_lowrank(v, chol, v_root, v_root_inv), rot)
+        weighted_lowrank(k, chol, k_root, k_root_inv), weighted_lowrank(v, v_chol, v_root, v_root_inv), rot, mixed)

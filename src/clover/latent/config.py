@@ -29,6 +29,8 @@ class LatentConfig:
     a pre-RoPE latent.
 
     ``k_dims`` / ``v_dims``: fixed key / value dims for every layer instead of a budget (both or neither).
+    ``v_moment``: what whitens the value latent, ``mixed`` (the attention-mixed inputs, averaged over heads) or
+    ``input`` (the attention input); ``o_refit`` (with ``mixed``) refits each head's O block to its mixed inputs.
     ``calibration``: token ids (n, seqlen); the last ``holdout`` windows choose the split, the rest give the
     statistics (all of them when the split is fixed).
     """
@@ -37,10 +39,12 @@ class LatentConfig:
     rope: str = "latent"
     allocation: str = "global"
     split: str | float = "auto"
-    split_grid: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-    shared_fraction: float = 0.5
+    split_grid: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+    shared_fraction: float = 0.25
     k_dims: int | None = None
     v_dims: int | None = None
+    v_moment: str = "mixed"
+    o_refit: bool = True
     calibration: torch.Tensor | None = None
     holdout: int = 4
     compute_dtype: torch.dtype = torch.float64
@@ -54,6 +58,8 @@ class LatentConfig:
         """What can be said of the settings alone, before any model loads."""
         if self.rope not in ROPE_MODES:
             raise CloverError(f"unknown --rope {self.rope!r}: use one of {', '.join(ROPE_MODES)}")
+        if self.v_moment not in ("mixed", "input"):
+            raise CloverError(f"unknown --v-moment {self.v_moment!r}: use mixed or input")
         if self.allocation not in ALLOCATIONS:
             raise CloverError(f"unknown --allocation {self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
         if (self.k_dims is None) != (self.v_dims is None):

@@ -24,6 +24,7 @@ from ..prune import keep_buffer_dtypes, parameter_count
 from .analysis import LayerAnalysis, analyse
 from .budget import Spectrum, allocate
 from .config import LatentConfig
+from .mixing import mixed_moments
 from .rewrite import LayerPlan, LayerWeights, realize
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -188,6 +189,15 @@ def _runtime(model: nn.Module, plans: list[LayerPlan], rewritten: list[LayerWeig
     return latent.eval()
 
 
+def _write_refit(latent: nn.Module, rewritten: list[LayerWeights]) -> None:
+    """The refit O blocks go in after the layout check: plain k/v projections cannot express them, so the runtime
+    is verified with the absorbed O first, and the refit then only replaces ``o_proj``'s weight."""
+    with torch.no_grad():
+        for layer, lw in zip(latent.model.layers, rewritten, strict=True):
+            if lw.o_refit is not None:
+                layer.self_attn.o_proj.weight.copy_(lw.o_refit)
+
+
 def _verify(latent: nn.Module, twin: nn.Module) -> None:
     """The runtime must compute what the plain-projection rewrite computes (same function, other layout)."""
     inputs = adapter_for(twin).example_inputs(twin, batch=2, seqlen=24)
@@ -230,13 +240,17 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
         raise CloverError(f"{statistics.numel()} calibration tokens cannot estimate the {hidden + 1}-dim input moment: "
                           f"pass more --calib-samples or a longer --calib-seqlen (at least {hidden + 1} tokens)")
     stats = calibrate.collect(model, adapter, sites, statistics, inputs=True, progress=config.progress)
+    twin = _emulator(model)
+    mixed = {}
+    if config.v_moment == "mixed":
+        mixed = mixed_moments(twin, adapter, statistics, progress=config.progress)
+        twin.config._attn_implementation = model.config._attn_implementation
     head_dim = getattr(model.config, "head_dim", None) or hidden // model.config.num_attention_heads
     analyses = [analyse(site.layer, w, stats.sites[site.name].q_input, head_dim, site.rotary, config.compute_dtype,
-                        warn)
+                        warn, mixed.get(site.layer))
                 for site, w in tqdm(list(zip(sites, weights, strict=True)), desc="analyse", unit="layer",
                                     disable=not config.progress)]
 
-    twin = _emulator(model)
     losses: dict[str, float] = {}
     split = None
     if searching:
@@ -248,10 +262,11 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
     elif not isinstance(config.split, str):
         split = float(config.split)
     plans = _plans(analyses, config, split if split is not None else 1.0)
-    rewritten = [realize(a, p) for a, p in zip(analyses, plans, strict=True)]
+    rewritten = [realize(a, p, refit=config.o_refit) for a, p in zip(analyses, plans, strict=True)]
     _emulate(twin, rewritten)
     latent = _runtime(model, plans, rewritten)
     _verify(latent, twin)
+    _write_refit(latent, rewritten)
 
     size = next(model.parameters()).element_size()
     before = [2 * w.num_kv_heads * head_dim for w in weights]

@@ -43,6 +43,7 @@ class LayerWeights:
     o: torch.Tensor  # (D, H * v_rank): o_proj with each head's value up-projection folded in
     k_effective: torch.Tensor  # (in + 1, G * d): the keys the cached numbers stand for, before RoPE
     v_effective: torch.Tensor  # (in + 1, G * d)
+    o_refit: torch.Tensor | None = None  # like ``o``, each head's block refit to its attention-mixed inputs
 
 
 def _components(an: LayerAnalysis, chosen: list[tuple[int, int]]):
@@ -59,7 +60,7 @@ def _components(an: LayerAnalysis, chosen: list[tuple[int, int]]):
     return enc, dec, real_channels(rebuilt)
 
 
-def realize(an: LayerAnalysis, plan: LayerPlan) -> LayerWeights:
+def realize(an: LayerAnalysis, plan: LayerPlan, refit: bool = False) -> LayerWeights:
     H, G, d, r = an.heads, an.kv_heads, an.head_dim, an.group
     chosen = sorted(plan.components)
     freqs = [f for f, _ in chosen]
@@ -88,4 +89,20 @@ def realize(an: LayerAnalysis, plan: LayerPlan) -> LayerWeights:
     o_blocks = an.o.reshape(an.o.shape[0], H, d)
     up = v_up.reshape(plan.v_rank, G, d)
     o = torch.cat([o_blocks[:, h] @ up[:, h // r].mT for h in range(H)], dim=1)
-    return LayerWeights(freqs, q_rope, k_rope, k_down, k_up, v_down, o, k_effective, v_down @ v_up)
+    o_refit = refit_o(an, v_down) if refit and an.mixed is not None else None
+    return LayerWeights(freqs, q_rope, k_rope, k_down, k_up, v_down, o, k_effective, v_down @ v_up, o_refit)
+
+
+def refit_o(an: LayerAnalysis, v_down: torch.Tensor) -> torch.Tensor:
+    """Per head, the O block that best maps the head's mixed latent ``m_h v_down`` to what the head wrote before,
+    ``m_h W_V,g W_O,h`` (least squares on the attention-mixed moment ``C_h``): the latent is fixed, only its
+    read-out into the residual stream adapts to what attention really averages."""
+    H, d, r = an.heads, an.head_dim, an.group
+    blocks = []
+    for h in range(H):
+        moment = an.mixed[h]
+        gram = v_down.mT @ moment @ v_down
+        gram = gram + 1e-9 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(gram.shape[0], dtype=gram.dtype)
+        cross = v_down.mT @ moment @ an.v[:, (h // r) * d:(h // r + 1) * d]  # (v_rank, d)
+        blocks.append(an.o[:, h * d:(h + 1) * d] @ torch.linalg.solve(gram, cross).mT)
+    return torch.cat(blocks, dim=1)
