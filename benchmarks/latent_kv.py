@@ -1,0 +1,182 @@
+"""Latent KV on SmolLM2-135M: perplexity with half, a quarter and an eighth of the KV cache kept, and decode speed.
+
+    python benchmarks/latent_kv.py [--windows 40] [--seqlen 512] [--contexts 512 2048 8192] [--new-tokens 16]
+
+One run, three parts:
+
+1. Perplexity at KV cache 50%, 25% and 12.5% of the original (WikiText-2 test, ``--windows`` x ``--seqlen``) for
+   today's per-head best (``prune``: whitened V-O with attention-mixed values and O refit, Q-K by rotary-activation
+   pairs, both at the same ratio) and each RoPE option of ``to_latent`` (``latent``: pre-RoPE key latent rebuilt
+   when attending; ``shared``: rotary components shared across KV heads, exact, nothing rebuilt; ``mix``).
+2. The levers at KV 50% (``--rope latent``): what whitens the values, the O refit, allocation, fixed K/V splits.
+3. Decode tokens/s (greedy, batch 1, float32, prefill excluded) and the KV bytes per token read off the cache after
+   prefill, at each context, original against the KV-halved conversions: the cost of rebuilding keys is shown.
+
+Calibration: 16 WikiText-2 validation windows of 512 tokens (the last 4 choose the key/value split). Prints tables,
+writes JSON, updates the ``latent_kv`` section of BENCHMARKS.md. Goals are checked and printed, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+try:  # run as a script: benchmarks/ is sys.path[0]
+    from _report import machine_info, machine_line, markdown_table, print_table, update_benchmarks_md, write_json
+    from decode_speed import decode
+except ImportError:  # pragma: no cover - imported as benchmarks.latent_kv
+    from ._report import machine_info, machine_line, markdown_table, print_table, update_benchmarks_md, write_json
+    from .decode_speed import decode
+
+from clover.data import calibration_batches, load_rows, load_text
+from clover.evaluate import perplexity
+from clover.latent import LatentConfig, to_latent
+from clover.models import load
+from clover.prune import PruneConfig, prune
+
+KEPT = (0.5, 0.25, 0.125)  # fraction of the KV cache kept
+ROPES = ("latent", "shared", "mix")
+
+
+def levers(calib) -> list[tuple[str, LatentConfig]]:
+    half = dict(kv_ratio=0.5, calibration=calib, progress=False)
+    return [
+        ("values whitened by the attention input (the sketch), no O refit",
+         LatentConfig(**half, v_moment="input", o_refit=False)),
+        ("values whitened by attention-mixed inputs, no O refit", LatentConfig(**half, o_refit=False)),
+        ("mixed + O refit (default)", LatentConfig(**half)),
+        ("mixed + O refit, uniform allocation", LatentConfig(**half, allocation="uniform")),
+        ("mixed + O refit, fixed K 96 / V 96 per layer", LatentConfig(k_dims=96, v_dims=96, calibration=calib,
+                                                                      progress=False)),
+        ("mixed + O refit, fixed K 64 / V 128 per layer", LatentConfig(k_dims=64, v_dims=128, calibration=calib,
+                                                                       progress=False)),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", default=None, help="folder holding wikitext-2-raw-v1/ (else $CLOVER_DATA)")
+    parser.add_argument("--json", default="benchmarks/results/latent_kv.json")
+    parser.add_argument("--no-md", action="store_true")
+    args = parser.parse_args()
+
+    info = machine_info()
+    torch.set_grad_enabled(False)
+    lm = load("smollm2-135m")
+    text = load_text(split="test", data=args.data)
+    calib = calibration_batches(lm.tokenizer, load_rows(split="validation", data=args.data), 16, 512)
+
+    def ppl(model) -> float:
+        return perplexity(model, lm.tokenizer, text, seqlen=args.seqlen, max_windows=args.windows, progress=False).ppl
+
+    base = ppl(lm.model)
+    quality, halved = [], {}
+    jobs = [(kept, "per-head best (prune)", None) for kept in KEPT] + \
+           [(kept, f"latent --rope {rope}", rope) for kept in KEPT for rope in ROPES]
+    for kept, method, rope in tqdm(jobs, desc="quality", unit="model"):
+        start = time.perf_counter()
+        if rope is None:
+            model, report = prune(lm.model, PruneConfig(qk_ratio=1 - kept, vo_ratio=1 - kept, criterion="whitened",
+                                                        qk_criterion="rotary-activation", calibration=calib,
+                                                        progress=False))
+            split = None
+        else:
+            model, report = to_latent(lm.model, LatentConfig(kv_ratio=1 - kept, rope=rope, calibration=calib,
+                                                             progress=False))
+            split = report.split
+            if kept == 0.5:
+                halved[rope] = model
+        seconds = time.perf_counter() - start
+        value = ppl(model)
+        quality.append({"kv_kept": kept, "method": method, "ppl": value, "ratio_to_base": value / base,
+                        "kv_fraction": report.kv_bytes_per_token_after / report.kv_bytes_per_token_before,
+                        "params": report.params_after, "split": split, "convert_seconds": seconds})
+        if rope is None or kept != 0.5:
+            del model
+
+    lever_rows = []
+    for lever, config in tqdm(levers(calib), desc="levers", unit="model"):
+        model, report = to_latent(lm.model, config)
+        value = ppl(model)
+        lever_rows.append({"lever": lever, "ppl": value, "ratio_to_base": value / base, "split": report.split,
+                           "kv_fraction": report.kv_bytes_per_token_after / report.kv_bytes_per_token_before})
+        del model
+
+    speed = []
+    vocab = lm.model.config.vocab_size
+    contenders = [("original", lm.model)] + [(f"latent --rope {rope}, KV 50%", m) for rope, m in halved.items()]
+    for context in tqdm(args.contexts, desc="decode", unit="context"):
+        runs: dict[str, list[dict]] = {name: [] for name, _ in contenders}
+        for _ in range(args.repeats):  # alternate, so drifting load hits every model alike
+            for name, model in contenders:
+                runs[name].append(decode(model, context, args.new_tokens, vocab))
+        base_speed = statistics.median(r["tokens_per_s"] for r in runs["original"])
+        for name, _ in contenders:
+            tps = statistics.median(r["tokens_per_s"] for r in runs[name])
+            speed.append({"context": context, "model": name, "tokens_per_s": tps, "speed_vs_original": tps / base_speed,
+                          "kv_bytes_per_token": runs[name][0]["kv_bytes_per_token"]})
+
+    q_columns = ["KV kept", "method", "ppl", "x base", "params", "split", "convert s"]
+    q_table = [[f"{r['kv_kept']:.1%}", r["method"], f"{r['ppl']:.2f}", f"{r['ratio_to_base']:.3f}",
+                f"{r['params']:,}", "-" if r["split"] is None else f"{r['split']:g}", f"{r['convert_seconds']:.0f}"]
+               for r in quality]
+    l_columns = ["lever (KV 50%, --rope latent)", "ppl", "x base", "split"]
+    l_table = [[r["lever"], f"{r['ppl']:.2f}", f"{r['ratio_to_base']:.3f}",
+                "-" if r["split"] is None else f"{r['split']:g}"] for r in lever_rows]
+    s_columns = ["context", "model", "tokens/s", "vs original", "KV bytes / token (measured)"]
+    s_table = [[r["context"], r["model"], f"{r['tokens_per_s']:.1f}", f"{r['speed_vs_original']:.2f}",
+                f"{r['kv_bytes_per_token']:,.0f}"] for r in speed]
+    title = f"SmolLM2-135M, WikiText-2 test ppl ({args.windows} x {args.seqlen}), base {base:.2f}"
+    print_table(title, q_columns, q_table)
+    print_table("levers", l_columns, l_table)
+    print_table(f"decode, {args.new_tokens} new tokens, median of {args.repeats}", s_columns, s_table)
+
+    def best(kept: float) -> tuple[float, str]:
+        rows = [r for r in quality if r["kv_kept"] == kept and r["method"].startswith("latent")]
+        top = min(rows, key=lambda r: r["ratio_to_base"])
+        return top["ratio_to_base"], top["method"]
+
+    half, quarter = best(0.5), best(0.25)
+    fastest = max((r for r in speed if r["context"] == 2048 and r["model"] != "original"),
+                  key=lambda r: r["speed_vs_original"], default=None)
+    goals = [f"KV halved at <= 1.15x base, training-free: best {half[0]:.3f}x ({half[1]}) -> "
+             f"{'MET' if half[0] <= 1.15 else 'NOT MET'}",
+             f"KV at 25% at <= 1.5x base: best {quarter[0]:.3f}x ({quarter[1]}) -> "
+             f"{'MET' if quarter[0] <= 1.5 else 'NOT MET'}"]
+    if fastest is not None:
+        goals.append(f"decode at 2048 context no slower than the original with the cache halved: best "
+                     f"{fastest['speed_vs_original']:.2f}x ({fastest['model']}) -> "
+                     f"{'MET' if fastest['speed_vs_original'] >= 1.0 else 'NOT MET'}")
+    goals.append("after recovery tuning, KV 25% within 1.05x of the identically tuned base: NOT RUN (recovery "
+                 "tuning of latent models is not built yet)")
+    for line in goals:
+        print("goal:", line)
+    payload = {"machine": info, "base_ppl": base, "windows": args.windows, "seqlen": args.seqlen,
+               "calibration": "16 x 512 WikiText-2 validation", "quality": quality, "levers": lever_rows,
+               "decode": {"new_tokens": args.new_tokens, "repeats": args.repeats, "rows": speed}, "goals": goals}
+    write_json(args.json, payload)
+    if not args.no_md:
+        command = (f"python benchmarks/latent_kv.py --windows {args.windows} --seqlen {args.seqlen} --contexts "
+                   f"{' '.join(map(str, args.contexts))} --new-tokens {args.new_tokens} --repeats {args.repeats}")
+        md = (f"Command: `{command}`\n\nMachine: {machine_line(info)}\n\n"
+              f"{title}; calibration on 16 WikiText-2 validation windows of 512 tokens (the last 4 choose the "
+              "key/value split). `per-head best` is `prune` with whitened V-O (attention-mixed values, O refit) and "
+              "rotary-activation Q-K pairs at the same ratio on both pairs.\n\n"
+              + markdown_table(q_columns, q_table) + "\n\nLevers at KV 50%:\n\n" + markdown_table(l_columns, l_table)
+              + f"\n\nDecode ({args.new_tokens} greedy tokens after a random prompt of the context length, batch 1, "
+              f"float32, median of {args.repeats} alternating runs; KV bytes read off the cache after prefill):\n\n"
+              + markdown_table(s_columns, s_table) + "\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
+        update_benchmarks_md("latent_kv", md)
+
+
+if __name__ == "__main__":
+    main()
