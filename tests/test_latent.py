@@ -180,3 +180,34 @@ def test_unsupported_models_are_refused():
     dynamic = llama_scaled({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(CloverError, match="rotary scaling 'dynamic'"):
         convert(dynamic)
+
+
+def test_clover_on_top_orthogonalize_prune_tune_merge_reload(tmp_path):
+    """The poster's combination: convert, then CLOVER on the latent model's V-O (one multi-query group per layer):
+    orthogonalize is exact, prune shrinks the value latent and the cache, fine-tuning is exact at step 0 and merges
+    back into a model that saves and reloads."""
+    from clover import OrthogonalizeConfig, PruneConfig, orthogonalize_, prune
+    from clover.finetune import TuneConfig, attach, merge_
+
+    latent, report = convert(tiny_llama(num_key_value_heads=2), rope="mix", kv_ratio=0.25)
+    before = logits(latent)
+    orth = orthogonalize_(latent, OrthogonalizeConfig(progress=False))
+    assert orth.check.passed and rel(logits(latent), before) < 1e-4
+    pruned, pr = prune(latent, PruneConfig(vo_ratio=0.5, criterion="whitened", calibration=CALIB, progress=False))
+    assert pruned.config.model_type == "clover_latent_llama"
+    assert all(1 <= a < b for a, b in zip(pruned.config.v_ranks, latent.config.v_ranks, strict=True))
+    assert cache_bytes(pruned) == pr.kv_bytes_per_token_after < pr.kv_bytes_per_token_before
+    tuned = attach(pruned, TuneConfig(progress=False))
+    assert tuned.targets == ("vo", "up") and tuned.check.passed
+    with torch.no_grad():
+        for p in pruned.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    want = logits(pruned)
+    merge_(pruned)
+    assert rel(logits(pruned), want) < 1e-4
+    save_model(pruned, None, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert rel(logits(reloaded), want) < 1e-4
+    with pytest.raises(CloverError, match="use 'vo' and 'up'"):
+        attach(reloaded, TuneConfig(targets="k,vo", progress=False))

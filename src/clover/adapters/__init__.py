@@ -9,13 +9,14 @@ from .base import Adapter, AttentionSite
 from .bert import BertAdapter
 from .deepseek_v2 import DeepseekV2Adapter
 from .gpt2 import GPT2Adapter
+from .latent_llama import LatentLlamaAdapter
 from .llama import LlamaAdapter
 from .mllama import MllamaAdapter
 from .unet import UNetAdapter
 from .whisper import WhisperAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), BertAdapter(), DeepseekV2Adapter(), WhisperAdapter(),
-                                 MllamaAdapter(), UNetAdapter())
+                                 MllamaAdapter(), UNetAdapter(), LatentLlamaAdapter())
 
 
 def supported_model_types() -> list[str]:

@@ -37,10 +37,17 @@ def block_size(model: nn.Module) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def _keys_hidden(adapter: Adapter, site: AttentionSite) -> bool:
+    """Whether the adapter shows no K projection at this site (latent models keep keys in another form)."""
+    return adapter.read(site).k.weight.shape[0] == 0
+
+
 def default_targets(model: nn.Module) -> tuple[str, ...]:
     """The paper's recipe: Q-K cross-layer where exact (else K's QR form), V-O, and the MLP up blocks."""
     adapter = adapter_for(model)
     sites = adapter.sites(model)
+    if all(_keys_hidden(adapter, site) for site in sites):  # a latent model: no per-head keys to train
+        return ("vo",) + (("up",) if adapter.mlp_up(model) else ())
     qk = "k" if any(site.rotary for site in sites) else "qk"
     return (qk, "vo") + (("up",) if adapter.mlp_up(model) else ())
 
@@ -66,6 +73,10 @@ def resolve_targets(model: nn.Module, targets) -> tuple[Adapter, list[AttentionS
         raise CloverError("targets 'qk' and 'k' both train the Q-K scores: pick one")
     if "qk" in targets and any(site.rotary for site in sites):
         raise CloverError(ROTARY_QK)
+    hidden = [site for site in sites if _keys_hidden(adapter, site)]
+    if ("qk" in targets or "k" in targets) and hidden:
+        raise CloverError(f"targets 'qk' / 'k' cannot train this {_family(model)} model's keys: "
+                          f"{hidden[0].qk_inexact}; use 'vo' and 'up'")
     if "up" in targets and not adapter.mlp_up(model):
         raise CloverError(f"this {_family(model)} model has no MLP up projection clover knows: "
                           "drop 'up' from the targets")
