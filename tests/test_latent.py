@@ -41,6 +41,12 @@ def llama_scaled(rope_parameters):
     return _build(LlamaForCausalLM, cfg)
 
 
+def tiny_gpt2_model():
+    from conftest import tiny_gpt2
+
+    return tiny_gpt2()
+
+
 MODELS = {
     "llama-gqa": lambda: tiny_llama(num_key_value_heads=2),
     "llama-mha": lambda: tiny_llama(num_key_value_heads=4),
@@ -173,10 +179,12 @@ def test_bad_settings_fail_with_one_line(kw, message):
 
 
 def test_unsupported_models_are_refused():
-    from conftest import tiny_gpt2
+    from conftest import tiny_bert, tiny_gpt2
 
-    with pytest.raises(CloverError, match="LLaMA family"):
-        convert(tiny_gpt2())
+    with pytest.raises(CloverError, match="LLaMA family and GPT-2"):
+        convert(tiny_bert())
+    with pytest.raises(CloverError, match="no rotary embeddings"):
+        convert(tiny_gpt2(), rope="shared")
     dynamic = llama_scaled({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(CloverError, match="rotary scaling 'dynamic'"):
         convert(dynamic)
@@ -211,3 +219,27 @@ def test_clover_on_top_orthogonalize_prune_tune_merge_reload(tmp_path):
     assert rel(logits(reloaded), want) < 1e-4
     with pytest.raises(CloverError, match="use 'vo' and 'up'"):
         attach(reloaded, TuneConfig(targets="k,vo", progress=False))
+
+
+def test_gpt2_converts_exactly_and_absorbs_everything(tmp_path):
+    """No RoPE: the key latent folds into the queries, so the cache holds k_rank + v_rank numbers per layer and
+    nothing is rebuilt; exact at full rank, cached decoding matches the full pass, saves and reloads."""
+    model = tiny_gpt2_model()
+    full, _ = convert(model)
+    assert full.config.model_type == "clover_latent_gpt2"
+    assert rel(logits(full), logits(model)) < 1e-4
+    latent, report = convert(model, kv_ratio=0.5)
+    assert cache_bytes(latent) == report.kv_bytes_per_token_after == report.kv_bytes_per_token_before // 2
+    cache = DynamicCache(config=latent.config)
+    with torch.no_grad():
+        steps = [latent(input_ids=IDS[:, :12], past_key_values=cache, use_cache=True).logits]
+        for t in range(12, IDS.shape[1]):
+            steps.append(latent(input_ids=IDS[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    assert rel(torch.cat(steps, dim=1), logits(latent)) < 1e-4
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(full.generate(IDS[:, :6], **settings), model.generate(IDS[:, :6], **settings))
+    save_model(latent, None, tmp_path / "g", report=report.to_dict())
+    assert rel(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "g").eval()), logits(latent)) < 1e-6
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "g", trust_remote_code=True).eval()
+    assert rel(logits(remote), logits(latent)) < 1e-6

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 import clover  # noqa: F401  (registers the clover_* model types)
-from clover.modeling import clover_bert, clover_gpt2, clover_latent_llama
+from clover.modeling import clover_bert, clover_gpt2, clover_latent_gpt2, clover_latent_llama
 from clover.modeling.clover_bert import (
     CloverBertAttention,
     CloverBertConfig,
@@ -404,7 +404,8 @@ def test_bert_save_and_load_round_trip(tmp_path):
 # ---- both ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [clover_gpt2, clover_bert, clover_latent_llama], ids=["gpt2", "bert", "latent_llama"])
+@pytest.mark.parametrize("module", [clover_gpt2, clover_bert, clover_latent_llama, clover_latent_gpt2],
+                         ids=["gpt2", "bert", "latent_llama", "latent_gpt2"])
 def test_modeling_file_is_self_contained(module):
     """The file is copied next to checkpoints for trust_remote_code: it may import torch/transformers only."""
     tree = ast.parse(Path(module.__file__).read_text())

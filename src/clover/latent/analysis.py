@@ -75,7 +75,11 @@ def analyse(layer: int, w: AttentionWeights, moment: torch.Tensor, head_dim: int
     group = heads // kv_heads
     energy = channel_energy(q, cov, heads, head_dim).reshape(kv_heads, group, -1).sum(1)  # (G, half)
     key_weight = energy.clamp_min(1e-12 * energy.max().clamp_min(1e-300)).sqrt()
-    per_channel = torch.cat([key_weight, key_weight], dim=1).reshape(-1)  # rotate-half: f and f + d/2 share it
+    if rotary:  # rotate-half: channels f and f + d/2 turn into each other, so they share one weight
+        per_channel = torch.cat([key_weight, key_weight], dim=1).reshape(-1)
+    else:  # each key channel meets one query channel (per head of its group)
+        squares = ((cov @ q) * q).sum(0).reshape(kv_heads, group, head_dim).sum(1).reshape(-1)
+        per_channel = squares.clamp_min(1e-12 * squares.max().clamp_min(1e-300)).sqrt()
     k_root, k_root_inv = torch.diag(per_channel), torch.diag(1 / per_channel)
     o = w.o.weight.to(dtype)
     blocks = o.reshape(o.shape[0], kv_heads, group, head_dim)

@@ -1,13 +1,13 @@
-"""``to_latent``: a LLaMA-family model whose KV cache holds one shared key latent and one value latent per layer.
+"""``to_latent``: a model whose KV cache holds one shared key latent and one value latent per layer.
 
-Flow: checks -> calibration (the attention input's second moment) -> per-layer analysis -> one budget, split by
-held-out loss -> rewrite into ``clover_latent_llama`` -> verified against the same function written as plain
-projections. The input model is left untouched.
+Flow: checks -> calibration (the attention input's second moment, and the attention-mixed one per head) ->
+per-layer analysis -> one budget, split by held-out loss -> the family's latent runtime (``clover_latent_llama``,
+``clover_latent_gpt2``; ``families``) -> verified against the same function written as plain k/v projections.
+The input model is left untouched.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -16,21 +16,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import calibrate, modeling
-from ..adapters import adapter_for, model_type
+from .. import calibrate
+from ..adapters import adapter_for
 from ..errors import CloverError
 from ..pairs import check_finite
-from ..prune import keep_buffer_dtypes, parameter_count
+from ..prune import parameter_count
 from .analysis import LayerAnalysis, analyse
 from .budget import Spectrum, allocate
 from .config import LatentConfig
+from .families import Family, family_for
 from .mixing import mixed_moments
 from .rewrite import LayerPlan, LayerWeights, realize
 
-SUPPORTED = ("llama", "mistral", "qwen2")
-# Rotary types whose frequencies do not depend on the sequence length: rotating cached components once and
-# rebuilding keys at their cache positions reproduces them exactly.
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass
@@ -64,29 +61,11 @@ class LatentReport:
         return asdict(self)
 
 
-def check_model(model: nn.Module) -> None:
-    """What the latent runtime can hold: a LLaMA-family causal LM, full attention, a rotary type it reproduces."""
-    config = getattr(model, "config", None)
-    kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED:
-        raise CloverError(f"latent conversion supports the LLaMA family ({', '.join(SUPPORTED)}), not "
-                          f"{model_type(model)!r}")
-    if modeling.task_of(model) != "causal_lm":
-        raise CloverError(f"latent conversion needs a causal LM, not a {type(model).__name__}: load the model with "
-                          "its language-modelling head")
-    try:
-        modeling.family_module(kind).llama_settings(config)
-    except ValueError as error:
-        raise CloverError(f"cannot convert this {kind} model: {error}") from None
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        raise CloverError(f"rotary scaling {rope_type!r} is not reproduced by the latent runtime (its frequencies "
-                          f"change with the sequence length): supported are {', '.join(ROPE_TYPES)}")
-    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
-    if partial != 1.0:
-        raise CloverError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported by the "
-                          "latent runtime: it rotates whole heads")
+def check_model(model: nn.Module) -> Family:
+    """The family's latent runtime can hold this model (refused with the reason otherwise)."""
+    family = family_for(model)
+    family.check(model)
+    return family
 
 
 def _plans(analyses: list[LayerAnalysis], config: LatentConfig, split: float) -> list[LayerPlan]:
@@ -118,30 +97,6 @@ def _plans(analyses: list[LayerAnalysis], config: LatentConfig, split: float) ->
     return plans
 
 
-def _emulator(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose k/v projections carry biases, to hold any effective key / value map."""
-    twin = copy.deepcopy(model)
-    for site in adapter_for(twin).sites(twin):
-        for name in ("k_proj", "v_proj"):
-            old = getattr(site.module, name)
-            if old.bias is None:
-                new = nn.Linear(old.in_features, old.out_features, bias=True).to(old.weight)
-                with torch.no_grad():
-                    new.weight.copy_(old.weight)
-                    new.bias.zero_()
-                setattr(site.module, name, new)
-    return twin
-
-
-def _emulate(twin: nn.Module, rewritten: list[LayerWeights]) -> None:
-    with torch.no_grad():
-        for site, lw in zip(adapter_for(twin).sites(twin), rewritten, strict=True):
-            for name, w in (("k_proj", lw.k_effective), ("v_proj", lw.v_effective)):
-                linear = getattr(site.module, name)
-                linear.weight.copy_(w[:-1].mT)
-                linear.bias.copy_(w[-1])
-
-
 def _loss(model: nn.Module, batches: torch.Tensor) -> float:
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -149,53 +104,13 @@ def _loss(model: nn.Module, batches: torch.Tensor) -> float:
     return sum(losses) / len(losses)
 
 
-def _runtime(model: nn.Module, plans: list[LayerPlan], rewritten: list[LayerWeights]) -> nn.Module:
-    module = modeling.family_module("clover_latent_llama")
-    settings = modeling.family_module(model.config.model_type).llama_settings(model.config)
-    settings = {k: v for k, v in settings.items() if k not in ("model_type", "architectures", "auto_map",
-                                                               "transformers_version", "quantization_config")}
-    config = module.CloverLatentLlamaConfig(**settings, k_ranks=[p.k_rank for p in plans],
-                                            v_ranks=[p.v_rank for p in plans],
-                                            rope_freqs=[lw.freqs for lw in rewritten])
-    config.architectures = ["CloverLatentLlamaForCausalLM"]
-    reference = next(model.parameters())
-    latent = module.CloverLatentLlamaForCausalLM(config).to(device=reference.device, dtype=reference.dtype)
-    own, source = latent.state_dict(), model.state_dict()
-    with torch.no_grad():
-        for name, tensor in own.items():
-            if name in source and source[name].shape == tensor.shape:
-                tensor.copy_(source[name])
-        for layer, lw in zip(latent.model.layers, rewritten, strict=True):
-            attn = layer.self_attn
-            pairs = [("v_down", lw.v_down)]
-            if lw.k_rope is not None:
-                pairs += [("q_rope", lw.q_rope), ("k_rope", lw.k_rope)]
-            if lw.k_down is not None:
-                pairs += [("k_down", lw.k_down)]
-                attn.k_up.weight.copy_(lw.k_up.mT)
-                q = source[f"model.layers.{attn.layer_idx}.self_attn.q_proj.weight"]
-                attn.q_proj.weight.copy_(q)
-                if attn.q_proj.bias is not None:
-                    attn.q_proj.bias.copy_(source[f"model.layers.{attn.layer_idx}.self_attn.q_proj.bias"])
-            for name, w in pairs:
-                linear = getattr(attn, name)
-                linear.weight.copy_(w[:-1].mT)
-                if linear.bias is not None:
-                    linear.bias.copy_(w[-1])
-            attn.o_proj.weight.copy_(lw.o)
-            if attn.o_proj.bias is not None:
-                attn.o_proj.bias.copy_(source[f"model.layers.{attn.layer_idx}.self_attn.o_proj.bias"])
-    keep_buffer_dtypes(latent, model)
-    return latent.eval()
-
-
-def _write_refit(latent: nn.Module, rewritten: list[LayerWeights]) -> None:
+def _write_refit(family: Family, latent: nn.Module, rewritten: list[LayerWeights]) -> None:
     """The refit O blocks go in after the layout check: plain k/v projections cannot express them, so the runtime
-    is verified with the absorbed O first, and the refit then only replaces ``o_proj``'s weight."""
+    is verified with the absorbed O first, and the refit then only replaces O's weight."""
     with torch.no_grad():
-        for layer, lw in zip(latent.model.layers, rewritten, strict=True):
+        for layer, lw in enumerate(rewritten):
             if lw.o_refit is not None:
-                layer.self_attn.o_proj.weight.copy_(lw.o_refit)
+                family.write_o(latent, layer, lw.o_refit.to(next(latent.parameters()).dtype))
 
 
 def _verify(latent: nn.Module, twin: nn.Module) -> None:
@@ -214,7 +129,10 @@ def _verify(latent: nn.Module, twin: nn.Module) -> None:
 def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, LatentReport]:
     """Return ``(latent_model, report)``; ``model`` itself is not modified."""
     config.check()
-    check_model(model)
+    family = check_model(model)
+    if config.rope != "latent" and not family.rotary:
+        raise CloverError(f"--rope {config.rope} shares rotary components, and this {model.config.model_type} model "
+                          "has no rotary embeddings: keys are absorbed into the queries there; drop --rope")
     collected: list[str] = []
 
     def warn(message: str) -> None:
@@ -240,7 +158,7 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
         raise CloverError(f"{statistics.numel()} calibration tokens cannot estimate the {hidden + 1}-dim input moment: "
                           f"pass more --calib-samples or a longer --calib-seqlen (at least {hidden + 1} tokens)")
     stats = calibrate.collect(model, adapter, sites, statistics, inputs=True, progress=config.progress)
-    twin = _emulator(model)
+    twin = family.emulator(model)
     mixed = {}
     if config.v_moment == "mixed":
         mixed = mixed_moments(twin, adapter, statistics, progress=config.progress)
@@ -255,7 +173,7 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
     split = None
     if searching:
         for candidate in tqdm(config.split_grid, desc="key/value split", unit="split", disable=not config.progress):
-            _emulate(twin, [realize(a, p) for a, p in zip(analyses, _plans(analyses, config, candidate),
+            family.emulate(twin, [realize(a, p) for a, p in zip(analyses, _plans(analyses, config, candidate),
                                                          strict=True)])
             losses[f"{candidate:g}"] = _loss(twin, holdout)
         split = min(config.split_grid, key=lambda s: losses[f"{s:g}"])
@@ -263,10 +181,10 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
         split = float(config.split)
     plans = _plans(analyses, config, split if split is not None else 1.0)
     rewritten = [realize(a, p, refit=config.o_refit) for a, p in zip(analyses, plans, strict=True)]
-    _emulate(twin, rewritten)
-    latent = _runtime(model, plans, rewritten)
+    family.emulate(twin, rewritten)
+    latent = family.runtime(model, analyses, plans, rewritten)
     _verify(latent, twin)
-    _write_refit(latent, rewritten)
+    _write_refit(family, latent, rewritten)
 
     size = next(model.parameters()).element_size()
     before = [2 * w.num_kv_heads * head_dim for w in weights]
@@ -275,7 +193,7 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
     report = LatentReport(model.config.model_type, config.rope, "fixed" if config.fixed_dims else config.allocation,
                           config.kv_ratio, split, losses, layers, parameter_count(model), parameter_count(latent),
                           sum(before) * size, sum(p.cached for p in plans) * size, stats.tokens, collected)
-    if config.rope != "shared":
+    if config.rope != "shared" and family.rotary:
         report.notes.append("keys are rebuilt from the pre-RoPE latent at attention time: decoding pays for that "
                             "in compute at long contexts (see benchmarks/latent_kv.py)")
     return latent, report

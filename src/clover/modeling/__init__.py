@@ -31,7 +31,7 @@ FAMILIES = {"llama": "clover_llama", "mistral": "clover_llama", "qwen2": "clover
             "bert": "clover_bert", "whisper": "clover_whisper",
             "mllama": "clover_mllama"}
 # Runtimes that are not the pruned form of one family: model_type -> module (latent attention, clover.latent).
-RUNTIMES = {"clover_latent_llama": "clover_latent_llama"}
+RUNTIMES = {"clover_latent_llama": "clover_latent_llama", "clover_latent_gpt2": "clover_latent_gpt2"}
 # CLASSES key -> (Auto class, auto_map key)
 TASKS = {
     "base": (AutoModel, "AutoModel"),
