@@ -243,3 +243,54 @@ def test_gpt2_converts_exactly_and_absorbs_everything(tmp_path):
     assert rel(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "g").eval()), logits(latent)) < 1e-6
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "g", trust_remote_code=True).eval()
     assert rel(logits(remote), logits(latent)) < 1e-6
+
+
+def test_cli_recipe_convert_prune_tune_and_bad_input(tmp_path):
+    """The README's recipe through the CLI (convert -> prune -> tune), and one-line errors that write nothing."""
+    from typer.testing import CliRunner
+
+    from clover.cli import app
+    from conftest import DATA, tiny_bert
+    from tiny_tokenizer import SAMPLE_TEXT, tiny_tokenizer
+
+    if DATA is None:
+        pytest.skip("no local WikiText-2 (CLOVER_DATA)")
+    tokenizer = tiny_tokenizer()
+    base = tmp_path / "base"
+    tiny_llama(num_key_value_heads=2, vocab_size=len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    calib = ["--calib-samples", "8", "--calib-seqlen", "48"]
+    runner = CliRunner()
+    done = runner.invoke(app, ["latent", str(base), "--kv-ratio", "0.5", "--rope", "mix", *calib, "--out",
+                               str(tmp_path / "kv50"), "--json", str(tmp_path / "kv50.json")])
+    assert done.exit_code == 0, done.output
+    assert "value latent" in done.output
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "kv50")
+    assert converted.config.model_type == "clover_latent_llama"
+    done = runner.invoke(app, ["prune", str(tmp_path / "kv50"), "--vo-ratio", "0.25", "--criterion", "whitened",
+                               *calib, "--out", str(tmp_path / "kv50-vo25")])
+    assert done.exit_code == 0, done.output
+    data = tmp_path / "train.txt"
+    data.write_text(SAMPLE_TEXT * 10)
+    done = runner.invoke(app, ["finetune", str(tmp_path / "kv50-vo25"), "--data", str(data), "--method", "clover",
+                               "--targets", "vo,up", "--steps", "2", "--batch-size", "2", "--seqlen", "32",
+                               "--out", str(tmp_path / "tuned")])
+    assert done.exit_code == 0, done.output
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    assert tuned.config.v_ranks == AutoModelForCausalLM.from_pretrained(tmp_path / "kv50-vo25").config.v_ranks
+
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    for args, message in [
+        ([str(base), "--kv-ratio", "1.0"], "outside [0, 1)"),
+        ([str(base), "--rope", "sideways"], "unknown --rope"),
+        ([str(base), "--split", "heavy"], "--split 'heavy'"),
+        ([str(base), "--kv-ratio", "0.5", "--calib-samples", "3", "--calib-seqlen", "32"], "held-out"),
+        ([str(tmp_path / "bert")], "LLaMA family and GPT-2"),
+        ([str(base), "--kv-ratio", "0.5", "--calib-seqlen", "4096"], "--calib-seqlen"),
+    ]:
+        bad = runner.invoke(app, ["latent", *args, "--out", str(tmp_path / "bad")])
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+        assert not (tmp_path / "bad").exists()
+    taken = runner.invoke(app, ["latent", str(base), "--out", str(tmp_path / "kv50")])
+    assert taken.exit_code == 2 and "--overwrite" in taken.output

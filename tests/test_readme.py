@@ -80,3 +80,13 @@ def test_main_api_snippet_runs_as_written(smollm2, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "x" / "config.json").is_file()
     assert (tmp_path / "out" / "x-full" / "tokenizer.json").is_file()
     assert namespace["report"].layers and namespace["pruned"].config.model_type == "clover_llama"
+
+
+@pytest.mark.real_model
+def test_latent_snippet_runs_as_written(smollm2):
+    snippet = next(s for s in python_snippets() if "to_latent" in s)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    report = namespace["report"]
+    assert report.kv_bytes_per_token_after * 2 == report.kv_bytes_per_token_before
+    assert namespace["latent"].config.model_type == "clover_latent_llama"

@@ -1,12 +1,14 @@
 """clover: CLOVER (Cross-Layer Orthogonal Vectors) for transformer attention.
 
-Importing clover registers the pruned model types (``clover_llama``, ``clover_gpt2``, ``clover_bert``,
-``clover_whisper``) with transformers' Auto classes, so pruned checkpoints load with a plain ``from_pretrained``.
+Importing clover registers the pruned and latent model types (``clover_llama``, ``clover_gpt2``, ``clover_bert``,
+``clover_whisper``, ``clover_mllama``, ``clover_latent_llama``, ``clover_latent_gpt2``) with transformers' Auto
+classes, so converted checkpoints load with a plain ``from_pretrained``.
 """
 
 from . import save  # documented as clover.save.save_model(...), so it must be there after `import clover`
 from .decompose import Factors, decompose
 from .errors import CloverError
+from .latent import LatentConfig, LatentReport, to_latent
 from .modeling import register_all as _register_all
 from .orthogonalize import OrthogonalizeConfig, OrthogonalizeReport, orthogonalize_
 from .prune import PruneConfig, PruneReport, StackPlan, prune
@@ -30,6 +32,8 @@ def __getattr__(name: str):
 __all__ = [
     "CloverError",
     "Factors",
+    "LatentConfig",
+    "LatentReport",
     "OrthogonalizeConfig",
     "OrthogonalizeReport",
     "PruneConfig",
@@ -42,4 +46,5 @@ __all__ = [
     "save",
     "save_pruned_unet",
     "StackPlan",
+    "to_latent",
 ]

@@ -574,6 +574,7 @@ def latent(
     """Share one key latent and one value latent across each layer's heads: a KV cache cut across heads."""
     from .latent import LatentConfig, to_latent
     from .latent.convert import check_model
+    from .latent.families import family_for_type
     from .preflight import read_config
     from .save import save_model, write_json
 
@@ -588,6 +589,7 @@ def latent(
     seqlens = {"--calib-seqlen": calib_seqlen, **({"--seqlen": seqlen} if eval_ppl else {})}
     peeked = read_config(model)
     if peeked is not None:
+        family_for_type(peeked.model_type)
         _check_model(peeked, model, seqlens, "latent conversion")
     text = None
     if eval_ppl:

@@ -180,10 +180,13 @@ FAMILIES = (LlamaFamily(), GPT2Family())
 
 
 def family_for(model: nn.Module) -> Family:
-    kind = getattr(getattr(model, "config", None), "model_type", None)
+    return family_for_type(getattr(getattr(model, "config", None), "model_type", None) or model_type(model))
+
+
+def family_for_type(kind: str) -> Family:
+    """The family converting ``config.model_type`` ``kind`` (from config.json alone, before weights load)."""
     for family in FAMILIES:
         if kind in family.model_types:
             return family
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
-    raise CloverError(f"latent conversion supports {supported} (the LLaMA family and GPT-2), not "
-                      f"{model_type(model)!r}")
+    raise CloverError(f"latent conversion supports {supported} (the LLaMA family and GPT-2), not {kind!r}")
