@@ -59,6 +59,11 @@ def _load(model: str, dtype: Optional[str]):
 ModelArg = Annotated[str, typer.Argument(help="A registry name (smollm2-135m), a local directory, or a hub id.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="Load weights in this dtype (float32, bfloat16, float16).")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON here.")]
+EvalPplOpt = Annotated[bool, typer.Option(help="Report WikiText-2 test perplexity before and after.")]
+SeqlenOpt = Annotated[int, typer.Option(help="Perplexity window length.")]
+MaxWindowsOpt = Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")]
+DataOpt = Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder (for --eval-ppl).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
 StreamOpt = Annotated[Optional[bool], typer.Option(
     "--stream/--no-stream", help="Convert layer by layer from the safetensors shards (memory: about one layer). "
     "Default: on for folders with model.safetensors.index.json.")]
@@ -374,6 +379,30 @@ def _ppl(model, tokenizer, text, seqlen, max_windows):
     return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, progress=True).ppl
 
 
+def _add_ppl(payload: dict, loaded, rewritten, text, seqlen: int, max_windows) -> None:
+    """Test perplexity of the original and of the rewritten model into the report payload."""
+    payload["ppl_before"] = _ppl(loaded.model, loaded.tokenizer, text, seqlen, max_windows)
+    payload["ppl_after"] = _ppl(rewritten, loaded.tokenizer, text, seqlen, max_windows)
+    payload["ppl_protocol"] = {"seqlen": seqlen, "max_windows": max_windows, "split": "test"}
+
+
+def _print_summary(report, payload: dict) -> None:
+    """Parameters, KV bytes per token (and perplexity, when measured) before and after, then the report's notes."""
+    summary = Table(title="summary")
+    for col in ("", "before", "after", "after / before"):
+        summary.add_column(col, justify="right")
+    rows = [("parameters", report.params_before, report.params_after),
+            ("KV-cache bytes / token", report.kv_bytes_per_token_before, report.kv_bytes_per_token_after)]
+    if "ppl_after" in payload:
+        rows.append(("WikiText-2 test ppl", payload["ppl_before"], payload["ppl_after"]))
+    for name, before, after in rows:
+        fmt = (lambda v: f"{v:,.3f}") if isinstance(before, float) else (lambda v: f"{v:,}")
+        summary.add_row(name, fmt(before), fmt(after), f"{after / before:.3f}" if before else "-")  # UNet: no KV
+    console.print(summary)
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
 def _needs_calibration(*criteria: Optional[str]) -> bool:
     from .criteria import DATA_AWARE
 
@@ -437,11 +466,11 @@ def prune(
         help="Per attention stack (Whisper: encoder, decoder, cross), repeatable: NAME:AMOUNT=V[,AMOUNT=V] with "
              "AMOUNT one of qk-ratio, vo-ratio, qk-threshold, vo-threshold, e.g. --stack encoder:vo-ratio=0.5. "
              "Only the named stacks are pruned; replaces --qk-ratio / --vo-ratio.")] = None,
-    eval_ppl: Annotated[bool, typer.Option(help="Report WikiText-2 test perplexity before and after.")] = False,
-    seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 2048,
-    max_windows: Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder (for --eval-ppl).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    eval_ppl: EvalPplOpt = False,
+    seqlen: SeqlenOpt = 2048,
+    max_windows: MaxWindowsOpt = None,
+    data: DataOpt = None,
+    overwrite: OverwriteOpt = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = None,
     stream: StreamOpt = None,
@@ -505,9 +534,7 @@ def prune(
         pruned, report = run_prune(loaded.model, config)
     payload = {"model": model, **report.to_dict()}
     if eval_ppl:
-        payload["ppl_before"] = _ppl(loaded.model, loaded.tokenizer, text, seqlen, max_windows)
-        payload["ppl_after"] = _ppl(pruned, loaded.tokenizer, text, seqlen, max_windows)
-        payload["ppl_protocol"] = {"seqlen": seqlen, "max_windows": max_windows, "split": "test"}
+        _add_ppl(payload, loaded, pruned, text, seqlen, max_windows)
 
     table = Table(title=f"{model}: pruned ({report.qk_criterion or '-'} Q-K, {report.vo_criterion or '-'} V-O, "
                   f"{report.allocation})")
@@ -516,19 +543,7 @@ def prune(
     for layers, (qk, vo) in _runs_of_equal_dims(report.layers):
         table.add_row(layers, qk, vo)
     console.print(table)
-    summary = Table(title="summary")
-    for col in ("", "before", "after", "after / before"):
-        summary.add_column(col, justify="right")
-    rows = [("parameters", report.params_before, report.params_after),
-            ("KV-cache bytes / token", report.kv_bytes_per_token_before, report.kv_bytes_per_token_after)]
-    if eval_ppl:
-        rows.append(("WikiText-2 test ppl", payload["ppl_before"], payload["ppl_after"]))
-    for name, before, after in rows:
-        fmt = (lambda v: f"{v:,.3f}") if isinstance(before, float) else (lambda v: f"{v:,}")
-        summary.add_row(name, fmt(before), fmt(after), f"{after / before:.3f}" if before else "-")  # UNet: no KV
-    console.print(summary)
-    for note in report.notes:
-        console.print(f"note: {note}")
+    _print_summary(report, payload)
     if pruned is not None:  # a streamed prune has saved itself, layer by layer
         save_model(pruned, loaded.tokenizer, out, overwrite=overwrite, report=payload)
     if not streaming and loaded.source.library == "diffusers":
@@ -563,11 +578,11 @@ def latent(
                                                        "else $CLOVER_DATA, else the hub).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
-    eval_ppl: Annotated[bool, typer.Option(help="Report WikiText-2 test perplexity before and after.")] = False,
-    seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 2048,
-    max_windows: Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder (for --eval-ppl).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    eval_ppl: EvalPplOpt = False,
+    seqlen: SeqlenOpt = 2048,
+    max_windows: MaxWindowsOpt = None,
+    data: DataOpt = None,
+    overwrite: OverwriteOpt = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = None,
 ):
@@ -603,9 +618,7 @@ def latent(
     converted, report = to_latent(loaded.model, config)
     payload = {"model": model, **report.to_dict()}
     if eval_ppl:
-        payload["ppl_before"] = _ppl(loaded.model, loaded.tokenizer, text, seqlen, max_windows)
-        payload["ppl_after"] = _ppl(converted, loaded.tokenizer, text, seqlen, max_windows)
-        payload["ppl_protocol"] = {"seqlen": seqlen, "max_windows": max_windows, "split": "test"}
+        _add_ppl(payload, loaded, converted, text, seqlen, max_windows)
     split_note = "" if report.split is None else f", key/value split {report.split:g}"
     table = Table(title=f"{model}: latent KV (--rope {report.rope}, {report.allocation}{split_note})")
     for col in ("layers", "key latent", "shared rotary components", "value latent", "cached dims / token"):
@@ -614,19 +627,7 @@ def latent(
             str(lr.k_rank), str(lr.shared_components), str(lr.v_rank), f"{lr.cached_before} -> {lr.cached_after}")):
         table.add_row(layers, *row)
     console.print(table)
-    summary = Table(title="summary")
-    for col in ("", "before", "after", "after / before"):
-        summary.add_column(col, justify="right")
-    rows = [("parameters", report.params_before, report.params_after),
-            ("KV-cache bytes / token", report.kv_bytes_per_token_before, report.kv_bytes_per_token_after)]
-    if eval_ppl:
-        rows.append(("WikiText-2 test ppl", payload["ppl_before"], payload["ppl_after"]))
-    for name, before, after in rows:
-        fmt = (lambda v: f"{v:,.3f}") if isinstance(before, float) else (lambda v: f"{v:,}")
-        summary.add_row(name, fmt(before), fmt(after), f"{after / before:.3f}")
-    console.print(summary)
-    for note in report.notes:
-        console.print(f"note: {note}")
+    _print_summary(report, payload)
     save_model(converted, loaded.tokenizer, out, overwrite=overwrite, report=payload)
     console.print(f"saved to {out} (loads with AutoModelForCausalLM.from_pretrained after `import clover`, or with "
                   "trust_remote_code=True without clover)")
