@@ -47,7 +47,17 @@ def tiny_gpt2_model():
     return tiny_gpt2()
 
 
+def tiny_mistral(sliding_window=None):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128, initializer_range=0.3,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0, sliding_window=sliding_window)
+    return _build(MistralForCausalLM, cfg)
+
+
 MODELS = {
+    "mistral": tiny_mistral,
     "llama-gqa": lambda: tiny_llama(num_key_value_heads=2),
     "llama-mha": lambda: tiny_llama(num_key_value_heads=4),
     "qwen2-bias": tiny_qwen2,
@@ -185,6 +195,8 @@ def test_unsupported_models_are_refused():
         convert(tiny_bert())
     with pytest.raises(CloverError, match="no rotary embeddings"):
         convert(tiny_gpt2(), rope="shared")
+    with pytest.raises(CloverError, match="sliding-window"):
+        convert(tiny_mistral(sliding_window=16))
     dynamic = llama_scaled({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(CloverError, match="rotary scaling 'dynamic'"):
         convert(dynamic)
