@@ -209,7 +209,7 @@ def test_clover_on_top_orthogonalize_prune_tune_merge_reload(tmp_path):
     from clover import OrthogonalizeConfig, PruneConfig, orthogonalize_, prune
     from clover.finetune import TuneConfig, attach, merge_
 
-    latent, report = convert(tiny_llama(num_key_value_heads=2), rope="mix", kv_ratio=0.25)
+    latent, report = convert(tiny_llama(num_key_value_heads=2), rope="latent", kv_ratio=0.25)
     before = logits(latent)
     orth = orthogonalize_(latent, OrthogonalizeConfig(progress=False))
     assert orth.check.passed and rel(logits(latent), before) < 1e-4
@@ -306,3 +306,20 @@ def test_cli_recipe_convert_prune_tune_and_bad_input(tmp_path):
         assert not (tmp_path / "bad").exists()
     taken = runner.invoke(app, ["latent", str(base), "--out", str(tmp_path / "kv50")])
     assert taken.exit_code == 2 and "--overwrite" in taken.output
+
+
+def test_shared_components_prune_by_rotary_pairs_and_tune_k():
+    """Q-K of a latent model is the shared rotary components: rotary-pair criteria drop whole components (the cache
+    shrinks by two numbers per component), and the default fine-tuning recipe trains k_rope exactly."""
+    from clover import PruneConfig, prune
+    from clover.finetune import TuneConfig, attach
+
+    latent, _ = convert(tiny_llama(num_key_value_heads=2), rope="shared", kv_ratio=0.25)
+    pruned, report = prune(latent, PruneConfig(qk_ratio=0.5, vo_ratio=0.25, criterion="whitened",
+                                               qk_criterion="rotary-activation", calibration=CALIB, progress=False))
+    for before, after in zip(latent.config.rope_freqs, pruned.config.rope_freqs, strict=True):
+        assert 1 <= len(after) < len(before) and set(after) <= set(before)
+    assert cache_bytes(pruned) == report.kv_bytes_per_token_after < report.kv_bytes_per_token_before
+    assert torch.isfinite(logits(pruned)).all()
+    tuned = attach(pruned, TuneConfig(progress=False))
+    assert tuned.targets == ("k", "vo", "up") and tuned.check.passed

@@ -2,10 +2,13 @@
 
 Every head reads the layer's one value latent and writes through its own block of ``o_proj``, so V-O is a
 multi-query pair: one KV group of all heads, value width ``v_rank``. Its CLOVER rewrite (orthogonalize, prune with
-any criterion, fine-tune the d x d core) is exact, as for any GQA group. Keys are another matter: the shared rotary
-components sit under RoPE, the rest of the key is rebuilt from a pre-RoPE latent, so no change of basis of Q-K is
-exact here; the key budget is what ``clover latent --kv-ratio`` sets. This adapter therefore exposes V-O only
-(Q-K is read as empty and never written) and the MLP up blocks.
+any criterion, fine-tune the d x d core) is exact, as for any GQA group.
+
+Q-K is the pair of ``q_rope`` and ``k_rope``, the shared rotary components (one multi-query group again, component
+j in channels j and M + j, the rotate-half layout): like any Q-K under RoPE it is not rewritten exactly, but the
+rotary-pair criteria prune whole components and the ``k`` fine-tuning target trains ``k_rope``. The pre-RoPE key
+latent (``k_down`` / ``k_up``) is no per-head pair at all; its width is what ``clover latent --kv-ratio`` sets. A
+layer without shared components therefore shows an empty Q-K and says why.
 """
 
 from __future__ import annotations
@@ -27,39 +30,51 @@ class LatentLlamaAdapter(Adapter):
 
     def sites(self, model: nn.Module) -> list[AttentionSite]:
         heads = model.config.num_attention_heads
-        return [AttentionSite(name, module.layer_idx, module, heads, 1, qk_inexact=QK_REASON)
+        return [AttentionSite(name, module.layer_idx, module, heads, 1, rotary=bool(module.components),
+                              qk_inexact="" if module.components else QK_REASON)
                 for name, module in model.named_modules() if name.endswith("self_attn") and hasattr(module, "v_down")]
 
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
-        # q / k: the module that reads the attention input, so calibration sees it (no Q-K statistic is used).
+        # Without shared components, q / k name the module that reads the attention input, so calibration sees it.
         attn = site.module
-        return {"q": attn.v_down, "k": attn.v_down, "v": attn.v_down, "o": attn.o_proj}
+        q, k = (attn.q_rope, attn.k_rope) if attn.components else (attn.v_down, attn.v_down)
+        return {"q": q, "k": k, "v": attn.v_down, "o": attn.o_proj}
 
     def read(self, site: AttentionSite) -> AttentionWeights:
         attn = site.module
-        weight = attn.v_down.weight.detach()
-        empty = Projection(weight.new_zeros(0, weight.shape[1]), None)
-        return AttentionWeights(empty, empty, linear_projection(attn.v_down), linear_projection(attn.o_proj),
+        if attn.components:
+            q, k = linear_projection(attn.q_rope), linear_projection(attn.k_rope)
+        else:
+            weight = attn.v_down.weight.detach()
+            q = k = Projection(weight.new_zeros(0, weight.shape[1]), None)
+        return AttentionWeights(q, k, linear_projection(attn.v_down), linear_projection(attn.o_proj),
                                 site.num_heads, 1)
 
     def write(self, site: AttentionSite, weights: AttentionWeights) -> None:
-        """V and O only: the empty Q-K view of ``read`` is never rewritten."""
-        write_linear(site.module.v_down, weights.v)
-        write_linear(site.module.o_proj, weights.o)
-        site.module.v_rank = weights.v.weight.shape[0]
+        """V and O, and the shared components' Q-K where the layer has them (an empty Q-K is never written)."""
+        attn = site.module
+        if attn.components:
+            write_linear(attn.q_rope, weights.q)
+            write_linear(attn.k_rope, weights.k)
+        write_linear(attn.v_down, weights.v)
+        write_linear(attn.o_proj, weights.o)
 
     def cache_width(self, site: AttentionSite, weights: AttentionWeights) -> int:
         attn = site.module
         return 2 * attn.components + attn.k_rank + weights.v.weight.shape[0]
 
     def build_pruned(self, model: nn.Module, layers: list) -> nn.Module:
-        """The same latent runtime with each layer's value latent at its new width; every other weight copied."""
+        """The same latent runtime with each layer's value latent at its new width and the shared components the
+        rotary criterion kept (``rope_pairs`` index the layer's current components); every other weight copied."""
         settings = model.config.to_dict()
         v_ranks = list(model.config.v_ranks)
+        freqs = [list(f) for f in model.config.rope_freqs]
         for lr in layers:
             v_ranks[lr.layer] = lr.vo_dim
+            if lr.rope_pairs is not None and freqs[lr.layer]:
+                freqs[lr.layer] = [freqs[lr.layer][i] for i in lr.rope_pairs[0]]
         settings = {k: v for k, v in settings.items() if k not in ("model_type", "transformers_version", "auto_map")}
-        settings["v_ranks"] = v_ranks
+        settings.update(v_ranks=v_ranks, rope_freqs=freqs)
         config = type(model.config)(**settings)
         reference = next(model.parameters())
         pruned = type(model)(config).to(device=reference.device, dtype=reference.dtype)

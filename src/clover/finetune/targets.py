@@ -46,7 +46,7 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     """The paper's recipe: Q-K cross-layer where exact (else K's QR form), V-O, and the MLP up blocks."""
     adapter = adapter_for(model)
     sites = adapter.sites(model)
-    if all(_keys_hidden(adapter, site) for site in sites):  # a latent model: no per-head keys to train
+    if any(_keys_hidden(adapter, site) for site in sites):  # a latent model with keys only in its latent
         return ("vo",) + (("up",) if adapter.mlp_up(model) else ())
     qk = "k" if any(site.rotary for site in sites) else "qk"
     return (qk, "vo") + (("up",) if adapter.mlp_up(model) else ())
