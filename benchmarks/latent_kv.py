@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import shlex
+import sys
 import statistics
 import tempfile
 import time
@@ -97,7 +100,12 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="folder holding wikitext-2-raw-v1/ (else $CLOVER_DATA)")
     parser.add_argument("--json", default="benchmarks/results/latent_kv.json")
     parser.add_argument("--no-md", action="store_true")
+    parser.add_argument("--render", metavar="JSON", help="only print and write BENCHMARKS.md from a saved run")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render, encoding="utf-8") as fh:
+            render(json.load(fh), write_md=not args.no_md)
+        return
 
     info = machine_info()
     lm = load("smollm2-135m")
@@ -155,7 +163,9 @@ def main() -> None:
         recovery.append({"model": f"latent --rope latent, KV {kept:.0%}, tuned", "kv_kept": kept, "ppl": value,
                          "ratio_to_tuned_base": value / base_tuned})
 
-    write_json(args.json, {"machine": info, "partial": "quality only", "base_ppl": base, "quality": quality})
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    write_json(args.json, {"machine": info, "command": command, "partial": "quality only", "base_ppl": base,
+                           "windows": args.windows, "seqlen": args.seqlen, "quality": quality})
     lever_rows = []
     for lever, config in tqdm(levers(calib), desc="levers", unit="model"):
         model, report = to_latent(lm.model, config)
@@ -182,26 +192,19 @@ def main() -> None:
                               "speed_vs_original": tps / base_speed,
                               "kv_bytes_per_token": runs[name][0]["kv_bytes_per_token"]})
 
-    t_columns = ["CLOVER on top", "KV kept", "ppl", "x base"]
-    t_table = [[r["method"], f"{r['kv_fraction']:.1%}", f"{r['ppl']:.2f}", f"{r['ratio_to_base']:.3f}"] for r in on_top]
-    r_columns = ["recovery", "ppl", "x tuned base"]
-    r_table = [[r["model"], f"{r['ppl']:.2f}", f"{r['ratio_to_tuned_base']:.3f}"] for r in recovery]
-    q_columns = ["KV kept", "method", "ppl", "x base", "params", "split", "convert s"]
-    q_table = [[f"{r['kv_kept']:.1%}", r["method"], f"{r['ppl']:.2f}", f"{r['ratio_to_base']:.3f}",
-                f"{r['params']:,}", "-" if r["split"] is None else f"{r['split']:g}", f"{r['convert_seconds']:.0f}"]
-               for r in quality]
-    l_columns = ["lever (KV 50%, --rope latent)", "ppl", "x base", "split"]
-    l_table = [[r["lever"], f"{r['ppl']:.2f}", f"{r['ratio_to_base']:.3f}",
-                "-" if r["split"] is None else f"{r['split']:g}"] for r in lever_rows]
-    s_columns = ["context", "family", "model", "tokens/s", "vs original", "KV bytes / token (measured)"]
-    s_table = [[r["context"], r["family"], r["model"], f"{r['tokens_per_s']:.1f}", f"{r['speed_vs_original']:.2f}",
-                f"{r['kv_bytes_per_token']:,.0f}"] for r in speed]
-    title = f"SmolLM2-135M, WikiText-2 test ppl ({args.windows} x {args.seqlen}), base {base:.2f}"
-    print_table(title, q_columns, q_table)
-    print_table("levers", l_columns, l_table)
-    print_table("CLOVER on top", t_columns, t_table)
-    print_table(f"recovery ({args.tune_steps} steps)", r_columns, r_table)
-    print_table(f"decode, {args.new_tokens} new tokens, median of {args.repeats}", s_columns, s_table)
+    payload = {"machine": info, "command": command, "base_ppl": base, "windows": args.windows, "seqlen": args.seqlen,
+               "calibration": "16 x 512 WikiText-2 validation", "quality": quality, "levers": lever_rows,
+               "clover_on_top": on_top, "recovery": {"steps": args.tune_steps, "rows": recovery},
+               "decode": {"new_tokens": args.new_tokens, "repeats": args.repeats, "contexts": args.contexts,
+                          "rows": speed}}
+    payload["goals"] = goals_of(payload)
+    write_json(args.json, payload)
+    render(payload, write_md=not args.no_md)
+
+
+def goals_of(payload: dict) -> list[str]:
+    """The issue's goals, each MET / NOT MET from the measured rows, or NOT RUN where its part is missing."""
+    quality = payload["quality"]
 
     def best(kept: float) -> tuple[float, str]:
         rows = [r for r in quality if r["kv_kept"] == kept and r["method"].startswith("latent")]
@@ -209,44 +212,87 @@ def main() -> None:
         return top["ratio_to_base"], top["method"]
 
     half, quarter = best(0.5), best(0.25)
-    fastest = max((r for r in speed if r["context"] == 2048 and r["model"] != "original"
-                   and r["family"] == "SmolLM2-135M"),
-                  key=lambda r: r["speed_vs_original"], default=None)
     goals = [f"KV halved at <= 1.15x base, training-free: best {half[0]:.3f}x ({half[1]}) -> "
              f"{'MET' if half[0] <= 1.15 else 'NOT MET'}",
              f"KV at 25% at <= 1.5x base: best {quarter[0]:.3f}x ({quarter[1]}) -> "
              f"{'MET' if quarter[0] <= 1.5 else 'NOT MET'}"]
-    if fastest is not None:
-        goals.append(f"decode at 2048 context no slower than the original with the cache halved: best "
-                     f"{fastest['speed_vs_original']:.2f}x ({fastest['model']}) -> "
-                     f"{'MET' if fastest['speed_vs_original'] >= 1.0 else 'NOT MET'}")
-    quarter_tuned = next(r for r in recovery if r["kv_kept"] == 0.25)["ratio_to_tuned_base"]
-    goals.append(f"after recovery tuning, KV 25% within 1.05x of the identically tuned base: {quarter_tuned:.3f}x -> "
-                 f"{'MET' if quarter_tuned <= 1.05 else 'NOT MET'}")
+    speed = payload.get("decode", {}).get("rows", [])
+    fastest = max((r for r in speed if r["context"] == 2048 and r["model"] != "original"
+                   and r["family"] == "SmolLM2-135M"), key=lambda r: r["speed_vs_original"], default=None)
+    goals.append("decode at 2048 context no slower than the original with the cache halved: " + (
+        "NOT RUN" if fastest is None else f"best {fastest['speed_vs_original']:.2f}x ({fastest['model']}) -> "
+                                          f"{'MET' if fastest['speed_vs_original'] >= 1.0 else 'NOT MET'}"))
+    recovery = payload.get("recovery", {}).get("rows", [])
+    quarter_tuned = next((r["ratio_to_tuned_base"] for r in recovery if r["kv_kept"] == 0.25), None)
+    goals.append("after recovery tuning, KV 25% within 1.05x of the identically tuned base: " + (
+        "NOT RUN" if quarter_tuned is None else f"{quarter_tuned:.3f}x -> "
+                                                f"{'MET' if quarter_tuned <= 1.05 else 'NOT MET'}"))
+    return goals
+
+
+def render(payload: dict, write_md: bool = True) -> None:
+    """Tables of whatever parts ``payload`` holds (a partial run names the parts it lacks), and the md section."""
+    windows, seqlen = payload.get("windows", 40), payload.get("seqlen", 512)
+    title = f"SmolLM2-135M, WikiText-2 test ppl ({windows} x {seqlen}), base {payload['base_ppl']:.2f}"
+    q_columns = ["KV kept", "method", "ppl", "x base", "params", "split", "convert s"]
+    q_table = [[f"{r['kv_kept']:.1%}", r["method"], f"{r['ppl']:.2f}", f"{r['ratio_to_base']:.3f}",
+                f"{r['params']:,}", "-" if r["split"] is None else f"{r['split']:g}", f"{r['convert_seconds']:.0f}"]
+               for r in payload["quality"]]
+    print_table(title, q_columns, q_table)
+    sections = [f"{title}; calibration on 16 WikiText-2 validation windows of 512 tokens (the last 4 choose the "
+                "key/value split). `per-head best` is `prune` with whitened V-O (attention-mixed values, O refit) and "
+                "rotary-activation Q-K pairs at the same ratio on both pairs.\n\n" + markdown_table(q_columns, q_table)]
+    missing = []
+    if payload.get("levers"):
+        columns = ["lever (KV 50%, --rope latent)", "ppl", "x base", "split"]
+        table = [[r["lever"], f"{r['ppl']:.2f}", f"{r['ratio_to_base']:.3f}",
+                  "-" if r["split"] is None else f"{r['split']:g}"] for r in payload["levers"]]
+        print_table("levers", columns, table)
+        sections.append("Levers at KV 50%:\n\n" + markdown_table(columns, table))
+    else:
+        missing.append("levers")
+    if payload.get("clover_on_top"):
+        columns = ["CLOVER on top", "KV kept", "ppl", "x base"]
+        table = [[r["method"], f"{r['kv_fraction']:.1%}", f"{r['ppl']:.2f}", f"{r['ratio_to_base']:.3f}"]
+                 for r in payload["clover_on_top"]]
+        print_table("CLOVER on top", columns, table)
+        sections.append("CLOVER on top of the conversion (V-O of the latent model, one multi-query group per "
+                        "layer):\n\n" + markdown_table(columns, table))
+    else:
+        missing.append("CLOVER on top")
+    recovery = payload.get("recovery", {})
+    if recovery.get("rows"):
+        columns = ["recovery", "ppl", "x tuned base"]
+        table = [[r["model"], f"{r['ppl']:.2f}", f"{r['ratio_to_tuned_base']:.3f}"] for r in recovery["rows"]]
+        print_table(f"recovery ({recovery['steps']} steps)", columns, table)
+        sections.append(f"Recovery: CLOVER tuning (vo + up, {recovery['steps']} steps of 4 x 256 WikiText-2 "
+                        "validation tokens, lr 1e-3 constant, seed 0) of the converted models and of the unconverted "
+                        "base, identically:\n\n" + markdown_table(columns, table))
+    else:
+        missing.append("recovery")
+    decode = payload.get("decode", {})
+    if decode.get("rows"):
+        columns = ["context", "family", "model", "tokens/s", "vs original", "KV bytes / token (measured)"]
+        table = [[r["context"], r["family"], r["model"], f"{r['tokens_per_s']:.1f}", f"{r['speed_vs_original']:.2f}",
+                  f"{r['kv_bytes_per_token']:,.0f}"] for r in decode["rows"]]
+        print_table(f"decode, {decode['new_tokens']} new tokens, median of {decode['repeats']}", columns, table)
+        sections.append(f"Decode ({decode['new_tokens']} greedy tokens after a random prompt of the context length, "
+                        f"batch 1, float32, median of {decode['repeats']} alternating runs; KV bytes read off the "
+                        "cache after prefill):\n\n" + markdown_table(columns, table))
+    else:
+        missing.append("decode")
+    goals = payload.get("goals") or goals_of(payload)
     for line in goals:
         print("goal:", line)
-    payload = {"machine": info, "base_ppl": base, "windows": args.windows, "seqlen": args.seqlen,
-               "calibration": "16 x 512 WikiText-2 validation", "quality": quality, "levers": lever_rows,
-               "clover_on_top": on_top, "recovery": {"steps": args.tune_steps, "rows": recovery},
-               "decode": {"new_tokens": args.new_tokens, "repeats": args.repeats, "rows": speed}, "goals": goals}
-    write_json(args.json, payload)
-    if not args.no_md:
-        command = (f"python benchmarks/latent_kv.py --windows {args.windows} --seqlen {args.seqlen} --contexts "
-                   f"{' '.join(map(str, args.contexts))} --new-tokens {args.new_tokens} --repeats {args.repeats} --tune-steps {args.tune_steps}")
-        md = (f"Command: `{command}`\n\nMachine: {machine_line(info)}\n\n"
-              f"{title}; calibration on 16 WikiText-2 validation windows of 512 tokens (the last 4 choose the "
-              "key/value split). `per-head best` is `prune` with whitened V-O (attention-mixed values, O refit) and "
-              "rotary-activation Q-K pairs at the same ratio on both pairs.\n\n"
-              + markdown_table(q_columns, q_table) + "\n\nLevers at KV 50%:\n\n" + markdown_table(l_columns, l_table)
-              + "\n\nCLOVER on top of the conversion (V-O of the latent model, one multi-query group per layer):\n\n"
-              + markdown_table(t_columns, t_table)
-              + f"\n\nRecovery: CLOVER tuning (vo + up, {args.tune_steps} steps of 4 x 256 WikiText-2 validation "
-              "tokens, lr 1e-3 constant, seed 0) of the converted models and of the unconverted base, identically:\n\n"
-              + markdown_table(r_columns, r_table)
-              + f"\n\nDecode ({args.new_tokens} greedy tokens after a random prompt of the context length, batch 1, "
-              f"float32, median of {args.repeats} alternating runs; KV bytes read off the cache after prefill):\n\n"
-              + markdown_table(s_columns, s_table) + "\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
-        update_benchmarks_md("latent_kv", md)
+    if not write_md:
+        return
+    command = payload.get("command", "python benchmarks/latent_kv.py")
+    md = f"Command: `{command}`\n\nMachine: {machine_line(payload['machine'])}\n\n" + "\n\n".join(sections)
+    if missing:
+        md += (f"\n\nNot in this run (it stopped after the quality part): {', '.join(missing)}; "
+               "rerun the command for them.")
+    md += "\n\n" + "\n".join(f"- {g}" for g in goals) + "\n"
+    update_benchmarks_md("latent_kv", md)
 
 
 if __name__ == "__main__":
