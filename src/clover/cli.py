@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import CloverError
+from .tasks import PAPER_TASKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CLOVER: cross-layer orthogonal vectors for transformer attention.")
@@ -64,6 +65,12 @@ SeqlenOpt = Annotated[int, typer.Option(help="Perplexity window length.")]
 MaxWindowsOpt = Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")]
 DataOpt = Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder (for --eval-ppl).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
+TaskLimitOpt = Annotated[Optional[int], typer.Option(help="Task accuracy: score only the first N documents of "
+                                                            "each task (a quick look; papers use all).")]
+TaskDirOpt = Annotated[Optional[Path], typer.Option(help="Task accuracy: a folder of extra lm-eval task YAMLs "
+                                                         "(local data).")]
+EvalTasksOpt = Annotated[Optional[str], typer.Option(help="Also report lm-eval task accuracy before and after "
+                                                          "(comma-separated task names).")]
 StreamOpt = Annotated[Optional[bool], typer.Option(
     "--stream/--no-stream", help="Convert layer by layer from the safetensors shards (memory: about one layer). "
     "Default: on for folders with model.safetensors.index.json.")]
@@ -94,8 +101,8 @@ def _refuse_perplexity(model: str, what: str) -> None:
 
     if resolve(model).library == "diffusers":
         raise CloverError(f"{what} needs a language model and {model} is a diffusers model, which reads no text: "
-                          "judge it in its diffusion pipeline instead" + (", and drop --eval-ppl"
-                                                                           if what == "--eval-ppl" else ""))
+                          "judge it in its diffusion pipeline instead" + (f", and drop {what}"
+                                                                           if what.startswith("--eval") else ""))
 
 
 def _check_outputs(model: str, *, out: Optional[Path] = None, overwrite: bool = False,
@@ -280,11 +287,20 @@ def evaluate(
     = None,
     max_texts: Annotated[int, typer.Option(help="--compare: held-out texts embedded (WikiText-2 test rows).")] = 256,
     text_tokens: Annotated[int, typer.Option(help="--compare: tokens per text (longer texts are truncated).")] = 128,
+    tasks: Annotated[Optional[str], typer.Option(help="Instead of perplexity, accuracy on these lm-eval tasks "
+                                                      "(comma-separated), e.g. " + ",".join(PAPER_TASKS) + ".")]
+    = None,
+    limit: TaskLimitOpt = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="--tasks: few-shot examples (default: each task's "
+                                                            "own).")] = None,
+    batch_size: Annotated[int, typer.Option(help="--tasks: harness batch size.")] = 8,
+    task_dir: TaskDirOpt = None,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = None,
 ):
-    """Perplexity on the WikiText-2 test split (rows joined by blank lines, tokenized once, disjoint windows), or
-    with --compare ORIGINAL the embedding fidelity of an encoder to the model it was made from."""
+    """Perplexity on the WikiText-2 test split (rows joined by blank lines, tokenized once, disjoint windows); with
+    --tasks, downstream accuracy through lm-evaluation-harness; with --compare ORIGINAL, the embedding fidelity of
+    an encoder to the model it was made from."""
     from .data import load_text
     from .evaluate import perplexity
     from .preflight import read_config
@@ -295,6 +311,8 @@ def evaluate(
         raise CloverError(f"unknown corpus {ppl!r}: clover evaluates perplexity on wikitext2")
     if compare is not None:
         return _compare(model, compare, max_texts, text_tokens, data, json_path, dtype)
+    if tasks is not None:
+        return _eval_tasks(model, _task_config(tasks, limit, task_dir, num_fewshot, batch_size), json_path, dtype)
     _refuse_perplexity(model, "perplexity")
     _check_model(read_config(model), model, {"--seqlen": seqlen}, "eval --ppl (next-token perplexity)")
     text = load_text(corpus=ppl, split="test", data=data)
@@ -308,6 +326,70 @@ def evaluate(
     if json_path:
         write_json(json_path, {"model": model, "corpus": ppl, "split": "test", "ppl": result.ppl, "nll": result.nll,
                                "windows": result.windows, "tokens": result.tokens, "seqlen": result.seqlen})
+
+
+def _task_config(tasks: str, limit: Optional[int], task_dir: Optional[Path], num_fewshot: Optional[int] = None,
+                 batch_size: int = 8):
+    """The harness request from the command line, checked (names, datasets) before any model loads."""
+    from .tasks import TaskConfig, check_tasks
+
+    config = TaskConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()], limit=limit,
+                        num_fewshot=num_fewshot, batch_size=batch_size, task_dir=task_dir)
+    with console.status("checking tasks with lm-evaluation-harness"):
+        check_tasks(config)
+    return config
+
+
+def _loaded_for_tasks(model: str, dtype: Optional[str]):
+    from .preflight import read_config
+
+    _refuse_perplexity(model, "task accuracy")
+    _require_causal_lm(read_config(model), model, "task accuracy (multiple-choice log-likelihoods)")
+    loaded = _load(model, dtype)
+    if loaded.tokenizer is None:
+        raise CloverError(f"{model} has no tokenizer: save one next to the weights to score tasks")
+    _require_causal_lm(loaded.model, model, "task accuracy (multiple-choice log-likelihoods)")
+    return loaded
+
+
+def _task_table(title: str, columns: dict[str, dict]) -> Table:
+    """One row per task, one column pair per model scored (``TaskResults.to_dict()`` payloads): acc and acc_norm
+    with the harness's standard errors, then the papers' average."""
+    first = next(iter(columns.values()))
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("n", justify="right")
+    for name in columns:
+        for metric in ("acc", "acc_norm"):
+            table.add_column(f"{name} {metric}".strip(), justify="right")
+
+    def cell(value, stderr):
+        return "-" if value is None else f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+    for i, score in enumerate(first["tasks"]):
+        row = [score["task"], "-" if score["documents"] is None else str(score["documents"])]
+        for results in columns.values():
+            s = results["tasks"][i]
+            row += [cell(s["acc"], s["acc_stderr"]), cell(s["acc_norm"], s["acc_norm_stderr"])]
+        table.add_row(*row)
+    average = ["average (acc_norm, else acc)", ""]
+    for results in columns.values():
+        average += [f"{results['average']:.4f}", ""]
+    table.add_row(*average)
+    return table
+
+
+def _eval_tasks(model: str, config, json_path: Optional[Path], dtype: Optional[str]) -> None:
+    """``eval --tasks``: the harness's accuracy for one model."""
+    from .save import write_json
+    from .tasks import evaluate_tasks
+
+    loaded = _loaded_for_tasks(model, dtype)
+    results = evaluate_tasks(loaded.model, loaded.tokenizer, config)
+    limit = "" if config.limit is None else f", first {config.limit} documents per task"
+    console.print(_task_table(f"{model}: lm-eval accuracy{limit}", {"": results.to_dict()}))
+    if json_path:
+        write_json(json_path, {"model": model, **results.to_dict()})
 
 
 def _compare(model: str, original: str, max_texts: int, max_length: int, data, json_path, dtype) -> None:
@@ -386,6 +468,16 @@ def _add_ppl(payload: dict, loaded, rewritten, text, seqlen: int, max_windows) -
     payload["ppl_protocol"] = {"seqlen": seqlen, "max_windows": max_windows, "split": "test"}
 
 
+def _add_tasks(payload: dict, loaded, rewritten, config) -> None:
+    """lm-eval accuracy of the original and of the rewritten model, same tokenizer and harness options, into the
+    payload (``_print_summary`` shows them)."""
+    from .tasks import evaluate_tasks
+
+    before = evaluate_tasks(loaded.model, loaded.tokenizer, config)
+    after = evaluate_tasks(rewritten, loaded.tokenizer, config)
+    payload["tasks_before"], payload["tasks_after"] = before.to_dict(), after.to_dict()
+
+
 def _print_summary(report, payload: dict) -> None:
     """Parameters, KV bytes per token (and perplexity, when measured) before and after, then the report's notes."""
     summary = Table(title="summary")
@@ -395,10 +487,15 @@ def _print_summary(report, payload: dict) -> None:
             ("KV-cache bytes / token", report.kv_bytes_per_token_before, report.kv_bytes_per_token_after)]
     if "ppl_after" in payload:
         rows.append(("WikiText-2 test ppl", payload["ppl_before"], payload["ppl_after"]))
+    if "tasks_after" in payload:
+        rows.append(("task accuracy (average)", payload["tasks_before"]["average"], payload["tasks_after"]["average"]))
     for name, before, after in rows:
         fmt = (lambda v: f"{v:,.3f}") if isinstance(before, float) else (lambda v: f"{v:,}")
         summary.add_row(name, fmt(before), fmt(after), f"{after / before:.3f}" if before else "-")  # UNet: no KV
     console.print(summary)
+    if "tasks_after" in payload:
+        console.print(_task_table("lm-eval accuracy", {"before": payload["tasks_before"],
+                                                       "after": payload["tasks_after"]}))
     for note in report.notes:
         console.print(f"note: {note}")
 
@@ -470,6 +567,9 @@ def prune(
     seqlen: SeqlenOpt = 2048,
     max_windows: MaxWindowsOpt = None,
     data: DataOpt = None,
+    eval_tasks: EvalTasksOpt = None,
+    task_limit: TaskLimitOpt = None,
+    task_dir: TaskDirOpt = None,
     overwrite: OverwriteOpt = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = None,
@@ -495,10 +595,15 @@ def prune(
     if eval_ppl:
         _refuse_perplexity(model, "--eval-ppl")
     streaming = _streams(model, stream)
-    if streaming and eval_ppl:
-        raise CloverError("--eval-ppl needs the whole model in memory: run `clover eval` on the streamed output, "
+    if streaming and (eval_ppl or eval_tasks):
+        flag = "--eval-ppl" if eval_ppl else "--eval-tasks"
+        raise CloverError(f"{flag} needs the whole model in memory: run `clover eval` on the streamed output, "
                           "or pass --no-stream")
     causal_for = "--eval-ppl (next-token perplexity)" if eval_ppl else None
+    if eval_tasks:
+        _refuse_perplexity(model, "--eval-tasks")
+        causal_for = causal_for or "--eval-tasks (multiple-choice log-likelihoods)"
+    task_config = _task_config(eval_tasks, task_limit, task_dir) if eval_tasks else None
     peeked = read_config(model)
     if peeked is not None:  # the head and the lengths, from config.json alone
         modeling.check_prunable(peeked)
@@ -535,6 +640,8 @@ def prune(
     payload = {"model": model, **report.to_dict()}
     if eval_ppl:
         _add_ppl(payload, loaded, pruned, text, seqlen, max_windows)
+    if task_config is not None:
+        _add_tasks(payload, loaded, pruned, task_config)
 
     table = Table(title=f"{model}: pruned ({report.qk_criterion or '-'} Q-K, {report.vo_criterion or '-'} V-O, "
                   f"{report.allocation})")
@@ -582,6 +689,9 @@ def latent(
     seqlen: SeqlenOpt = 2048,
     max_windows: MaxWindowsOpt = None,
     data: DataOpt = None,
+    eval_tasks: EvalTasksOpt = None,
+    task_limit: TaskLimitOpt = None,
+    task_dir: TaskDirOpt = None,
     overwrite: OverwriteOpt = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = None,
@@ -606,6 +716,7 @@ def latent(
     if peeked is not None:
         family_for_type(peeked.model_type)
         _check_model(peeked, model, seqlens, "latent conversion")
+    task_config = _task_config(eval_tasks, task_limit, task_dir) if eval_tasks else None
     text = None
     if eval_ppl:
         from .data import load_text
@@ -619,6 +730,8 @@ def latent(
     payload = {"model": model, **report.to_dict()}
     if eval_ppl:
         _add_ppl(payload, loaded, converted, text, seqlen, max_windows)
+    if task_config is not None:
+        _add_tasks(payload, loaded, converted, task_config)
     split_note = "" if report.split is None else f", key/value split {report.split:g}"
     table = Table(title=f"{model}: latent KV (--rope {report.rope}, {report.allocation}{split_note})")
     for col in ("layers", "key latent", "shared rotary components", "value latent", "cached dims / token"):
@@ -709,6 +822,10 @@ def sweep(
     max_windows: Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")] = 40,
     data: Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of perplexity against ratio per criterion.")] = None,
+    eval_tasks: Annotated[Optional[str], typer.Option(help="Also score lm-eval task accuracy (comma-separated "
+                                                           "task names) for the base and every prune.")] = None,
+    task_limit: TaskLimitOpt = None,
+    task_dir: TaskDirOpt = None,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = None,
 ):
@@ -735,6 +852,7 @@ def sweep(
     seqlens = {"--seqlen": seqlen, **({"--calib-seqlen": calib_seqlen} if calibrates else {})}
     what = "clover sweep (next-token perplexity)"
     _check_model(read_config(model), model, seqlens, what)
+    task_config = _task_config(eval_tasks, task_limit, task_dir) if eval_tasks else None
     text = load_text(corpus="wikitext2", split="test", data=data)
     loaded = _load(model, dtype)
     _check_model(loaded.model, model, seqlens, what)
@@ -743,13 +861,21 @@ def sweep(
         calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
     result = run_sweep(loaded.model, loaded.tokenizer, text, pair=pair, ratios=ratio_list, criteria=criteria_list,
                        qk_criterion=qk_criterion, allocation=allocation, calibration=calibration, seqlen=seqlen,
-                       max_windows=max_windows)
-    table = Table(title=f"{model}: WikiText-2 test ppl, {pair} pruned (base {result['base_ppl']:.3f})")
+                       max_windows=max_windows, tasks=task_config)
+    base_acc = f", average task accuracy {result['base_tasks']['average']:.4f}" if task_config else ""
+    table = Table(title=f"{model}: WikiText-2 test ppl{' / task accuracy' if task_config else ''}, {pair} pruned "
+                        f"(base {result['base_ppl']:.3f}{base_acc})")
     table.add_column("ratio", justify="right")
     for c in criteria_list:
         table.add_column(c, justify="right")
     for ratio in ratio_list:
-        table.add_row(f"{ratio:g}", *[f"{result['ppl'][c][str(ratio)]:.3f}" for c in criteria_list])
+        cells = []
+        for c in criteria_list:
+            cell = f"{result['ppl'][c][str(ratio)]:.3f}"
+            if task_config:
+                cell += f" / {result['tasks'][c][str(ratio)]['average']:.4f}"
+            cells.append(cell)
+        table.add_row(f"{ratio:g}", *cells)
     console.print(table)
     if plot:
         plot_sweep(result, str(plot), title=f"{model}: {pair} pruning")
