@@ -168,3 +168,29 @@ def test_cli_model_without_tokenizer_is_refused(task_dir, tmp_path):
     tiny_llama(vocab_size=300).save_pretrained(path)
     code, out = run("eval", path, "--tasks", TASK, "--task-dir", task_dir)
     assert code == 2 and "has no tokenizer" in out
+
+
+def test_commonsense_script_runs_offline_on_local_data(model_dir, task_dir, tmp_path):
+    """benchmarks/finetune_commonsense.py needs the hub at full scale; its --train-data / --task-dir path runs the
+    same code on a tiny model here."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_commonsense.py"
+    spec = importlib.util.spec_from_file_location("finetune_commonsense", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = tmp_path / "mix.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"{q} Answer with the right option.", "output": c[a]}) + "\n"
+                            for q, c, a in QUESTIONS * 4))
+    results = module.main([
+        "--model", str(model_dir), "--methods", "clover,lora", "--lora-r", "2", "--steps", "2", "--batch-size", "2",
+        "--seqlen", "32", "--lrs", "clover=1e-3,lora=1e-3", "--tasks", TASK, "--task-dir", str(task_dir),
+        "--train-data", str(data), "--eval-batch-size", "4", "--json", str(tmp_path / "c.json"), "--no-md"])
+    assert [r["method"] for r in results["runs"]] == ["clover", "lora"]
+    assert all(0 <= r["tasks"]["average"] <= 1 and r["trainable"] > 0 for r in results["runs"])
+    assert json.loads((tmp_path / "c.json").read_text())["base"]["tasks"][0]["task"] == TASK
+    with pytest.raises(SystemExit) as exit_info:  # a hub task offline, or an unknown one: one line, before training
+        module.main(["--model", str(model_dir), "--tasks", "clover_tiny_choise", "--task-dir", str(task_dir),
+                     "--train-data", str(data), "--no-md", "--json", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and not (tmp_path / "x.json").exists()

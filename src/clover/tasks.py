@@ -193,18 +193,18 @@ def evaluate_tasks(model, tokenizer, config: TaskConfig) -> TaskResults:
     before = quiet.level
     if not config.progress:
         quiet.setLevel(logging.WARNING)
+    was_training = model.training
+    model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=config.batch_size,
                   device=device)
-        was_training = model.training
-        model.eval()
         out = lm_eval.simple_evaluate(model=lm, tasks=list(config.tasks), task_manager=manager_for(config),
                                       num_fewshot=config.num_fewshot, limit=config.limit,
                                       log_samples=config.log_samples)
-        model.train(was_training)
     except (ConnectionError, OSError) as exc:
         raise _unreachable(exc, list(config.tasks)) from None
     finally:
+        model.train(was_training)
         quiet.setLevel(before)
     return TaskResults(scores=_scores(out), num_fewshot={k: int(v) for k, v in out.get("n-shot", {}).items()},
                        limit=config.limit, harness_version=importlib.metadata.version("lm_eval"),
