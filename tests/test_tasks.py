@@ -170,13 +170,14 @@ def test_cli_model_without_tokenizer_is_refused(task_dir, tmp_path):
     assert code == 2 and "has no tokenizer" in out
 
 
-def test_commonsense_script_runs_offline_on_local_data(model_dir, task_dir, tmp_path):
+def test_commonsense_script_runs_offline_on_local_data(model_dir, task_dir, tmp_path, monkeypatch):
     """benchmarks/finetune_commonsense.py needs the hub at full scale; its --train-data / --task-dir path runs the
     same code on a tiny model here."""
     import importlib.util
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_commonsense.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # as when run as a script: benchmarks/ on sys.path
     spec = importlib.util.spec_from_file_location("finetune_commonsense", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
