@@ -96,13 +96,12 @@ class TaskResults:
 
 
 def _harness():
+    """lm_eval, imported on first use (it takes seconds, and clover works without it)."""
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval
     except ImportError:
         raise CloverError(f"task accuracy needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}") \
             from None
-    import lm_eval
-
     return lm_eval
 
 
