@@ -124,9 +124,8 @@ def _unreachable(error: BaseException, names: Sequence[str]) -> CloverError:
                        "reaches the Hugging Face hub, or put the data in a local task YAML and pass --task-dir")
 
 
-def check_tasks(config: TaskConfig) -> None:
-    """Every name known to the harness (close matches offered otherwise) and every dataset loadable, before a
-    model is loaded or anything written."""
+def _check_names(config: TaskConfig):
+    """Settings valid and every name known to the harness (close matches offered otherwise); returns the index."""
     config.check()
     manager = manager_for(config)
     known = set(manager.all_tasks)
@@ -135,6 +134,13 @@ def check_tasks(config: TaskConfig) -> None:
             close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}?" if close else "see `lm-eval ls tasks` for the names"
             raise CloverError(f"unknown task {name!r}: {hint}")
+    return manager
+
+
+def check_tasks(config: TaskConfig) -> None:
+    """Every name known to the harness and every dataset loadable, before a model is loaded or anything written
+    (the CLI's preflight; ``evaluate_tasks`` itself loads the datasets only once, inside the harness)."""
+    manager = _check_names(config)
     try:
         manager.load(list(config.tasks))
     except (ConnectionError, OSError, ValueError) as exc:  # hub unreachable, missing local file, bad YAML
@@ -181,7 +187,7 @@ def _choice_logliks(samples: dict) -> dict[str, list[list[float]]]:
 
 def evaluate_tasks(model, tokenizer, config: TaskConfig) -> TaskResults:
     """Score ``model`` on ``config.tasks`` with the harness's HFLM (its own prompts, scoring and stderr)."""
-    check_tasks(config)
+    _check_names(config)
     if tokenizer is None:
         raise CloverError("the model has no tokenizer: save one next to the weights to score tasks")
     lm_eval = _harness()
