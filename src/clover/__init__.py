@@ -12,6 +12,7 @@ from .latent import LatentConfig, LatentReport, to_latent
 from .modeling import register_all as _register_all
 from .orthogonalize import OrthogonalizeConfig, OrthogonalizeReport, orthogonalize_
 from .prune import PruneConfig, PruneReport, StackPlan, prune
+from .slicing import SliceConfig, SliceReport, slice_
 from .spectra import collect_spectra
 
 _register_all()
@@ -38,6 +39,8 @@ __all__ = [
     "OrthogonalizeReport",
     "PruneConfig",
     "PruneReport",
+    "SliceConfig",
+    "SliceReport",
     "collect_spectra",
     "decompose",
     "load_pruned_unet",
@@ -45,6 +48,7 @@ __all__ = [
     "prune",
     "save",
     "save_pruned_unet",
+    "slice_",
     "StackPlan",
     "to_latent",
 ]

@@ -748,6 +748,93 @@ def latent(
         write_json(json_path, payload)
 
 
+@app.command(name="slice")
+@_fails_cleanly
+def slice_command(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to save the sliced model in.")],
+    ratio: Annotated[float, typer.Option(help="Fraction of the hidden dimension removed, in [0, 1); 0 is the exact "
+                                              "rotation alone.")] = 0.0,
+    multiple_of: Annotated[int, typer.Option(help="Round the kept hidden width to a multiple of this (kernels "
+                                                  "want 8; 1 keeps the exact count).")] = 8,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; "
+                                                       "else $CLOVER_DATA, else the hub).")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    eval_ppl: EvalPplOpt = False,
+    seqlen: SeqlenOpt = 2048,
+    max_windows: MaxWindowsOpt = None,
+    data: DataOpt = None,
+    eval_tasks: EvalTasksOpt = None,
+    task_limit: TaskLimitOpt = None,
+    task_dir: TaskDirOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Rotate the residual stream by its principal directions and delete the weakest (SliceGPT): every matrix that
+    reads or writes the stream gets narrower."""
+    from .preflight import read_config
+    from .save import save_model, write_json
+    from .slicing import SliceConfig, slice_
+    from .slicing.families import check_config
+
+    _check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
+    config = SliceConfig(ratio=ratio, multiple_of=multiple_of)
+    config.check()
+    seqlens = {"--calib-seqlen": calib_seqlen, **({"--seqlen": seqlen} if eval_ppl else {})}
+    peeked = read_config(model)
+    if peeked is not None:
+        check_config(peeked)
+        _check_model(peeked, model, seqlens, "slicing")
+        _check_calibration_size(peeked, calib_samples, calib_seqlen)
+    task_config = _task_config(eval_tasks, task_limit, task_dir) if eval_tasks else None
+    text = None
+    if eval_ppl:
+        from .data import load_text
+
+        text = load_text(corpus="wikitext2", split="test", data=data)
+    loaded = _load(model, dtype)
+    check_config(loaded.model.config)
+    _check_model(loaded.model, model, seqlens, "slicing")
+    _check_calibration_size(loaded.model.config, calib_samples, calib_seqlen)
+    config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
+    sliced, report = slice_(loaded.model, config)
+    payload = {"model": model, **report.to_dict()}
+    if eval_ppl:
+        _add_ppl(payload, loaded, sliced, text, seqlen, max_windows)
+    if task_config is not None:
+        _add_tasks(payload, loaded, sliced, task_config)
+    table = Table(title=f"{model}: sliced ({report.runtime})")
+    for col in ("hidden dims", "ratio applied", "stream energy kept", "rotation check (relative)"):
+        table.add_column(col, justify="right")
+    check = "-" if report.check is None else f"{report.check['relative_diff']:.1e} (tolerance " \
+                                               f"{report.check['tolerance']:.0e})"
+    table.add_row(f"{report.hidden_before} -> {report.hidden_after}", f"{report.ratio_applied:.4f}",
+                  f"{report.energy_kept:.4f}", check)
+    console.print(table)
+    _print_summary(report, payload)
+    save_model(sliced, loaded.tokenizer, out, overwrite=overwrite, report=payload)
+    console.print(f"saved to {out} ({_loads_how(sliced)})")
+    if json_path:
+        write_json(json_path, payload)
+
+
+def _loads_how(model) -> str:
+    if model.config.model_type.startswith("clover_"):
+        return "loads with AutoModelForCausalLM.from_pretrained after `import clover`, or with trust_remote_code=True " \
+               "without clover"
+    return "a stock transformers class: loads with AutoModelForCausalLM.from_pretrained"
+
+
+def _check_calibration_size(config, samples: int, seqlen: int) -> None:
+    """Slicing estimates a hidden x hidden covariance: fewer calibration tokens than hidden dims leave it singular."""
+    hidden = getattr(config, "hidden_size", None)
+    if hidden and 0 < samples * seqlen < hidden:
+        raise CloverError(f"--calib-samples {samples} x --calib-seqlen {seqlen} = {samples * seqlen} tokens is fewer "
+                          f"than the hidden size {hidden}: the stream's covariance would be singular; raise either")
+
+
 def _runs_of_equal(layers, cells) -> list[tuple[str, tuple]]:
     """Consecutive layers whose ``cells(layer)`` agree collapse into one row ("0-29")."""
     rows: list[tuple[list[int], tuple]] = []

@@ -116,6 +116,11 @@ class Adapter(ABC):
         streaming conversion loads exactly those from the safetensors shards."""
         return [f"{site.name}.{key}" for key in site.module.state_dict()]
 
+    def residual_layout(self, model: nn.Module):
+        """Where the residual stream is read and written (``residual.ResidualLayout``), for hidden-dimension
+        slicing; None where the family has no folding rule (slicing then refuses it by name)."""
+        return None
+
     def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The MLP up projection of every layer as ``(name, module)`` (an ``nn.Linear`` or a transformers
         ``Conv1D``); fine-tuning trains it in head-sized blocks. Families without one return ``[]``."""

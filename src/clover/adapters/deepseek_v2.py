@@ -31,6 +31,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Atten
 from ..errors import CloverError
 from ..pairs import AttentionWeights, Projection
 from .base import Adapter, AttentionSite, linear_projection, set_parameter, write_linear
+from .residual import NormSite, Port, ResidualLayout
 
 SUPPORTED = ("transformers' DeepseekV2Attention (q_proj, or q_a_proj -> q_b_proj; kv_a_proj_with_mqa -> kv_b_proj; "
              "o_proj) with num_key_value_heads == num_attention_heads and qk_nope_head_dim > 0")
@@ -132,3 +133,36 @@ class DeepseekV2Adapter(Adapter):
     def cache_width(self, site: AttentionSite, weights: AttentionWeights) -> int:
         """transformers caches the compressed latent and the shared rotary key, not the expanded K and V."""
         return site.module.kv_lora_rank + site.module.qk_rope_head_dim
+
+    def residual_layout(self, model: nn.Module) -> ResidualLayout:
+        """Dense and MoE layers alike: every expert, the shared experts and the router read the same normed stream
+        (routed experts are fused 3-D tensors, (experts, out, hidden) for ``gate_up_proj`` and (experts, hidden,
+        in) for ``down_proj``). The inner norms (``kv_a_layernorm``, ``q_a_layernorm``) read latents, not the
+        stream, and keep their own epsilon: slicing leaves them alone."""
+        state, cfg = model.state_dict(), model.config
+        norms, writers = [], []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}"
+            query = f"{p}.self_attn.q_a_proj.weight" if f"{p}.self_attn.q_a_proj.weight" in state \
+                else f"{p}.self_attn.q_proj.weight"
+            kv = f"{p}.self_attn.kv_a_proj_with_mqa.weight"
+            norms.append(NormSite(f"{p}.input_layernorm", f"{p}.input_layernorm.weight", None,
+                                  (Port(query, 1), Port(kv, 1))))
+            writers.append(Port(f"{p}.self_attn.o_proj.weight", 0))
+            m = f"{p}.mlp"
+            if f"{m}.experts.gate_up_proj" in state:
+                readers = [Port(f"{m}.experts.gate_up_proj", 2), Port(f"{m}.gate.weight", 1)]
+                writers.append(Port(f"{m}.experts.down_proj", 1))
+                if f"{m}.shared_experts.up_proj.weight" in state:
+                    readers += [Port(f"{m}.shared_experts.gate_proj.weight", 1),
+                                Port(f"{m}.shared_experts.up_proj.weight", 1)]
+                    writers.append(Port(f"{m}.shared_experts.down_proj.weight", 0))
+            else:
+                readers = [Port(f"{m}.gate_proj.weight", 1), Port(f"{m}.up_proj.weight", 1)]
+                writers.append(Port(f"{m}.down_proj.weight", 0))
+            norms.append(NormSite(f"{p}.post_attention_layernorm", f"{p}.post_attention_layernorm.weight", None,
+                                  tuple(readers)))
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        final = NormSite("model.norm", "model.norm.weight", None, () if tied else (Port("lm_head.weight", 1),))
+        return ResidualLayout("rms", ("model.embed_tokens.weight",), tuple(norms), final, tuple(writers),
+                              "lm_head.weight", tied)

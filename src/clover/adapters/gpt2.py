@@ -12,6 +12,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from ..pairs import AttentionWeights, Projection
 from .base import Adapter, AttentionSite, set_parameter
+from .residual import NormSite, Port, ResidualLayout
 
 
 def _conv_projection(conv: nn.Module, rows: slice) -> Projection:
@@ -75,3 +76,23 @@ class GPT2Adapter(Adapter):
         else:
             _write_conv(m.c_attn, [weights.q, weights.k, weights.v])
         _write_conv(m.c_proj, [weights.o])
+
+    def residual_layout(self, model: nn.Module) -> ResidualLayout | None:
+        """LayerNorms with a shift: ``ln_1`` feeds ``c_attn``, ``ln_2`` the MLP's ``c_fc`` (Conv1D weights are
+        (in, out), so the hidden axis is 0 for readers and 1 for writers); token and position tables both write the
+        first state. ``ln_f``'s shift cannot fold into the bias-free head, so it always gets a projection."""
+        if getattr(model.config, "add_cross_attention", False):
+            return None
+        norms, writers = [], []
+        for i in range(model.config.n_layer):
+            p = f"transformer.h.{i}"
+            norms.append(NormSite(f"{p}.ln_1", f"{p}.ln_1.weight", f"{p}.ln_1.bias",
+                                  (Port(f"{p}.attn.c_attn.weight", 0, f"{p}.attn.c_attn.bias"),)))
+            norms.append(NormSite(f"{p}.ln_2", f"{p}.ln_2.weight", f"{p}.ln_2.bias",
+                                  (Port(f"{p}.mlp.c_fc.weight", 0, f"{p}.mlp.c_fc.bias"),)))
+            writers += [Port(f"{p}.attn.c_proj.weight", 1, f"{p}.attn.c_proj.bias"),
+                        Port(f"{p}.mlp.c_proj.weight", 1, f"{p}.mlp.c_proj.bias")]
+        final = NormSite("transformer.ln_f", "transformer.ln_f.weight", "transformer.ln_f.bias", ())
+        return ResidualLayout("layer", ("transformer.wte.weight", "transformer.wpe.weight"), tuple(norms), final,
+                              tuple(writers), "lm_head.weight", bool(getattr(model.config, "tie_word_embeddings",
+                                                                             True)))

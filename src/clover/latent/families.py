@@ -73,12 +73,18 @@ class Family:
 
 
 class LlamaFamily(Family):
-    model_types = ("llama", "mistral", "qwen2")
+    # clover_llama: a hidden-sliced model (clover.slicing) whose heads still have their full width
+    model_types = ("llama", "mistral", "qwen2", "clover_llama")
     rotary = True
 
     def check(self, model: nn.Module) -> None:
         super().check(model)
         config = model.config
+        if config.model_type == "clover_llama" and (
+                any(d != config.head_dim for d in (*config.qk_dims, *config.vo_dims))
+                or any(p is not None for p in config.rope_pairs)):
+            raise CloverError("latent conversion of a per-head pruned model is not supported: convert first, then "
+                              "prune the latent model (slice -> latent -> prune)")
         try:
             modeling.family_module(config.model_type).llama_settings(config)
         except ValueError as error:
@@ -110,7 +116,7 @@ class LlamaFamily(Family):
     def runtime(self, model, analyses, plans, rewritten):
         module = modeling.family_module("clover_latent_llama")
         settings = modeling.family_module(model.config.model_type).llama_settings(model.config)
-        settings = {k: v for k, v in settings.items() if k not in DROPPED}
+        settings = {k: v for k, v in settings.items() if k not in (*DROPPED, "qk_dims", "vo_dims", "rope_pairs")}
         config = module.CloverLatentLlamaConfig(**settings, k_ranks=[p.k_rank for p in plans],
                                                 v_ranks=[p.v_rank for p in plans],
                                                 rope_freqs=[lw.freqs for lw in rewritten])

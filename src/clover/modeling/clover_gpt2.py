@@ -16,6 +16,7 @@ not rescale the rest. The KV cache holds the smaller K and V.
 
 from __future__ import annotations
 
+import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import GPT2Config
@@ -51,10 +52,16 @@ class CloverGPT2Config(GPT2Config):
     # Cross-attention blocks (add_cross_attention=True) only; None: the same as qk_dims / vo_dims.
     cross_qk_dims: list[int] | None = None
     cross_vo_dims: list[int] | None = None
+    # Hidden-sliced models (clover.slicing): the LayerNorms become RMS norms over the rotated stream that divide by
+    # the original width ``norm_dim`` and skip coordinate ``norm_skip`` (it holds the stream's mean, which a
+    # LayerNorm removes); their shifts and scales live in the next weights, ln_f's in a square map before the head.
+    norm_dim: int | None = None
+    norm_skip: int | None = None
+    attn_head_dim: int | None = None  # the original head width once n_embd was sliced (it sets the softmax scale)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        n, head_dim = self.n_layer, self.n_embd // self.n_head
+        n, head_dim = self.n_layer, self.attn_head_dim or self.n_embd // self.n_head
         self.qk_dims = _dims(self.qk_dims, n, head_dim, "qk_dims")
         self.vo_dims = _dims(self.vo_dims, n, head_dim, "vo_dims")
         self.cross_qk_dims = _dims(self.cross_qk_dims, n, self.qk_dims, "cross_qk_dims")
@@ -65,7 +72,20 @@ class CloverGPT2Attention(GPT2Attention):
     """GPT2Attention whose Q/K heads are ``qk_dim`` wide and V heads ``vo_dim`` wide; ``scaling`` is unchanged."""
 
     def __init__(self, config: CloverGPT2Config, is_cross_attention: bool = False, layer_idx: int | None = None):
-        super().__init__(config, is_cross_attention=is_cross_attention, layer_idx=layer_idx)
+        # GPT2Attention.__init__ would derive the head width from n_embd, which slicing changes: set its fields here.
+        nn.Module.__init__(self)
+        self.config, self.embed_dim, self.num_heads = config, config.hidden_size, config.num_attention_heads
+        self.head_dim = config.attn_head_dim or self.embed_dim // self.num_heads
+        self.split_size = self.embed_dim
+        self.scale_attn_weights = config.scale_attn_weights
+        self.scale_attn_by_inverse_layer_idx = config.scale_attn_by_inverse_layer_idx
+        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
+        self.is_cross_attention, self.layer_idx, self.is_causal = is_cross_attention, layer_idx, not is_cross_attention
+        self.scaling = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(self.layer_idx + 1)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
         i = 0 if layer_idx is None else layer_idx
         if is_cross_attention:
             self.qk_dim, self.vo_dim = config.cross_qk_dims[i], config.cross_vo_dims[i]
@@ -148,6 +168,27 @@ class CloverGPT2Attention(GPT2Attention):
         return attn_output, attn_weights
 
 
+class SlicedStreamNorm(nn.Module):
+    """LayerNorm of a hidden-sliced GPT-2, in the rotated basis: the stream's mean sits in coordinate ``skip``, so
+    centring is dropping it; the variance is over the original width ``mean_dim``. With ``project`` (``ln_f``) a
+    square map with a bias follows: the original ``ln_f``'s scale and shift, rotated (the head stays tied)."""
+
+    def __init__(self, width: int, mean_dim: int, skip: int | None, eps: float, project: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.mean_dim, self.skip, self.eps = mean_dim, skip, eps
+        self.proj = nn.Linear(width, width) if project else None
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        h = hidden_states.float()
+        if self.skip is not None:
+            h = h.index_fill(-1, torch.tensor([self.skip], device=h.device), 0.0)
+        h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.mean_dim + self.eps)
+        h = self.weight * h.to(dtype)
+        return h if self.proj is None else self.proj(h)
+
+
 class CloverGPT2PreTrainedModel(GPT2PreTrainedModel):
     config_class = CloverGPT2Config
 
@@ -159,6 +200,12 @@ class CloverGPT2Model(CloverGPT2PreTrainedModel, GPT2Model):
             block.attn = CloverGPT2Attention(config, layer_idx=i)
             if hasattr(block, "crossattention"):
                 block.crossattention = CloverGPT2Attention(config, is_cross_attention=True, layer_idx=i)
+            if config.norm_dim is not None:
+                block.ln_1, block.ln_2 = (SlicedStreamNorm(config.n_embd, config.norm_dim, config.norm_skip,
+                                                           config.layer_norm_epsilon) for _ in range(2))
+        if config.norm_dim is not None:
+            self.ln_f = SlicedStreamNorm(config.n_embd, config.norm_dim, config.norm_skip, config.layer_norm_epsilon,
+                                         project=True)
         self.post_init()
 
 

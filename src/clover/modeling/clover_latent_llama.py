@@ -31,6 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaModel,
+    LlamaRMSNorm,
     LlamaPreTrainedModel,
     eager_attention_forward,
     rotate_half,
@@ -44,6 +45,7 @@ class CloverLatentLlamaConfig(LlamaConfig):
     v_ranks: list[int] | None = None  # per layer: width of the value latent
     rope_freqs: list | None = None  # per layer: the rotary frequency index of each shared key component
     qkv_bias: bool | None = None  # Qwen2 layout: biases on q, k, v but not o (None: attention_bias for all four)
+    head_proj: bool = False  # sliced model with a tied head: the final norm ends in a (hidden x hidden) map
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -147,6 +149,19 @@ class CloverLatentLlamaAttention(nn.Module):
         return self.o_proj(out.reshape(batch, length, -1).contiguous()), weights
 
 
+class ProjectedRMSNorm(LlamaRMSNorm):
+    """The final norm of a hidden-sliced model whose head is tied to the embedding (``clover.slicing``): the original
+    final norm's scale does not commute with the rotation, so it lives in a small square map after the norm, and
+    the tied table stays one tensor."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__(hidden_size, eps=eps)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states):
+        return self.proj(super().forward(hidden_states))
+
+
 class CloverLatentLlamaPreTrainedModel(LlamaPreTrainedModel):
     config_class = CloverLatentLlamaConfig
 
@@ -157,6 +172,8 @@ class CloverLatentLlamaModel(CloverLatentLlamaPreTrainedModel, LlamaModel):
         for i, layer in enumerate(self.layers):
             layer.self_attn = CloverLatentLlamaAttention(config, i)
             layer.self_attn._rotary = (self.rotary_emb,)
+        if config.head_proj:
+            self.norm = ProjectedRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
 

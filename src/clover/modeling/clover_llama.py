@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaModel,
+    LlamaRMSNorm,
     LlamaPreTrainedModel,
     eager_attention_forward,
     rotate_half,
@@ -34,6 +35,7 @@ class CloverLlamaConfig(LlamaConfig):
     vo_dims: list[int] | None = None
     rope_pairs: list | None = None  # per layer: None, or per KV group a sorted list of kept frequency indices
     qkv_bias: bool | None = None  # Qwen2 layout: biases on q, k, v but not o (None: attention_bias for all four)
+    head_proj: bool = False  # sliced model with a tied head: the final norm ends in a (hidden x hidden) map
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -41,6 +43,9 @@ class CloverLlamaConfig(LlamaConfig):
         self.qk_dims = list(self.qk_dims) if self.qk_dims is not None else [self.head_dim] * n
         self.vo_dims = list(self.vo_dims) if self.vo_dims is not None else [self.head_dim] * n
         self.rope_pairs = list(self.rope_pairs) if self.rope_pairs is not None else [None] * n
+
+    def validate_architecture(self):
+        """``head_dim`` is explicit here, so a hidden-sliced width need not be a multiple of the head count."""
 
 
 def rope_channels(pairs: list[int], head_dim: int) -> list[int]:
@@ -96,6 +101,19 @@ class CloverLlamaAttention(LlamaAttention):
         return self.o_proj(out), weights
 
 
+class ProjectedRMSNorm(LlamaRMSNorm):
+    """The final norm of a hidden-sliced model whose head is tied to the embedding (``clover.slicing``): the original
+    final norm's scale does not commute with the rotation, so it lives in a small square map after the norm, and
+    the tied table stays one tensor."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__(hidden_size, eps=eps)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states):
+        return self.proj(super().forward(hidden_states))
+
+
 class CloverLlamaPreTrainedModel(LlamaPreTrainedModel):
     config_class = CloverLlamaConfig
 
@@ -105,6 +123,8 @@ class CloverLlamaModel(CloverLlamaPreTrainedModel, LlamaModel):
         LlamaModel.__init__(self, config)
         for i, layer in enumerate(self.layers):
             layer.self_attn = CloverLlamaAttention(config, i)
+        if config.head_proj:
+            self.norm = ProjectedRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
 
