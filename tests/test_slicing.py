@@ -149,7 +149,17 @@ def test_slice_then_prune_with_clover(family):
     assert torch.isfinite(logits(pruned)).all()
 
 
-@pytest.mark.parametrize("family", ["llama-tied-bias", "qwen2-bias"])
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
+def test_prune_then_slice_keeps_the_pruned_heads(family):
+    model = FAMILIES[family]()
+    pruned, _ = prune(model, PruneConfig(vo_ratio=0.5, criterion="clover", progress=False))
+    rotated, report = sliced(pruned, 0.0)
+    assert report.check["passed"] and rel(logits(rotated), logits(pruned)) < 1e-4
+    small, _ = sliced(pruned, 0.25)
+    assert small.config.vo_dims == pruned.config.vo_dims and small.config.hidden_size == 48
+
+
+@pytest.mark.parametrize("family", ["llama-tied-bias", "qwen2-bias", "gpt2"])
 def test_slice_then_latent_then_reload(family, tmp_path):
     from clover.latent import LatentConfig, to_latent
 
@@ -159,7 +169,8 @@ def test_slice_then_latent_then_reload(family, tmp_path):
     latent, _ = to_latent(small, LatentConfig(kv_ratio=0.5, calibration=CALIB, progress=False))
     save_model(latent, None, tmp_path / "kv")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kv").eval()
-    assert loaded.config.head_proj == small.config.head_proj
+    for field in ("head_proj", "norm_dim", "norm_skip"):
+        assert getattr(loaded.config, field, None) == getattr(small.config, field, None)
     assert rel(logits(loaded), logits(latent)) < 1e-6
 
 

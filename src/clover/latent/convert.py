@@ -163,7 +163,8 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
     if config.v_moment == "mixed":
         mixed = mixed_moments(twin, adapter, statistics, progress=config.progress)
         twin.config._attn_implementation = model.config._attn_implementation
-    head_dim = getattr(model.config, "head_dim", None) or hidden // model.config.num_attention_heads
+    head_dim = getattr(model.config, "head_dim", None) or getattr(model.config, "attn_head_dim", None) \
+        or hidden // model.config.num_attention_heads  # attn_head_dim: a sliced GPT-2's heads keep their width
     analyses = [analyse(site.layer, w, stats.sites[site.name].q_input, head_dim, site.rotary, config.compute_dtype,
                         warn, mixed.get(site.layer))
                 for site, w in tqdm(list(zip(sites, weights, strict=True)), desc="analyse", unit="layer",

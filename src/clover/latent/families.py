@@ -150,17 +150,25 @@ class LlamaFamily(Family):
 class GPT2Family(Family):
     """No rotary embeddings: the key latent's up-projection folds into the queries, so nothing is rebuilt."""
 
-    model_types = ("gpt2",)
+    # clover_gpt2: a hidden-sliced GPT-2 (clover.slicing) whose heads still have their full width
+    model_types = ("gpt2", "clover_gpt2")
 
     def check(self, model: nn.Module) -> None:
         super().check(model)
-        if getattr(model.config, "add_cross_attention", False):
+        config = model.config
+        if getattr(config, "add_cross_attention", False):
             raise CloverError("latent conversion of GPT-2 with cross-attention is not supported: convert a "
                               "decoder-only GPT-2")
+        if config.model_type == "clover_gpt2":
+            head_dim = config.attn_head_dim or config.n_embd // config.n_head
+            if any(d != head_dim for d in (*config.qk_dims, *config.vo_dims)):
+                raise CloverError("latent conversion of a per-head pruned model is not supported: convert first, "
+                                  "then prune the latent model (slice -> latent -> prune)")
 
     def runtime(self, model, analyses, plans, rewritten):
         module = modeling.family_module("clover_latent_gpt2")
-        settings = {k: v for k, v in model.config.to_dict().items() if k not in DROPPED}
+        settings = {k: v for k, v in model.config.to_dict().items()
+                    if k not in (*DROPPED, "qk_dims", "vo_dims", "cross_qk_dims", "cross_vo_dims")}
         config = module.CloverLatentGPT2Config(**settings, k_ranks=[p.k_rank for p in plans],
                                                v_ranks=[p.v_rank for p in plans])
         config.architectures = ["CloverLatentGPT2LMHeadModel"]

@@ -12,6 +12,7 @@ holds ``k_ranks[l] + v_ranks[l]`` numbers per token and layer, nothing per head.
 
 from __future__ import annotations
 
+import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import GPT2Config
@@ -31,6 +32,11 @@ class CloverLatentGPT2Config(GPT2Config):
     model_type = "clover_latent_gpt2"
     k_ranks: list[int] | None = None  # per layer: width of the shared key latent
     v_ranks: list[int] | None = None  # per layer: width of the shared value latent
+    # A hidden-sliced GPT-2 (clover.slicing): norms over the rotated stream that skip its mean coordinate and divide
+    # by the original width, ln_f's scale and shift in a square map, and the original head width for the scale.
+    norm_dim: int | None = None
+    norm_skip: int | None = None
+    attn_head_dim: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -41,7 +47,20 @@ class CloverLatentGPT2Config(GPT2Config):
 
 class CloverLatentGPT2Attention(GPT2Attention):
     def __init__(self, config: CloverLatentGPT2Config, layer_idx: int):
-        super().__init__(config, layer_idx=layer_idx)
+        # GPT2Attention.__init__ would derive the head width from n_embd, which slicing changes: set its fields here.
+        nn.Module.__init__(self)
+        self.config, self.embed_dim, self.num_heads = config, config.hidden_size, config.num_attention_heads
+        self.head_dim = config.attn_head_dim or self.embed_dim // self.num_heads
+        self.split_size = self.embed_dim
+        self.scale_attn_weights = config.scale_attn_weights
+        self.scale_attn_by_inverse_layer_idx = config.scale_attn_by_inverse_layer_idx
+        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
+        self.is_cross_attention, self.layer_idx, self.is_causal = False, layer_idx, True
+        self.scaling = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(self.layer_idx + 1)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.k_rank, self.v_rank = config.k_ranks[layer_idx], config.v_ranks[layer_idx]
         if self.k_rank < 1 or self.v_rank < 1:
             raise ValueError(f"layer {layer_idx}: a latent layer needs key and value dims ({self.k_rank}, "
@@ -77,6 +96,27 @@ class CloverLatentGPT2Attention(GPT2Attention):
         return self.resid_dropout(out), weights
 
 
+class SlicedStreamNorm(nn.Module):
+    """LayerNorm of a hidden-sliced GPT-2, in the rotated basis: the stream's mean sits in coordinate ``skip``, so
+    centring is dropping it; the variance is over the original width ``mean_dim``. With ``project`` (``ln_f``) a
+    square map with a bias follows: the original ``ln_f``'s scale and shift, rotated (the head stays tied)."""
+
+    def __init__(self, width: int, mean_dim: int, skip: int | None, eps: float, project: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.mean_dim, self.skip, self.eps = mean_dim, skip, eps
+        self.proj = nn.Linear(width, width) if project else None
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        h = hidden_states.float()
+        if self.skip is not None:
+            h = h.index_fill(-1, torch.tensor([self.skip], device=h.device), 0.0)
+        h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) / self.mean_dim + self.eps)
+        h = self.weight * h.to(dtype)
+        return h if self.proj is None else self.proj(h)
+
+
 class CloverLatentGPT2PreTrainedModel(GPT2PreTrainedModel):
     config_class = CloverLatentGPT2Config
 
@@ -86,6 +126,12 @@ class CloverLatentGPT2Model(CloverLatentGPT2PreTrainedModel, GPT2Model):
         GPT2Model.__init__(self, config)
         for i, block in enumerate(self.h):
             block.attn = CloverLatentGPT2Attention(config, layer_idx=i)
+            if config.norm_dim is not None:
+                block.ln_1, block.ln_2 = (SlicedStreamNorm(config.n_embd, config.norm_dim, config.norm_skip,
+                                                           config.layer_norm_epsilon) for _ in range(2))
+        if config.norm_dim is not None:
+            self.ln_f = SlicedStreamNorm(config.n_embd, config.norm_dim, config.norm_skip, config.layer_norm_epsilon,
+                                         project=True)
         self.post_init()
 
 
