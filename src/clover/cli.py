@@ -65,6 +65,9 @@ SeqlenOpt = Annotated[int, typer.Option(help="Perplexity window length.")]
 MaxWindowsOpt = Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")]
 DataOpt = Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder (for --eval-ppl).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
+CalibOpt = Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; else "
+                                                      "$CLOVER_DATA, else the hub).")]
+CalibSeqlenOpt = Annotated[int, typer.Option(help="Tokens per calibration window.")]
 TaskLimitOpt = Annotated[Optional[int], typer.Option(help="Task accuracy: score only the first N documents of "
                                                             "each task (a quick look; papers use all).")]
 TaskDirOpt = Annotated[Optional[Path], typer.Option(help="Task accuracy: a folder of extra lm-eval task YAMLs "
@@ -547,8 +550,7 @@ def prune(
                                                    "input (layer inputs).")] = "mixed",
     sequential: Annotated[bool, typer.Option(help="Data-aware criteria: measure each layer with the earlier "
                                                   "layers already pruned (single-stack models).")] = False,
-    calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; "
-                                                       "else $CLOVER_DATA, else the hub).")] = None,
+    calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (UNet: samples of seeded random latents "
                                                     "and text embeddings; no corpus is read).")] = 16,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window (UNet: text-embedding tokens "
@@ -681,10 +683,9 @@ def latent(
     k_dims: Annotated[Optional[int], typer.Option(help="Fixed key dims per layer (with --v-dims, instead of "
                                                        "--kv-ratio).")] = None,
     v_dims: Annotated[Optional[int], typer.Option(help="Fixed value dims per layer.")] = None,
-    calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; "
-                                                       "else $CLOVER_DATA, else the hub).")] = None,
+    calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
-    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    calib_seqlen: CalibSeqlenOpt = 512,
     eval_ppl: EvalPplOpt = False,
     seqlen: SeqlenOpt = 2048,
     max_windows: MaxWindowsOpt = None,
@@ -757,10 +758,9 @@ def slice_command(
                                               "rotation alone.")] = 0.0,
     multiple_of: Annotated[int, typer.Option(help="Round the kept hidden width to a multiple of this (kernels "
                                                   "want 8; 1 keeps the exact count).")] = 8,
-    calib: Annotated[Optional[Path], typer.Option(help="Calibration corpus folder (WikiText-2 validation split; "
-                                                       "else $CLOVER_DATA, else the hub).")] = None,
+    calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
-    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    calib_seqlen: CalibSeqlenOpt = 512,
     eval_ppl: EvalPplOpt = False,
     seqlen: SeqlenOpt = 2048,
     max_windows: MaxWindowsOpt = None,
