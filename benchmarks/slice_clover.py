@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - imported as benchmarks._report
 from clover.data import calibration_batches, load_rows, load_text
 from clover.evaluate import perplexity
 from clover.models import load
-from clover.prune import PruneConfig, parameter_count, prune
+from clover.prune import PruneConfig, kv_bytes_per_token, parameter_count, prune
 from clover.slicing import SliceConfig, slice_
 
 SLICES = (0.0625, 0.125)
@@ -53,7 +53,7 @@ def main() -> None:
         value = perplexity(model, lm.tokenizer, text, seqlen=args.seqlen, max_windows=args.windows,
                            progress=False).ppl
         row = {"method": method, "params": parameter_count(model), "hidden": model.config.hidden_size,
-               "ppl": value, "seconds": seconds, **extra}
+               "kv_bytes_per_token": kv_bytes_per_token(model), "ppl": value, "seconds": seconds, **extra}
         results.append(row)
         print(f"{method}: {row['params']:,} params, ppl {value:.2f}", flush=True)
         return row
@@ -102,18 +102,22 @@ def main() -> None:
         else:
             results.append({"method": f"CLOVER alone cannot reach {target:,} params (needs Q-K = V-O {r:.0%})",
                             "kind": "clover-matched", "matches": combo["method"], "params": None, "ppl": None,
-                            "hidden": 576, "seconds": 0.0})
+                            "hidden": 576, "kv_bytes_per_token": None, "seconds": 0.0})
         width = round(slice_rows[1]["hidden"] - (slice_rows[1]["params"] - target) / per_dim)
         model, report, seconds = sliced(1 - width / 576, 1)
         record(f"slice alone to {width} dims (matches {combo['method']})", model, seconds, kind="slice-matched",
                matches=combo["method"], slice_ratio=report.ratio_applied)
         del model
 
-    columns = ["method", "hidden", "params", "params / base", "ppl", "x base", "s"]
-    table = [[r["method"], r["hidden"], "-" if r["params"] is None else f"{r['params']:,}",
-              "-" if r["params"] is None else f"{r['params'] / base['params']:.3f}",
-              "-" if r["ppl"] is None else f"{r['ppl']:.2f}", "-" if r["ppl"] is None else f"{r['ppl'] / base['ppl']:.3f}",
-              f"{r['seconds']:.0f}"] for r in results]
+    columns = ["method", "hidden", "params", "params / base", "KV bytes / token", "ppl", "x base"]
+
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    table = [[r["method"], r["hidden"], cell(r["params"], ","),
+              cell(None if r["params"] is None else r["params"] / base["params"], ".3f"),
+              cell(r["kv_bytes_per_token"], ","), cell(r["ppl"], ".2f"),
+              cell(None if r["ppl"] is None else r["ppl"] / base["ppl"], ".3f")] for r in results]
     print_table(f"SmolLM2-135M, WikiText-2 test ppl ({args.windows} x {args.seqlen})", columns, table)
 
     verdicts = []
@@ -127,8 +131,8 @@ def main() -> None:
                  and "Q-K" not in v["combo"]]
     goals = [f"slice 12.5% + CLOVER V-O 50% ({v['ppl']:.2f}) beats either alone at equal parameters ({v['controls']}): "
              f"{'MET' if v['beats_both'] else 'NOT MET'}" for v in goal_rows]
-    others = [f"{v['combo']} ({v['ppl']:.2f}) vs {v['controls']}: {'beats both' if v['beats_both'] else 'does not beat both'}"
-              for v in verdicts if v not in goal_rows]
+    others = [f"{v['combo']} ({v['ppl']:.2f}) vs {v['controls']}: "
+              + ("beats both" if v["beats_both"] else "does not beat both") for v in verdicts if v not in goal_rows]
     for line in goals + others:
         print("-", line)
     payload = {"machine": info, "windows": args.windows, "seqlen": args.seqlen, "calib_samples": args.calib_samples,
@@ -143,7 +147,8 @@ def main() -> None:
               "Slicing is one PCA rotation of the residual stream (the tied head keeps one table; a 504 x 504 or 540 x "
               "540 map carries the final norm). CLOVER on top is `prune` of the sliced model (whitened V-O; Q-K by "
               "rotary-activation pairs). Controls are at equal parameters: CLOVER alone with Q-K = V-O raised to the "
-              "same count, and slicing alone to the width with the same count.\n\n"
+              "same count, and slicing alone to the width with the same count. Slicing leaves the KV cache as it is; "
+              "CLOVER V-O (and Q-K) shrink it. Wall times per model are in the JSON.\n\n"
               + markdown_table(columns, table) + "\n\n" + "\n".join(f"- goal: {g}" for g in goals) + "\n"
               + "\n".join(f"- {o}" for o in others) + "\n")
         update_benchmarks_md("slice_clover", md)

@@ -62,6 +62,15 @@ def test_rotation_alone_is_exact(family):
     assert report.energy_kept == pytest.approx(1.0)
 
 
+def test_deepseek_v2_lite_layout_without_query_lora():
+    """DeepSeek-V2-Lite reads the stream with a plain q_proj (q_lora_rank null) next to kv_a_proj_with_mqa."""
+    model = tiny_deepseek_moe(q_lora_rank=None)
+    rotated, report = sliced(model, 0.0)
+    assert report.check["passed"] and rel(logits(rotated), logits(model)) < 1e-4
+    small, _ = sliced(model, 0.25)
+    assert small.model.layers[1].self_attn.q_proj.weight.shape[1] == 48
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_slice_narrows_every_stream_matrix_and_reloads_with_and_without_clover(family, tmp_path):
     model = FAMILIES[family]()

@@ -822,8 +822,8 @@ def slice_command(
 
 def _loads_how(model) -> str:
     if model.config.model_type.startswith("clover_"):
-        return "loads with AutoModelForCausalLM.from_pretrained after `import clover`, or with trust_remote_code=True " \
-               "without clover"
+        return ("loads with AutoModelForCausalLM.from_pretrained after `import clover`, or with "
+                "trust_remote_code=True without clover")
     return "a stock transformers class: loads with AutoModelForCausalLM.from_pretrained"
 
 

@@ -37,7 +37,6 @@ class SliceReport:
     kv_bytes_per_token_after: int
     calibration_tokens: int
     check: dict | None = None  # the full-width rotation against the original (verify.Check)
-    warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -68,8 +67,9 @@ def slice_(model: nn.Module, config: SliceConfig) -> tuple[nn.Module, SliceRepor
     if rounded:
         notes.append(rounded)
     if needs_projection(layout):
-        notes.append(f"the final norm's scale{' and shift' if layout.final.bias else ''} became a {width} x {width} "
-                     f"map before the head ({'tied to the embedding, which stays one table' if layout.tied else 'the head takes no bias'})")
+        why = "tied to the embedding, which stays one table" if layout.tied else "the head takes no bias"
+        shift = " and shift" if layout.final.bias else ""
+        notes.append(f"the final norm's scale{shift} became a {width} x {width} map before the head ({why})")
     notes.append("the KV cache is unchanged by slicing (keys and values keep their width); prune or convert to latent "
                  "KV on top to shrink it")
 
