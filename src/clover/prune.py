@@ -428,12 +428,24 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     unexpected = [k for k in source if k not in own]
     if unexpected:
         raise CloverError(f"internal: weights with no place in the pruned model: {unexpected[:3]}")
-    with torch.no_grad():  # everything but the resized attention weights, which the adapter writes next
-        for name, tensor in own.items():
-            if name in source and source[name].shape == tensor.shape:
-                tensor.copy_(source[name])
+    copy_matching(pruned, source)  # everything but the resized attention weights, which the adapter writes next
     keep_buffer_dtypes(pruned, model)
     return pruned.eval()
+
+
+def copy_matching(target: nn.Module, source: dict[str, torch.Tensor], complete: bool = False) -> None:
+    """Copy into a freshly built ``target`` every tensor of the state dict ``source`` whose name and shape agree:
+    what a rewrite leaves as it was (embeddings, norms, MLPs). ``complete``: every tensor of ``target`` must be
+    found there (nothing may keep its random initialisation)."""
+    with torch.no_grad():
+        for name, tensor in target.state_dict().items():
+            value = source.get(name)
+            if value is not None and value.shape == tensor.shape:
+                tensor.copy_(value)
+            elif complete:
+                got = None if value is None else tuple(value.shape)
+                raise CloverError(f"internal: {name} of the new model ({tuple(tensor.shape)}) has no source tensor "
+                                  f"({got})")
 
 
 def keep_buffer_dtypes(pruned: nn.Module, model: nn.Module) -> None:

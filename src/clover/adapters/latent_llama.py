@@ -13,7 +13,6 @@ layer without shared components therefore shows an empty Q-K and says why.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..pairs import AttentionWeights, Projection
@@ -78,11 +77,9 @@ class LatentLlamaAdapter(Adapter):
         config = type(model.config)(**settings)
         reference = next(model.parameters())
         pruned = type(model)(config).to(device=reference.device, dtype=reference.dtype)
-        own, source = pruned.state_dict(), model.state_dict()
-        with torch.no_grad():
-            for name, tensor in own.items():
-                if name in source and source[name].shape == tensor.shape:
-                    tensor.copy_(source[name])
+        from ..prune import copy_matching  # prune imports the adapters: import at call time
+
+        copy_matching(pruned, model.state_dict())
         return pruned.eval()
 
     def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -14,7 +14,7 @@ from .. import modeling
 from ..adapters import adapter_for, model_type
 from ..errors import CloverError
 from ..pairs import Projection
-from ..prune import keep_buffer_dtypes
+from ..prune import copy_matching, keep_buffer_dtypes
 from .analysis import LayerAnalysis
 from .rewrite import LayerPlan, LayerWeights
 
@@ -26,11 +26,8 @@ DROPPED = ("model_type", "architectures", "auto_map", "transformers_version", "q
 
 def _copy_shared(latent: nn.Module, model: nn.Module) -> dict:
     """Copy every tensor whose name and shape agree (embeddings, norms, MLPs); returns the source state dict."""
-    own, source = latent.state_dict(), model.state_dict()
-    with torch.no_grad():
-        for name, tensor in own.items():
-            if name in source and source[name].shape == tensor.shape:
-                tensor.copy_(source[name])
+    source = model.state_dict()
+    copy_matching(latent, source)
     return source
 
 

@@ -41,10 +41,10 @@ def build_pruned(model: nn.Module, layers: list) -> nn.Module:
     unexpected = [k for k in source if k not in own]
     if unexpected:
         raise CloverError(f"internal: weights with no place in the pruned model: {unexpected[:3]}")
+    from ..prune import copy_matching  # prune imports the modeling package: import at call time
+
+    copy_matching(pruned, source)
     with torch.no_grad():
-        for name, tensor in own.items():
-            if source[name].shape == tensor.shape:
-                tensor.copy_(source[name])
         old_attn = {name: m for name, m in model.named_modules() if hasattr(m, "kv_b_proj")}
         for name, new in pruned.named_modules():
             if name in old_attn:

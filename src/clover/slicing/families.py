@@ -22,7 +22,7 @@ from torch import nn
 from .. import modeling
 from ..adapters.residual import ResidualLayout
 from ..errors import CloverError
-from ..prune import keep_buffer_dtypes
+from ..prune import copy_matching, keep_buffer_dtypes
 
 DROPPED = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "clover_llama")
@@ -107,14 +107,6 @@ def build(model: nn.Module, layout: ResidualLayout, width: int, tensors: dict[st
     config, cls = sliced_config(model, layout, width)
     reference = next(model.parameters())
     sliced = cls(config).to(device=reference.device, dtype=reference.dtype)
-    own, source = sliced.state_dict(), model.state_dict()
-    with torch.no_grad():
-        for name, tensor in own.items():
-            value = tensors.get(name, source.get(name))
-            if value is None or value.shape != tensor.shape:
-                got = None if value is None else tuple(value.shape)
-                raise CloverError(f"internal: {name} of the sliced model ({tuple(tensor.shape)}) has no source "
-                                  f"tensor ({got})")
-            tensor.copy_(value)
+    copy_matching(sliced, {**model.state_dict(), **tensors}, complete=True)
     keep_buffer_dtypes(sliced, model)
     return sliced.eval()
