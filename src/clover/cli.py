@@ -464,6 +464,25 @@ def _ppl(model, tokenizer, text, seqlen, max_windows):
     return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows, progress=True).ppl
 
 
+def _test_text(eval_ppl: bool, data) -> str | None:
+    """WikiText-2 test text for --eval-ppl, read before any weights load (a missing corpus fails at once)."""
+    if not eval_ppl:
+        return None
+    from .data import load_text
+
+    return load_text(corpus="wikitext2", split="test", data=data)
+
+
+def _payload(model: str, report, loaded, rewritten, text, task_config, seqlen: int, max_windows) -> dict:
+    """The report as JSON, with perplexity (when ``text``) and task accuracy (when ``task_config``) before/after."""
+    payload = {"model": model, **report.to_dict()}
+    if text is not None:
+        _add_ppl(payload, loaded, rewritten, text, seqlen, max_windows)
+    if task_config is not None:
+        _add_tasks(payload, loaded, rewritten, task_config)
+    return payload
+
+
 def _add_ppl(payload: dict, loaded, rewritten, text, seqlen: int, max_windows) -> None:
     """Test perplexity of the original and of the rewritten model into the report payload."""
     payload["ppl_before"] = _ppl(loaded.model, loaded.tokenizer, text, seqlen, max_windows)
@@ -610,11 +629,7 @@ def prune(
     if peeked is not None:  # the head and the lengths, from config.json alone
         modeling.check_prunable(peeked)
         _check_model(peeked, model, seqlens, causal_for)
-    text = None
-    if eval_ppl:
-        from .data import load_text
-
-        text = load_text(corpus="wikitext2", split="test", data=data)
+    text = _test_text(eval_ppl, data)
     loaded = _tokenizer_only(model) if streaming else _load(model, dtype)
     if not streaming:
         check_runtime(loaded.model)
@@ -639,11 +654,7 @@ def prune(
         pruned = None
     else:
         pruned, report = run_prune(loaded.model, config)
-    payload = {"model": model, **report.to_dict()}
-    if eval_ppl:
-        _add_ppl(payload, loaded, pruned, text, seqlen, max_windows)
-    if task_config is not None:
-        _add_tasks(payload, loaded, pruned, task_config)
+    payload = _payload(model, report, loaded, pruned, text, task_config, seqlen, max_windows)
 
     table = Table(title=f"{model}: pruned ({report.qk_criterion or '-'} Q-K, {report.vo_criterion or '-'} V-O, "
                   f"{report.allocation})")
@@ -718,21 +729,13 @@ def latent(
         family_for_type(peeked.model_type)
         _check_model(peeked, model, seqlens, "latent conversion")
     task_config = _task_config(eval_tasks, task_limit, task_dir) if eval_tasks else None
-    text = None
-    if eval_ppl:
-        from .data import load_text
-
-        text = load_text(corpus="wikitext2", split="test", data=data)
+    text = _test_text(eval_ppl, data)
     loaded = _load(model, dtype)
     check_model(loaded.model)
     _check_model(loaded.model, model, seqlens, "latent conversion")
     config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
     converted, report = to_latent(loaded.model, config)
-    payload = {"model": model, **report.to_dict()}
-    if eval_ppl:
-        _add_ppl(payload, loaded, converted, text, seqlen, max_windows)
-    if task_config is not None:
-        _add_tasks(payload, loaded, converted, task_config)
+    payload = _payload(model, report, loaded, converted, text, task_config, seqlen, max_windows)
     split_note = "" if report.split is None else f", key/value split {report.split:g}"
     table = Table(title=f"{model}: latent KV (--rope {report.rope}, {report.allocation}{split_note})")
     for col in ("layers", "key latent", "shared rotary components", "value latent", "cached dims / token"):
@@ -789,22 +792,14 @@ def slice_command(
         _check_model(peeked, model, seqlens, "slicing")
         _check_calibration_size(peeked, calib_samples, calib_seqlen)
     task_config = _task_config(eval_tasks, task_limit, task_dir) if eval_tasks else None
-    text = None
-    if eval_ppl:
-        from .data import load_text
-
-        text = load_text(corpus="wikitext2", split="test", data=data)
+    text = _test_text(eval_ppl, data)
     loaded = _load(model, dtype)
     check_config(loaded.model.config)
     _check_model(loaded.model, model, seqlens, "slicing")
     _check_calibration_size(loaded.model.config, calib_samples, calib_seqlen)
     config.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen)
     sliced, report = slice_(loaded.model, config)
-    payload = {"model": model, **report.to_dict()}
-    if eval_ppl:
-        _add_ppl(payload, loaded, sliced, text, seqlen, max_windows)
-    if task_config is not None:
-        _add_tasks(payload, loaded, sliced, task_config)
+    payload = _payload(model, report, loaded, sliced, text, task_config, seqlen, max_windows)
     table = Table(title=f"{model}: sliced ({report.runtime})")
     for col in ("hidden dims", "ratio applied", "stream energy kept", "rotation check (relative)"):
         table.add_column(col, justify="right")
