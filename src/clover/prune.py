@@ -433,6 +433,10 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     return pruned.eval()
 
 
+# Config fields that describe the checkpoint, not the network: a config built for a rewritten model drops them.
+DROPPED_SETTINGS = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")
+
+
 def copy_matching(target: nn.Module, source: dict[str, torch.Tensor], complete: bool = False) -> None:
     """Copy into a freshly built ``target`` every tensor of the state dict ``source`` whose name and shape agree:
     what a rewrite leaves as it was (embeddings, norms, MLPs). ``complete``: every tensor of ``target`` must be
@@ -481,7 +485,7 @@ def _pruned_settings(module, base, layers: list[LayerRanks]) -> dict:
     except ValueError as error:
         raise CloverError(f"cannot prune this {base.model_type} model: {error}") from None
     settings = {k: v for k, v in settings.items()
-                if k not in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")}
+                if k not in DROPPED_SETTINGS}
     main = [lr for lr in layers if not lr.stack]
     if main:
         n = base.num_hidden_layers

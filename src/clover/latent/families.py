@@ -14,14 +14,13 @@ from .. import modeling
 from ..adapters import adapter_for, model_type
 from ..errors import CloverError
 from ..pairs import Projection
-from ..prune import copy_matching, keep_buffer_dtypes
+from ..prune import DROPPED_SETTINGS as DROPPED, copy_matching, keep_buffer_dtypes
 from .analysis import LayerAnalysis
 from .rewrite import LayerPlan, LayerWeights
 
 # Rotary types whose frequencies do not depend on the sequence length: rotating cached components once and
 # rebuilding keys at their cache positions reproduces them exactly.
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-DROPPED = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")
 
 
 def _copy_shared(latent: nn.Module, model: nn.Module) -> dict:

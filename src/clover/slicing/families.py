@@ -22,12 +22,9 @@ from torch import nn
 from .. import modeling
 from ..adapters.residual import ResidualLayout
 from ..errors import CloverError
-from ..prune import copy_matching, keep_buffer_dtypes
+from ..prune import DROPPED_SETTINGS as DROPPED, copy_matching, keep_buffer_dtypes
 
-DROPPED = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "clover_llama")
-
-
 SUPPORTED = (*LLAMA_TYPES, "gpt2", "clover_gpt2", "deepseek_v2")
 
 
