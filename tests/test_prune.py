@@ -314,3 +314,39 @@ def test_bfloat16_prune_reports_the_model_it_saves(tmp_path):
     ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(pruned(ids).logits, reloaded(ids).logits)
+
+
+# --- --vo-whitening auto: the choice is made from held-out calibration windows ------------------------------------
+
+AUTO_CALIB = {name: torch.randint(0, 300 if name == "llama" else 128, (12, 32),
+                                  generator=torch.Generator().manual_seed(0)) for name in ("llama", "gpt2")}
+
+
+@pytest.mark.parametrize("family,whitening", [("llama", "input"), ("gpt2", "mixed")])
+def test_vo_whitening_auto_takes_the_choice_that_stays_closest_on_held_out_windows(family, whitening):
+    """On these two tiny families different choices win (as mixed won on SmolLM2 and input on a real Whisper
+    encoder): auto must find each, score every choice, and return exactly the winner's prune from all windows."""
+    model = tiny_llama(vocab_size=300) if family == "llama" else tiny_gpt2()
+    calib = AUTO_CALIB[family]
+    pruned, report = prune(model, PruneConfig(vo_ratio=0.5, criterion="whitened", calibration=calib, progress=False))
+    assert set(report.vo_whitening_losses) == {"mixed+refit", "mixed", "input"}
+    winner = report.vo_whitening
+    assert winner == min(report.vo_whitening_losses, key=report.vo_whitening_losses.get)
+    assert winner.partition("+")[0] == whitening  # (GPT-2's O refit changes next to nothing: either mixed may win)
+    assert any(n.startswith(f"--vo-whitening auto chose {winner}") for n in report.notes)
+    refit = winner.endswith("+refit")
+    explicit, fixed = prune(model, PruneConfig(vo_ratio=0.5, criterion="whitened", calibration=calib, progress=False,
+                                               vo_whitening=whitening, vo_refit=bool(refit)))
+    assert fixed.vo_whitening == winner and not fixed.vo_whitening_losses
+    for (name, got), want in zip(pruned.state_dict().items(), explicit.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+
+
+def test_vo_whitening_auto_needs_held_out_windows_else_uses_mixed():
+    model = tiny_llama(vocab_size=300)
+    _, report = prune(model, PruneConfig(vo_ratio=0.5, criterion="whitened", calibration=AUTO_CALIB["llama"][:4],
+                                         progress=False))
+    assert report.vo_whitening == "mixed+refit" and not report.vo_whitening_losses
+    assert any("holds out the last 4" in n for n in report.notes)
+    _, clover_report = prune(model, PruneConfig(vo_ratio=0.5, criterion="clover", progress=False))
+    assert clover_report.vo_whitening is None  # no whitening to choose

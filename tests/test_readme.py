@@ -71,9 +71,27 @@ def test_every_documented_clover_name_resolves(index):
             obj = getattr(obj, part)
 
 
+def _serve_loaded(monkeypatch, smollm2, copy: bool) -> None:
+    """``load("smollm2-135m")`` in a snippet returns the session's model (a copy where the snippet rewrites it in
+    place) instead of dequantizing the GGUF again: the snippet runs as written, without a second 20 s load."""
+    import copy as copying
+
+    from clover import models
+
+    real = models.load
+
+    def load(name, *args, **kwargs):
+        if name == "smollm2-135m" and not args and not kwargs:
+            return copying.deepcopy(smollm2) if copy else smollm2
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load", load)
+
+
 @pytest.mark.real_model
 def test_main_api_snippet_runs_as_written(smollm2, tmp_path, monkeypatch):
     snippet = next(s for s in python_snippets() if 'load("smollm2-135m")' in s)
+    _serve_loaded(monkeypatch, smollm2, copy=True)  # orthogonalize_ rewrites it in place
     monkeypatch.chdir(tmp_path)  # it saves to out/x
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
@@ -83,8 +101,9 @@ def test_main_api_snippet_runs_as_written(smollm2, tmp_path, monkeypatch):
 
 
 @pytest.mark.real_model
-def test_latent_snippet_runs_as_written(smollm2):
+def test_latent_snippet_runs_as_written(smollm2, monkeypatch):
     snippet = next(s for s in python_snippets() if "to_latent" in s)
+    _serve_loaded(monkeypatch, smollm2, copy=False)  # to_latent leaves its input as it was
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     report = namespace["report"]

@@ -107,7 +107,7 @@ def test_qwen2_family_streams_too(tmp_path):
 ])
 def test_prune_streamed_equals_in_memory_and_loads(sharded, tmp_path, criterion, qk_criterion, allocation):
     config = PruneConfig(qk_ratio=0.5, vo_ratio=0.25, criterion=criterion, qk_criterion=qk_criterion,
-                         allocation=allocation, calibration=CALIB, progress=False)
+                         allocation=allocation, calibration=CALIB, progress=False, vo_whitening="mixed")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         streamed = stream_prune(sharded, tmp_path / "streamed", config, QUIET)
@@ -302,3 +302,13 @@ def test_streamed_peak_memory_is_well_below_the_checkpoint(big_checkpoint, tmp_p
           f"{size / 2**20:.0f} MiB")
     assert peak - base < 0.5 * size, f"streaming grew RSS by {(peak - base) / 2**20:.0f} MiB for a " \
                                      f"{size / 2**20:.0f} MiB checkpoint"
+
+
+def test_streamed_prune_uses_mixed_where_auto_would_choose_and_says_so(sharded, tmp_path):
+    config = PruneConfig(vo_ratio=0.25, criterion="whitened", qk_criterion="rotary-activation", calibration=CALIB,
+                         progress=False)  # vo_whitening="auto", the default
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = stream_prune(sharded, tmp_path / "streamed", config, QUIET)
+    assert report.vo_whitening == "mixed+refit"
+    assert any("streamed with mixed" in n for n in report.notes)

@@ -424,3 +424,56 @@ def test_calib_audio_reads_real_files_with_the_models_extractor(tmp_path):
     assert code == 2 and "is not a folder" in out and not (tmp_path / "q").exists()
     code, out = run("prune", model_dir, "--out", tmp_path / "q", "--stack", "encoder:vo=0.5")
     assert code == 2 and "unknown amount 'vo'" in out
+
+
+def test_default_calib_seqlen_becomes_the_context_and_an_explicit_one_stays_an_error(whisper_dir, tmp_path):
+    if not DATA:
+        pytest.skip("WikiText-2 not found (set CLOVER_DATA)")
+    code, out = run("prune", whisper_dir, "--out", tmp_path / "p", "--criterion", "whitened",
+                    "--stack", "encoder:vo-ratio=0.5", "--calib-samples", 2, "--json", tmp_path / "p.json")
+    assert code == 0, out
+    assert "the default 512 is beyond the model's context of 64 tokens" in " ".join(out.split())
+    assert any("calibration used 64-token windows" in n for n in json.loads((tmp_path / "p.json").read_text())["notes"])
+    code, out = run("prune", whisper_dir, "--out", tmp_path / "q", "--criterion", "whitened",
+                    "--stack", "encoder:vo-ratio=0.5", "--calib-samples", 2, "--calib-seqlen", 512)
+    assert code == 2 and "--calib-seqlen 512 is beyond the model's context of 64 tokens" in out
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("clips,windows", [(3, 16), (8, 16), (5, 2)])
+def test_every_clip_is_dealt_out_evenly(clips, windows):
+    model = tiny_whisper()
+    features = torch.stack([synthetic_log_mel(model.config, 100 + i) for i in range(clips)])
+    ids = torch.randint(0, VOCAB, (windows, 12), generator=torch.Generator().manual_seed(0))
+    uses = set_calibration_features(model, features, windows=ids)
+    assert sum(uses) == windows
+    if windows >= clips:  # every clip is heard, each by the same number of windows give or take one
+        assert min(uses) >= 1 and max(uses) - min(uses) <= 1
+    read = []
+    adapter = adapter_for(model)
+    for row in ids[torch.randperm(windows, generator=torch.Generator().manual_seed(1))]:  # order does not matter
+        got = adapter.calibration_inputs(model, row[None])["input_features"][0]
+        read.append(next(i for i in range(clips) if torch.equal(got, features[i])))
+    assert sorted(read) == sorted(i for i, n in enumerate(uses) for _ in range(n))
+
+
+def test_cli_hears_every_clip_even_with_fewer_windows_than_clips(tmp_path):
+    if not DATA:
+        pytest.skip("WikiText-2 not found (set CLOVER_DATA)")
+    from transformers import WhisperFeatureExtractor
+
+    model_dir = tmp_path / "whisper"
+    tiny_whisper(vocab_size=300).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    WhisperFeatureExtractor(feature_size=MEL).save_pretrained(model_dir)
+    audio = _speech_folder(tmp_path / "speech")  # two clips
+    code, out = run("prune", model_dir, "--out", tmp_path / "p", "--criterion", "whitened", "--calib-audio", audio,
+                    "--stack", "encoder:vo-ratio=0.5", "--calib-samples", 1, "--calib-seqlen", 16,
+                    "--json", tmp_path / "p.json")
+    assert code == 0, out
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert any("--calib-samples 1 raised to 2" in n for n in report["notes"])
+    assert [c["windows"] for c in report["calibration_audio"]] == [1, 1]
+    # 0.4 s clips, of which the tiny encoder's window (2 x 16 frames of 160 samples at 16 kHz) holds 0.32 s
+    assert [round(c["seconds"], 2) for c in report["calibration_audio"]] == [0.32, 0.32]
+    assert any(n.startswith("calibration audio: 2 clips") for n in report["notes"])

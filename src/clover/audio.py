@@ -9,6 +9,7 @@ the model sees at inference (30-second windows, padded or truncated as the extra
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,27 @@ def feature_extractor(model: str):
                           "its WhisperFeatureExtractor next to the weights (preprocessor_config.json)") from None
 
 
-def log_mel_from_folder(folder: str | os.PathLike, model: str, config) -> torch.Tensor:
-    """(files, mel bins, frames) features of every audio file in ``folder`` for the Whisper model ``model``."""
+@dataclass
+class CalibrationAudio:
+    """A folder's clips as the encoder sees them: features (clips, mel bins, frames), and per clip its file and the
+    seconds of it inside the encoder's window (longer clips are truncated, shorter ones padded)."""
+
+    features: torch.Tensor
+    files: list[str]
+    seconds: list[float]
+
+    def summary(self, uses: list[int]) -> tuple[str, list[dict]]:
+        """A one-line note for the report and a row per clip for the JSON (``uses``: windows that read each clip)."""
+        rows = [{"file": f, "seconds": round(s, 3), "windows": u} for f, s, u in zip(self.files, self.seconds, uses,
+                                                                                      strict=True)]
+        note = (f"calibration audio: {len(self.files)} clips, {min(self.seconds):.1f}-{max(self.seconds):.1f} s of "
+                f"audio each, every clip read by {min(uses)}" + (f"-{max(uses)}" if max(uses) != min(uses) else "")
+                + f" of {sum(uses)} calibration windows")
+        return note, rows
+
+
+def read_calibration_audio(folder: str | os.PathLike, model: str, config) -> CalibrationAudio:
+    """Every audio file in ``folder`` as features for the Whisper model ``model``, with its seconds."""
     files = audio_files(folder)
     extractor = feature_extractor(model)
     if getattr(extractor, "feature_size", None) != config.num_mel_bins:
@@ -71,4 +91,10 @@ def log_mel_from_folder(folder: str | os.PathLike, model: str, config) -> torch.
     clips = [read_mono(path, extractor.sampling_rate) for path in files]
     features = extractor(clips, sampling_rate=extractor.sampling_rate, return_tensors="pt", padding="max_length",
                          max_length=samples, truncation=True).input_features
-    return features.float()
+    seconds = [min(len(clip), samples) / extractor.sampling_rate for clip in clips]
+    return CalibrationAudio(features.float(), [str(p) for p in files], seconds)
+
+
+def log_mel_from_folder(folder: str | os.PathLike, model: str, config) -> torch.Tensor:
+    """(files, mel bins, frames) features of every audio file in ``folder`` for the Whisper model ``model``."""
+    return read_calibration_audio(folder, model, config).features

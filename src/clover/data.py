@@ -63,12 +63,12 @@ def _read_parquet(path: str) -> list[str]:
     return table.column("text").to_pylist()
 
 
-def _from_hub(dataset_args: tuple[str, str], split: str) -> list[str]:
+def _from_hub(dataset_args: tuple[str, str], split: str, flag: str = "--data") -> list[str]:
     from .hub import unreachable_reason
 
     offline = unreachable_reason()
     if offline:
-        raise CloverError(f"no local {dataset_args[1]} corpus and the hub is not available ({offline}): pass --data "
+        raise CloverError(f"no local {dataset_args[1]} corpus and the hub is not available ({offline}): pass {flag} "
                           f"pointing at a folder holding {dataset_args[1]}/ or set {ENV_VAR}")
     try:
         import datasets
@@ -77,26 +77,28 @@ def _from_hub(dataset_args: tuple[str, str], split: str) -> list[str]:
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         raise CloverError(
-            f"could not download {'/'.join(dataset_args)} ({first}): pass --data pointing at a folder holding "
+            f"could not download {'/'.join(dataset_args)} ({first}): pass {flag} pointing at a folder holding "
             f"{dataset_args[1]}/ or set {ENV_VAR}"
         ) from error
     return list(rows)
 
 
-def load_rows(corpus: str = "wikitext2", split: str = "test", data: str | os.PathLike | None = None) -> list[str]:
+def load_rows(corpus: str = "wikitext2", split: str = "test", data: str | os.PathLike | None = None,
+              flag: str = "--data") -> list[str]:
     """The corpus split as rows, exactly as the hub dataset stores them (one row per source line).
 
-    Looks in ``data``, then ``$CLOVER_DATA``, then downloads from the hub.
+    Looks in ``data``, then ``$CLOVER_DATA``, then downloads from the hub. ``flag`` names the option that set
+    ``data`` in messages (``--calib`` for calibration text).
     """
     folder_name, dataset_args = _corpus(corpus)
     if split not in SPLITS:
         raise CloverError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if data is not None:
-        return _read_parquet(_parquet_path(os.fspath(data), folder_name, split, "--data"))
+        return _read_parquet(_parquet_path(os.fspath(data), folder_name, split, flag))
     env = os.environ.get(ENV_VAR)
     if env:
         return _read_parquet(_parquet_path(env, folder_name, split, f"${ENV_VAR}"))
-    return _from_hub(dataset_args, split)
+    return _from_hub(dataset_args, split, flag)
 
 
 def load_text(corpus: str = "wikitext2", split: str = "test", data: str | os.PathLike | None = None) -> str:

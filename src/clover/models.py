@@ -293,6 +293,9 @@ def _load_transformers(source: ModelSource, dtype) -> tuple[Any, Any]:
         except Exception as error:
             if source.kind == "hub":
                 raise _hub_failure(source, error) from error
+            mismatch = _config_mismatch(source.path, config, auto_class)
+            if mismatch:
+                raise CloverError(f"model {shown}: {mismatch}") from error
             raise CloverError(
                 f"model {shown} could not be loaded ({_first_line(error)}): check its weight files"
             ) from error
@@ -317,6 +320,47 @@ def _load_transformers(source: ModelSource, dtype) -> tuple[Any, Any]:
                 ) from error
             # A hub repo may hold only weights; callers that need a tokenizer report its absence themselves.
     return model, tokenizer
+
+
+_SHAPE_WORDS = ("size", "dim", "head", "layers", "rank", "vocab", "experts", "intermediate", "embd", "positions")
+
+
+def _config_mismatch(folder: str, config, auto_class) -> str | None:
+    """Why weights do not fit their config, in the user's terms: the first tensor whose shape differs, and the
+    shape-setting fields that config.json lacks (transformers silently used their defaults, then suggests
+    ``ignore_mismatched_sizes``, which would load random weights). None where the shapes agree or cannot be read."""
+    import glob
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    try:
+        found = {}
+        for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+            with safe_open(file, framework="pt") as f:
+                found.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        with torch.device("meta"):
+            built = auto_class.from_config(config) if hasattr(auto_class, "from_config") else auto_class(config)
+            expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+        with open(os.path.join(folder, "config.json")) as f:
+            written = json.load(f)
+    except Exception:  # the weights or the config are broken in another way: the caller's message stands
+        return None
+    wrong = [(k, found[k], expected[k]) for k in expected if k in found and found[k] != expected[k]]
+    if not wrong:
+        return None
+    name, have, want = wrong[0]
+    from transformers import PretrainedConfig
+
+    generic = set(PretrainedConfig().to_dict())  # settings every config has; none of them sets a tensor's shape
+    missing = sorted(k for k in config.to_dict() if k not in written and k not in generic and not k.startswith("_")
+                     and any(w in k for w in _SHAPE_WORDS))
+    where = f"{name} is {list(have)} in the weights but {list(want)} by config.json"
+    if missing:
+        return (f"the weights do not fit config.json ({where}); config.json lacks {', '.join(missing)}, so "
+                "transformers used its defaults: add the missing fields with the values the model was made with")
+    return f"the weights do not fit config.json ({where}): fix the config or the weight files"
 
 
 def _load_diffusers(source: ModelSource, dtype) -> tuple[Any, None]:

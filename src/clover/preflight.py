@@ -45,9 +45,9 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool, model: str | os.PathL
                   flag: str = "--out") -> Path:
     """``out`` may be written: not an existing folder unless ``overwrite``, not a file, creatable, and neither the
     model folder, inside it, nor a folder holding it (``--overwrite`` would delete the model)."""
-    from .save import check_output_dir
+    from .output import check_output_dir, claim
 
-    path = check_output_dir(out, overwrite)
+    path = check_output_dir(out, overwrite, take=False)
     if model is not None:
         source = Path(os.path.expanduser(str(model)))
         if source.exists():
@@ -60,6 +60,7 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool, model: str | os.PathL
                 raise CloverError(f"{flag} {path} holds the model {source}: replacing it would delete the model "
                                   "being read; choose another folder")
     _check_creatable(path, flag)
+    claim(path)
     return path
 
 

@@ -9,19 +9,21 @@ Every written block is checked: its Q-K and V-O products must equal the intended
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calibrate, modeling, sequential
+from . import calibrate, heldout, modeling, sequential
 from .adapters import Adapter, AttentionSite, adapter_for, model_type
 from .calibrate import SiteStats
 from .criteria import CRITERIA, DATA_AWARE, ROTARY_CRITERIA, Candidate, candidate
 from .errors import CloverError
 from .pairs import AttentionWeights, PairKind, cast_like, check_finite, factors, with_factors
-from .ranks import check_ratio, choose
+from .ranks import check_ratio, choose, global_removal, kept_below_threshold, uniform_keep
+from .rebuild import DROPPED_SETTINGS, copy_matching, keep_buffer_dtypes
+from .sizes import SizeReport, kv_bytes_per_token, parameter_count
 
 
 @dataclass
@@ -35,6 +37,10 @@ class StackPlan:
     vo_threshold: float | None = None
 
 
+VO_WHITENINGS = ("auto", "mixed", "input")
+VO_WHITENING_CHOICES = (("mixed", True), ("mixed", False), ("input", False))  # what auto tries, in this order
+
+
 @dataclass
 class PruneConfig:
     """What to remove and how to choose it. Ratios are the fraction of head dims removed in [0, 1).
@@ -43,7 +49,10 @@ class PruneConfig:
     ``rotary-weight`` or ``rotary-activation``). Thresholds are absolute singular values and replace the ratio
     for their pair. ``calibration`` holds token ids (n, seqlen) for data-aware criteria. ``vo_whitening`` picks
     what whitens V-O: ``mixed`` (the attention-mixed values each head hands to O, then a per-head least-squares
-    refit of O unless ``vo_refit`` is off; measured better) or ``input`` (the layer's input, as in the prototype).
+    refit of O unless ``vo_refit`` is off), ``input`` (the layer's input, as in the prototype), or ``auto`` (the
+    default): each of mixed + refit, mixed and input prunes from the first windows and the one whose outputs stay
+    closest to the original's on the last ``holdout`` windows is kept. Which wins depends on the model (mixed won
+    on SmolLM2, input on a real Whisper encoder), so it is chosen from data.
     ``sequential`` gathers each layer's statistics with the earlier layers already pruned (``clover.sequential``).
     ``stacks`` (models with several attention stacks) replaces the four top-level amounts: only the stacks it
     names are pruned, each by its own ``StackPlan``.
@@ -57,8 +66,9 @@ class PruneConfig:
     vo_threshold: float | None = None
     allocation: str = "uniform"
     calibration: torch.Tensor | None = None
-    vo_whitening: str = "mixed"
+    vo_whitening: str = "auto"
     vo_refit: bool = True
+    holdout: int = 4
     sequential: bool = False
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
@@ -117,6 +127,46 @@ class PruneConfig:
             raise CloverError("nothing to prune: pass --qk-ratio and/or --vo-ratio (a fraction of head dims to "
                               "remove, e.g. 0.25), or --qk-threshold / --vo-threshold")
 
+    def check_against(self, model_config) -> None:
+        """The ratios against the heads' widths from ``config.json`` alone, so that a ratio leaving a head no dims
+        is refused before any weights load or calibration runs (the rule ``ranks.choose`` applies later)."""
+        if self.stacks is not None:
+            return
+        for kind in ("qk", "vo"):
+            ratio = self.ratio_for(kind)
+            if self.threshold_for(kind) is not None or not ratio:
+                continue
+            check_units(model_config, kind, ratio, self.pair_criterion(kind), self.allocation, f"--{kind}-ratio")
+
+
+def head_units(model_config, kind: PairKind, criterion: str) -> int | None:
+    """Units per head of ``kind`` (dims, or rotary pairs for the rotary criteria) read from a config alone, for the
+    single-stack families whose heads all share one width; None where the config does not say it plainly."""
+    model_type = getattr(model_config, "model_type", "")
+    if model_type == "deepseek_v2":
+        width = model_config.qk_nope_head_dim if kind == "qk" else model_config.v_head_dim
+    elif model_type in ("llama", "mistral", "qwen2", "gpt2", "bert"):
+        heads = getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head", None)
+        hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)
+        width = getattr(model_config, "head_dim", None) or (hidden // heads if heads and hidden else None)
+    else:  # several stacks, or per-layer widths (clover_* runtimes): the adapter knows them once loaded
+        return None
+    if width is None:
+        return None
+    return width // 2 if kind == "qk" and criterion in ROTARY_CRITERIA else width
+
+
+def check_units(model_config, kind: PairKind, ratio: float, criterion: str, allocation: str, flag: str) -> None:
+    """Refuse ``ratio`` where it leaves a head (``uniform``) or a layer (``global``) of ``kind`` no units."""
+    units = head_units(model_config, kind, criterion)
+    if units is None:
+        return
+    if allocation == "global":
+        layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", None) or 1
+        global_removal([units] * layers, ratio, flag)
+    else:
+        uniform_keep(units, ratio, flag)
+
 
 @dataclass
 class LayerRanks:
@@ -128,43 +178,19 @@ class LayerRanks:
     vo_before: int
     rope_pairs: list[list[int]] | None = None
     stack: str = ""  # the site's stack: its dims go to <stack>_qk_dims / <stack>_vo_dims of the pruned config
+    qk_below_threshold: int = 0  # threshold pruning: directions at or below the threshold kept (see ranks)
+    vo_below_threshold: int = 0
 
 
 @dataclass
-class PruneReport:
+class PruneReport(SizeReport):
     model_type: str
     qk_criterion: str | None
     vo_criterion: str | None
     allocation: str
     layers: list[LayerRanks]
-    params_before: int
-    params_after: int
-    kv_bytes_per_token_before: int
-    kv_bytes_per_token_after: int
-    calibration_tokens: int = 0
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def kv_bytes_per_token(model: nn.Module) -> int:
-    """Bytes one token adds to the KV cache: K and V rows of every self-attention block that caches them.
-
-    Encoders' self-attention caches nothing; cross-attention caches once per encoder position, not per token.
-    """
-    adapter = adapter_for(model)
-    total = 0
-    for site in adapter.sites(model):
-        if adapter.caches_per_token(site):
-            w = adapter.read(site)
-            total += adapter.cache_width(site, w) * w.k.weight.element_size()
-    return total
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    vo_whitening: str | None = None  # what whitened V-O (mixed+refit, mixed, input); auto reports its choice
+    vo_whitening_losses: dict[str, float] = field(default_factory=dict)  # auto: held-out loss of each choice
 
 
 def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[list[int]]:
@@ -175,8 +201,8 @@ def _current_rope_pairs(site: AttentionSite, groups: int, qk_dim: int) -> list[l
 
 
 def validate(config: PruneConfig, adapter: Adapter, sites: list[AttentionSite]) -> None:
-    if config.vo_whitening not in ("mixed", "input"):
-        raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use mixed or input")
+    if config.vo_whitening not in VO_WHITENINGS:
+        raise CloverError(f"unknown V-O whitening {config.vo_whitening!r}: use {', '.join(VO_WHITENINGS)}")
     config.check()
     for kind in ("qk", "vo"):
         crit = config.pair_criterion(kind)
@@ -223,7 +249,60 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     adapter = adapter_for(model)
     sites = adapter.sites(model)
     validate(config, adapter, sites)
+    config.check_against(model.config)
     check_runtime(model)
+    if choosing_vo_whitening(config):
+        return _prune_choosing_vo_whitening(model, config)
+    return _prune(model, replace(config, vo_whitening=_fixed_whitening(config)))
+
+
+def choosing_vo_whitening(config: PruneConfig) -> bool:
+    return config.vo_whitening == "auto" and config.active("vo") and config.pair_criterion("vo") == "whitened"
+
+
+def _fixed_whitening(config: PruneConfig) -> str:
+    """``auto`` where nothing is chosen (no whitened V-O, or too few windows to hold some out) means mixed."""
+    return "mixed" if config.vo_whitening == "auto" else config.vo_whitening
+
+
+def _prune_choosing_vo_whitening(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport]:
+    """``vo_whitening="auto"``: prune once per choice from the first windows and score each on the last
+    ``holdout`` windows (``heldout.fidelity_loss``: how far the outputs move from the original's); then prune with
+    the winner from all windows, so the result is exactly that choice's prune at the calibration given."""
+    batches = config.calibration
+    if batches is None or len(batches) <= config.holdout:
+        pruned, report = _prune(model, replace(config, vo_whitening="mixed"))
+        report.notes.append(f"--vo-whitening auto holds out the last {config.holdout} calibration windows to choose "
+                            f"and got {0 if batches is None else len(batches)}: used mixed (pass more "
+                            "--calib-samples to choose from data)")
+        return pruned, report
+    held, statistics = batches[len(batches) - config.holdout:], batches[: len(batches) - config.holdout]
+    reference = heldout.Reference(model, adapter_for(model), held)
+    shared = None
+    if not config.sequential:  # one calibration pass serves every choice (mixed needs the head outputs too)
+        adapter = adapter_for(model)
+        sites = adapter.sites(model)
+        needs = statistics_needed(replace(config, vo_whitening="mixed", calibration=statistics))
+        shared = calibrate.collect(model, adapter, sites, statistics, **needs, progress=config.progress)
+    losses, settings = {}, {}
+    for whitening, refit in VO_WHITENING_CHOICES:
+        name = whitening + ("+refit" if refit else "")
+        settings[name] = {"vo_whitening": whitening, "vo_refit": refit}
+        trial, _ = _prune(model, replace(config, calibration=statistics, **settings[name]), shared)
+        losses[name] = reference.loss(trial)
+        del trial
+    name = min(losses, key=losses.get)
+    pruned, report = _prune(model, replace(config, **settings[name]))
+    report.vo_whitening_losses = losses
+    report.notes.append(f"--vo-whitening auto chose {name}: held-out {reference.metric} on the last "
+                        f"{config.holdout} calibration windows " + ", ".join(f"{k} {v:.4g}" for k, v in losses.items()))
+    return pruned, report
+
+
+def _prune(model: nn.Module, config: PruneConfig, shared_stats=None) -> tuple[nn.Module, PruneReport]:
+    """One prune with a fixed V-O whitening; ``shared_stats``: calibration statistics already gathered."""
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
     kinds = active_kinds(config)
     collected: list[str] = []
 
@@ -246,7 +325,8 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
             lambda site, w, kind, st: pair_candidate(config, site, w, kind, st, warn))
         tokens = config.calibration.numel()
     else:
-        candidates, keeps, tokens = _plan_one_shot(model, adapter, sites, config, targets, weights, needs, warn)
+        candidates, keeps, tokens = _plan_one_shot(model, adapter, sites, config, targets, weights, needs, warn,
+                                                   shared_stats)
     for kind in kinds:  # what the family's runtime can hold (e.g. one head dim for all layers)
         keeps[kind], why = adapter.adjust_ranks(kind, keeps[kind], candidates[kind][0].units)
         if why:
@@ -259,6 +339,7 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
         mine = {kind: chosen[kind, site.name] for kind in kinds if (kind, site.name) in chosen}
         new_weights[site.name], layer, intended[site.name] = prune_block(
             site, weights[site.name], {k: c for k, (c, _) in mine.items()}, {k: keep for k, (_, keep) in mine.items()})
+        count_below_threshold(config, layer, mine)
         layers.append(layer)
 
     pruned = build_pruned(model, layers)
@@ -274,11 +355,11 @@ def prune(model: nn.Module, config: PruneConfig) -> tuple[nn.Module, PruneReport
     return pruned, report
 
 
-def _plan_one_shot(model, adapter, sites, config, targets, weights, needs, warn):
+def _plan_one_shot(model, adapter, sites, config, targets, weights, needs, warn, shared_stats=None):
     """Statistics of the original model for every layer at once, then one candidate per (kind, site) and the
     ranks (the global allocation needs all of a kind at once)."""
-    stats = None
-    if needs:
+    stats = shared_stats
+    if needs and stats is None:
         stats = calibrate.collect(model, adapter, sites, config.calibration, **needs, progress=config.progress)
     candidates: dict[PairKind, list[Candidate]] = {}
     for kind, chosen in targets.items():
@@ -367,6 +448,26 @@ def prune_block(site: AttentionSite, w: AttentionWeights, candidates: dict[PairK
     return cast_like(new, w), layer, intended
 
 
+def count_below_threshold(config: PruneConfig, layer: LayerRanks, chosen: dict) -> None:
+    """Record on ``layer`` the directions a threshold kept below itself (``chosen``: kind -> (candidate, keep))."""
+    for kind, (pair, keep) in chosen.items():
+        threshold = config.threshold_for(kind, layer.stack or None)
+        if threshold is not None:
+            setattr(layer, f"{kind}_below_threshold", kept_below_threshold(pair, keep, threshold))
+
+
+def threshold_notes(layers: list[LayerRanks]) -> list[str]:
+    notes = []
+    for kind, name in (("qk", "Q-K"), ("vo", "V-O")):
+        key = f"{kind}_below_threshold"
+        counts = [lr.get(key, 0) if isinstance(lr, dict) else getattr(lr, key) for lr in layers]  # streaming: dicts
+        if any(counts):
+            notes.append(f"--{kind}-threshold: {sum(counts)} {name} directions at or below the threshold stayed, in "
+                         f"{sum(c > 0 for c in counts)} of {len(layers)} blocks (a block keeps one width for all its "
+                         f"heads, its widest head's; per block: {kind}_below_threshold in the JSON)")
+    return notes
+
+
 def make_report(config: PruneConfig, model_type: str, layers: list[LayerRanks], params_before: int,
                 params_after: int, kv_before: int, kv_after: int, tokens: int, warnings_: list[str],
                 notes: list[str] = ()) -> PruneReport:
@@ -376,9 +477,14 @@ def make_report(config: PruneConfig, model_type: str, layers: list[LayerRanks], 
         config.pair_criterion("qk") if "qk" in kinds else None,
         config.pair_criterion("vo") if "vo" in kinds else None,
         "threshold" if config.qk_threshold is not None or config.vo_threshold is not None else config.allocation,
-        layers, params_before, params_after, kv_before, kv_after, tokens, list(warnings_),
+        layers, params_before=params_before, params_after=params_after, kv_bytes_per_token_before=kv_before,
+        kv_bytes_per_token_after=kv_after, calibration_tokens=tokens, warnings=list(warnings_),
     )
     report.notes.extend(notes)
+    report.notes.extend(threshold_notes(layers))
+    if "vo" in kinds and config.pair_criterion("vo") == "whitened":
+        report.vo_whitening = config.vo_whitening + ("+refit" if config.vo_whitening == "mixed" and config.vo_refit
+                                                     else "")
     if "qk" in kinds and config.pair_criterion("qk") in ROTARY_CRITERIA:
         report.notes.append("Q-K was pruned by whole rotary frequency pairs: not a CLOVER rewrite "
                             "(rotary embeddings make every change of basis inexact there)")
@@ -431,37 +537,6 @@ def build_pruned(model: nn.Module, layers: list[LayerRanks]) -> nn.Module:
     copy_matching(pruned, source)  # everything but the resized attention weights, which the adapter writes next
     keep_buffer_dtypes(pruned, model)
     return pruned.eval()
-
-
-# Config fields that describe the checkpoint, not the network: a config built for a rewritten model drops them.
-DROPPED_SETTINGS = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")
-
-
-def copy_matching(target: nn.Module, source: dict[str, torch.Tensor], complete: bool = False) -> None:
-    """Copy into a freshly built ``target`` every tensor of the state dict ``source`` whose name and shape agree:
-    what a rewrite leaves as it was (embeddings, norms, MLPs). ``complete``: every tensor of ``target`` must be
-    found there (nothing may keep its random initialisation)."""
-    with torch.no_grad():
-        for name, tensor in target.state_dict().items():
-            value = source.get(name)
-            if value is not None and value.shape == tensor.shape:
-                tensor.copy_(value)
-            elif complete:
-                got = None if value is None else tuple(value.shape)
-                raise CloverError(f"internal: {name} of the new model ({tuple(tensor.shape)}) has no source tensor "
-                                  f"({got})")
-
-
-def keep_buffer_dtypes(pruned: nn.Module, model: nn.Module) -> None:
-    """``.to(dtype)`` above also cast buffers that loaders keep in float32 (rotary ``inv_freq``): in bfloat16 the
-    pruned model would then compute other rotations than the same checkpoint reloaded, and report another
-    perplexity than the saved model has. Take every such buffer from the source model as it is there."""
-    source = dict(model.named_buffers())
-    for name, buffer in list(pruned.named_buffers()):
-        theirs = source.get(name)
-        if theirs is not None and theirs.shape == buffer.shape and theirs.dtype != buffer.dtype:
-            owner, _, leaf = name.rpartition(".")
-            pruned.get_submodule(owner)._buffers[leaf] = theirs.detach().clone()
 
 
 def pruned_config(base, layers: list[LayerRanks], task: str, what: str):

@@ -40,6 +40,21 @@ def threshold_keep(candidate: Candidate, threshold: float, what: str = "threshol
     return keep
 
 
+def kept_below_threshold(candidate: Candidate, keep: int, threshold: float) -> int:
+    """Directions a threshold prune keeps although their singular value is at or below ``threshold``: a block keeps
+    one width for all its groups (its widest group's count), so narrower groups keep some weak directions."""
+    above = (candidate.scores > threshold**2).sum(dim=-1)
+    return int((keep - above).clamp_min(0).sum().item())
+
+
+def global_removal(units: list[int], ratio: float, what: str) -> int:
+    """Units one global budget removes from layers of ``units`` each; every layer must keep one."""
+    remove = math.floor(sum(units) * ratio + 0.5)
+    if remove > sum(units) - len(units):
+        raise CloverError(f"{what} {ratio} would leave a layer with no dimensions: use a smaller ratio")
+    return remove
+
+
 def global_keeps(candidates: list[Candidate], ratio: float, what: str) -> list[int]:
     """Remove ``ratio`` of all units where they hold the smallest share of their layer's total score.
 
@@ -48,9 +63,7 @@ def global_keeps(candidates: list[Candidate], ratio: float, what: str) -> list[i
     base ppl with raw scores as of commit f63405a, 1.42x with shares, 1.43x uniform).
     """
     units = [c.units for c in candidates]
-    remove = math.floor(sum(units) * ratio + 0.5)
-    if remove > sum(units) - len(units):
-        raise CloverError(f"{what} {ratio} would leave a layer with no dimensions: use a smaller ratio")
+    remove = global_removal(units, ratio, what)
     entries = []
     for i, c in enumerate(candidates):
         layer_scores = c.scores.sum(dim=0)  # non-increasing: each group's scores are sorted

@@ -29,23 +29,13 @@ from torch import nn
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
 
 from ..errors import CloverError
+from ..modeling.deepseek_v2 import build_pruned, query_fold, query_projection
 from ..pairs import AttentionWeights, Projection
 from .base import Adapter, AttentionSite, linear_projection, set_parameter, write_linear
 from .residual import NormSite, Port, ResidualLayout
 
 SUPPORTED = ("transformers' DeepseekV2Attention (q_proj, or q_a_proj -> q_b_proj; kv_a_proj_with_mqa -> kv_b_proj; "
              "o_proj) with num_key_value_heads == num_attention_heads and qk_nope_head_dim > 0")
-
-
-def query_projection(m: DeepseekV2Attention) -> nn.Linear:
-    """``q_proj`` without a query latent, ``q_b_proj`` with one (``q_lora_rank`` set)."""
-    return m.q_proj if m.q_proj is not None else m.q_b_proj
-
-
-def query_fold(m: DeepseekV2Attention) -> float:
-    """Factor folded into the physical query rows so that it times the stock scale is the original scale."""
-    original = getattr(m.config, "clover_softmax_scale", None)
-    return 1.0 if original is None else original / m.scaling
 
 
 class DeepseekV2Adapter(Adapter):
@@ -63,8 +53,6 @@ class DeepseekV2Adapter(Adapter):
 
     def build_pruned(self, model: nn.Module, layers: list) -> nn.Module:
         """A stock DeepseekV2 model with smaller ``qk_nope_head_dim`` / ``v_head_dim``: no clover runtime needed."""
-        from ..modeling.deepseek_v2 import build_pruned
-
         return build_pruned(model, layers)
 
     def sites(self, model: nn.Module) -> list[AttentionSite]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..pairs import AttentionWeights, Projection
+from ..rebuild import copy_matching
 from .base import Adapter, AttentionSite, linear_projection, write_linear
 
 QK_REASON = ("keys are held as shared rotary components and a pre-RoPE latent, not as per-head Q-K pairs: set the "
@@ -77,8 +78,6 @@ class LatentLlamaAdapter(Adapter):
         config = type(model.config)(**settings)
         reference = next(model.parameters())
         pruned = type(model)(config).to(device=reference.device, dtype=reference.dtype)
-        from ..prune import copy_matching  # prune imports the adapters: import at call time
-
         copy_matching(pruned, model.state_dict())
         return pruned.eval()
 

@@ -30,12 +30,23 @@ from .base import AttentionSite, LinearsAdapter
 STACKS = {"encoder.self_attn": "encoder", "decoder.self_attn": "decoder", "decoder.encoder_attn": "cross"}
 SUPPORTED = "WhisperForConditionalGeneration or WhisperModel (encoder + decoder with self- and cross-attention)"
 _FEATURES_ATTR = "clover_calibration_features"
+_ASSIGNMENT_ATTR = "clover_calibration_clips"
 
 
-def set_calibration_features(model: nn.Module, features: torch.Tensor | None) -> None:
+def _window_key(row: torch.Tensor) -> int:
+    """A calibration window's identity from its token ids alone (not its position in a batch)."""
+    row = row.long().cpu()
+    return int((row * torch.arange(1, row.numel() + 1)).sum()) % (2**31)
+
+
+def set_calibration_features(model: nn.Module, features: torch.Tensor | None,
+                             windows: torch.Tensor | None = None) -> list[int] | None:
     """Use these log-mel features (n, num_mel_bins, frames) for calibration instead of synthetic audio.
 
-    Sample ``i`` of the calibration batch reads ``features[i % n]``.
+    With ``windows`` (the calibration token ids, (w, seqlen)), the clips are dealt out evenly: windows sorted by
+    their key take clips 0, 1, ..., n-1, 0, 1, ... so each clip is read by ``w // n`` or ``w // n + 1`` windows
+    (every clip when ``w >= n``); returns those counts. Without, a window reads the clip its key picks (uneven).
+    Either way a window's clip depends on its tokens only, not on batch order.
     """
     if features is not None:
         expected = (model.config.num_mel_bins, 2 * model.config.max_source_positions)
@@ -43,6 +54,15 @@ def set_calibration_features(model: nn.Module, features: torch.Tensor | None) ->
             raise CloverError(f"calibration features have shape {tuple(features.shape)}, this Whisper needs "
                               f"(n, {expected[0]}, {expected[1]}): compute them with WhisperFeatureExtractor")
     setattr(model, _FEATURES_ATTR, features)
+    assignment, uses = None, None
+    if features is not None and windows is not None:
+        keys = [_window_key(row) for row in windows]
+        assignment, uses = {}, [0] * features.shape[0]
+        for rank, i in enumerate(sorted(range(len(keys)), key=lambda i: (keys[i], i))):
+            clip = assignment.setdefault(keys[i], rank % features.shape[0])
+            uses[clip] += 1
+    setattr(model, _ASSIGNMENT_ATTR, assignment)
+    return uses
 
 
 def require_whisper(model: nn.Module | None, flag: str) -> None:
@@ -130,15 +150,17 @@ class WhisperAdapter(LinearsAdapter):
     def calibration_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict:
         """Audio features for the encoder (user-set or synthetic) and the text as decoder input ids.
 
-        Each sample's clip is picked by a hash of its token ids, not by call order, so the statistics do not
-        depend on the order of batches or on earlier calibrations of the same model (sweeps reuse it).
+        Each sample's clip is picked from its token ids, not by call order (the even deal of
+        ``set_calibration_features(..., windows=)``, else a hash), so the statistics do not depend on the order of
+        batches or on earlier calibrations of the same model (sweeps reuse it).
         """
         param = next(model.parameters())
         features = getattr(model, _FEATURES_ATTR, None)
+        assignment = getattr(model, _ASSIGNMENT_ATTR, None) or {}
         rows = []
-        for row in input_ids.long().cpu():
-            index = int((row * torch.arange(1, row.numel() + 1)).sum()) % (2**31)
-            rows.append(features[index % features.shape[0]] if features is not None
+        for row in input_ids:
+            index = _window_key(row)
+            rows.append(features[assignment.get(index, index % features.shape[0])] if features is not None
                         else synthetic_log_mel(model.config, index))
         ids = input_ids[:, : model.config.max_target_positions]
         return {"input_features": torch.stack(rows).to(device=param.device, dtype=param.dtype),

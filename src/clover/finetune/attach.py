@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CloverError
-from ..save import atomic_dir
+from ..output import atomic_dir
 from ..verify import Check, compare, model_outputs
 from .modules import TUNER_NAME, BlockTuner, SiteTuner, Tuner
 from .targets import block_size, resolve_targets

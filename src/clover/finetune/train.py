@@ -57,7 +57,7 @@ class FinetuneConfig:
             raise CloverError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         for name in ("steps", "batch_size", "grad_accum", "save_steps", "lora_r", "logging_steps"):
             if getattr(self, name) < 1:
-                raise CloverError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise CloverError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if self.lr <= 0:
             raise CloverError(f"learning rate {self.lr} is not positive: pass --lr such as 1e-4")
         if self.match_lora_r is not None and self.method != "clover":

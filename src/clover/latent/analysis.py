@@ -13,7 +13,7 @@ import torch
 
 from ..calibrate import cholesky_factor
 from ..pairs import AttentionWeights, Projection
-from .solve import LowRank, RotaryComponents, channel_energy, complex_channels, rotary_components, sym_sqrt, \
+from ..lowrank import LowRank, RotaryComponents, channel_energy, complex_channels, rotary_components, sym_sqrt, \
     weighted_lowrank
 
 

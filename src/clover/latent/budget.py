@@ -53,6 +53,21 @@ def _greedy(k: list[Spectrum], v: list[Spectrum], budget: int, split: float, k_t
     return k_units, v_units
 
 
+def check_floor(ratio: float, allocation: str, full: list[int], floor: list[int]) -> None:
+    """Every layer must keep one key unit and one value dim (``floor``) of its ``full`` cached dims."""
+    if allocation == "uniform":
+        budgets = [round((1 - ratio) * f) for f in full]
+        short = [i for i in range(len(full)) if budgets[i] < floor[i]]
+        if short:
+            raise CloverError(f"--kv-ratio {ratio} leaves layer {short[0]} {budgets[short[0]]} cached dims, fewer than "
+                              f"one key and one value dim ({floor[short[0]]}): use a smaller ratio")
+        return
+    budget = round((1 - ratio) * sum(full))
+    if budget < sum(floor):
+        raise CloverError(f"--kv-ratio {ratio} leaves {budget} cached dims for {len(full)} layers, fewer than one key "
+                          f"and one value dim per layer ({sum(floor)}): use a smaller ratio")
+
+
 def allocate(k: list[Spectrum], v: list[Spectrum], ratio: float, allocation: str, split: float) -> Spend:
     """Units per layer that keep ``1 - ratio`` of the layers' full cache (``len(gains) * cost`` per kind)."""
     n = len(k)
@@ -60,17 +75,11 @@ def allocate(k: list[Spectrum], v: list[Spectrum], ratio: float, allocation: str
     k_total = [max(float(s.gains.sum()), 1e-300) for s in k]
     v_total = [max(float(s.gains.sum()), 1e-300) for s in v]
     floor = [k[i].cost + v[i].cost for i in range(n)]
+    check_floor(ratio, allocation, full, floor)
     if allocation == "uniform":
         budgets = [round((1 - ratio) * full[i]) for i in range(n)]
-        short = [i for i in range(n) if budgets[i] < floor[i]]
-        if short:
-            raise CloverError(f"--kv-ratio {ratio} leaves layer {short[0]} {budgets[short[0]]} cached dims, fewer than "
-                              f"one key and one value dim ({floor[short[0]]}): use a smaller ratio")
         picks = [_greedy(k, v, budgets[i], split, k_total, v_total, [i]) for i in range(n)]
         return Spend([p[0][i] for i, p in enumerate(picks)], [p[1][i] for i, p in enumerate(picks)])
     budget = round((1 - ratio) * sum(full))
-    if budget < sum(floor):
-        raise CloverError(f"--kv-ratio {ratio} leaves {budget} cached dims for {n} layers, fewer than one key and one "
-                          f"value dim per layer ({sum(floor)}): use a smaller ratio")
     k_units, v_units = _greedy(k, v, budget, split, k_total, v_total, list(range(n)))
     return Spend([k_units[i] for i in range(n)], [v_units[i] for i in range(n)])

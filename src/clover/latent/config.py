@@ -91,3 +91,36 @@ class LatentConfig:
         """Whether the split is chosen on held-out calibration windows (a budget with more than one way to spend
         it: fixed dims and the exact conversion have one)."""
         return self.split == "auto" and not self.fixed_dims and self.kv_ratio > 0
+
+    def check_against(self, model_config) -> None:
+        """The budget against the cache's shape from ``config.json`` alone, so that a ratio (or fixed dims) that
+        leaves a layer nothing is refused before any weights load or calibration runs (``budget.allocate`` applies
+        the same rule later)."""
+        from .budget import check_floor
+
+        shape = cache_shape(model_config)
+        if shape is None:
+            return
+        layers, kv_dims = shape
+        if self.fixed_dims:
+            if self.k_dims > kv_dims or self.v_dims > kv_dims:
+                raise CloverError(f"--k-dims {self.k_dims} / --v-dims {self.v_dims}: every layer has at most "
+                                  f"{kv_dims} key and {kv_dims} value dims")
+            return
+        key_unit = 2 if self.rope == "shared" else 1  # a shared rotary component caches a (cos, sin) pair
+        check_floor(self.kv_ratio, self.allocation, [2 * kv_dims] * layers, [key_unit + 1] * layers)
+
+
+def cache_shape(model_config) -> tuple[int, int] | None:
+    """(layers, key dims per layer = KV heads x head width) of a LLaMA-family or GPT-2 config; None otherwise."""
+    if getattr(model_config, "model_type", "") not in ("llama", "mistral", "qwen2", "gpt2"):
+        return None  # clover's runtimes (pruned, sliced) keep per-layer widths: checked once loaded
+    layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", None)
+    heads = getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head", None)
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    width = (getattr(model_config, "head_dim", None) or getattr(model_config, "attn_head_dim", None)
+             or (hidden // heads if heads and hidden else None))
+    if not (layers and kv_heads and width):
+        return None
+    return layers, kv_heads * width

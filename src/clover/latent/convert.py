@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from .. import calibrate
 from ..adapters import adapter_for
 from ..errors import CloverError
+from ..heldout import split_windows
 from ..pairs import check_finite
-from ..prune import parameter_count
+from ..sizes import SizeReport, parameter_count
 from .analysis import LayerAnalysis, analyse
 from .budget import Spectrum, allocate
 from .config import LatentConfig
@@ -41,7 +42,7 @@ class LayerLatent:
 
 
 @dataclass
-class LatentReport:
+class LatentReport(SizeReport):
     model_type: str
     rope: str
     allocation: str
@@ -49,16 +50,6 @@ class LatentReport:
     split: float | None
     split_losses: dict[str, float]
     layers: list[LayerLatent]
-    params_before: int
-    params_after: int
-    kv_bytes_per_token_before: int
-    kv_bytes_per_token_after: int
-    calibration_tokens: int = 0
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def check_model(model: nn.Module) -> Family:
@@ -129,6 +120,7 @@ def _verify(latent: nn.Module, twin: nn.Module) -> None:
 def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, LatentReport]:
     """Return ``(latent_model, report)``; ``model`` itself is not modified."""
     config.check()
+    config.check_against(model.config)
     family = check_model(model)
     if config.rope != "latent" and not family.rotary:
         raise CloverError(f"--rope {config.rope} shares rotary components, and this {model.config.model_type} model "
@@ -146,17 +138,9 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
     weights = [adapter.read(site) for site in sites]
     for site, w in zip(sites, weights, strict=True):
         check_finite(w, site)
-    batches = config.calibration
-    searching = config.searches_split()
-    if searching and len(batches) <= config.holdout:
-        raise CloverError(f"choosing the key/value split needs {config.holdout} held-out calibration windows and at "
-                          f"least one more: pass --calib-samples above {config.holdout}, or a fixed --split")
-    holdout = batches[len(batches) - config.holdout:] if searching else batches[:0]
-    statistics = batches[: len(batches) - len(holdout)]
     hidden = model.config.hidden_size
-    if statistics.numel() < hidden + 1:
-        raise CloverError(f"{statistics.numel()} calibration tokens cannot estimate the {hidden + 1}-dim input moment: "
-                          f"pass more --calib-samples or a longer --calib-seqlen (at least {hidden + 1} tokens)")
+    searching = config.searches_split()
+    holdout, statistics = split_windows(config.calibration, config.holdout, searching, hidden + 1)
     stats = calibrate.collect(model, adapter, sites, statistics, inputs=True, progress=config.progress)
     twin = family.emulator(model)
     mixed = {}
@@ -192,8 +176,11 @@ def to_latent(model: nn.Module, config: LatentConfig) -> tuple[nn.Module, Latent
     layers = [LayerLatent(p.layer, p.k_rank, len(p.components), p.v_rank, b, p.cached)
               for p, b in zip(plans, before, strict=True)]
     report = LatentReport(model.config.model_type, config.rope, "fixed" if config.fixed_dims else config.allocation,
-                          config.kv_ratio, split, losses, layers, parameter_count(model), parameter_count(latent),
-                          sum(before) * size, sum(p.cached for p in plans) * size, stats.tokens, collected)
+                          config.kv_ratio, split, losses, layers, params_before=parameter_count(model),
+                          params_after=parameter_count(latent), kv_bytes_per_token_before=sum(before) * size,
+                          kv_bytes_per_token_after=sum(p.cached for p in plans) * size,
+                          calibration_tokens=stats.tokens, warnings=collected)
+    report.warn_if_larger()
     if config.rope != "shared" and family.rotary:
         report.notes.append("keys are rebuilt from the pre-RoPE latent at attention time: decoding pays for that "
                             "in compute at long contexts (see benchmarks/latent_kv.py)")

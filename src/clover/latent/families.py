@@ -14,7 +14,7 @@ from .. import modeling
 from ..adapters import adapter_for, model_type
 from ..errors import CloverError
 from ..pairs import Projection
-from ..prune import DROPPED_SETTINGS as DROPPED, copy_matching, keep_buffer_dtypes
+from ..rebuild import DROPPED_SETTINGS as DROPPED, copy_matching, keep_buffer_dtypes
 from .analysis import LayerAnalysis
 from .rewrite import LayerPlan, LayerWeights
 

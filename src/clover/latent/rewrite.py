@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .analysis import LayerAnalysis
-from .solve import complex_channels, real_channels, weighted_lowrank
+from ..lowrank import complex_channels, real_channels, weighted_lowrank
 
 
 @dataclass

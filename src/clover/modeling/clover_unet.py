@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import CloverError
-from ..save import atomic_dir, write_json
+from ..output import atomic_dir, write_json
 
 DIMS_FILE = "clover_dims.json"
 DIMS_FORMAT = "clover-unet-dims/1"

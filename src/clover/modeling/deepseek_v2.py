@@ -14,8 +14,20 @@ import copy
 import torch
 from torch import nn
 
-from ..adapters.deepseek_v2 import query_fold, query_projection
 from ..errors import CloverError
+from ..rebuild import copy_matching
+
+
+def query_projection(m: nn.Module) -> nn.Linear:
+    """``q_proj`` without a query latent, ``q_b_proj`` with one (``q_lora_rank`` set)."""
+    return m.q_proj if m.q_proj is not None else m.q_b_proj
+
+
+def query_fold(m: nn.Module) -> float:
+    """Factor folded into the physical query rows so that it times the stock scale is the original scale."""
+    original = getattr(m.config, "clover_softmax_scale", None)
+    return 1.0 if original is None else original / m.scaling
+
 
 def build_pruned(model: nn.Module, layers: list) -> nn.Module:
     """A fresh model of ``model``'s own class with the pruned dims, holding every weight the adapter does not write.
@@ -41,8 +53,6 @@ def build_pruned(model: nn.Module, layers: list) -> nn.Module:
     unexpected = [k for k in source if k not in own]
     if unexpected:
         raise CloverError(f"internal: weights with no place in the pruned model: {unexpected[:3]}")
-    from ..prune import copy_matching  # prune imports the modeling package: import at call time
-
     copy_matching(pruned, source)
     with torch.no_grad():
         old_attn = {name: m for name, m in model.named_modules() if hasattr(m, "kv_b_proj")}

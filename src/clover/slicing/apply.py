@@ -8,13 +8,13 @@ runtime holds the narrower model. The full-width rotation is built first and che
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
 from ..adapters import adapter_for
 from ..errors import CloverError
-from ..prune import kv_bytes_per_token, parameter_count
+from ..sizes import SizeReport, kv_bytes_per_token, parameter_count
 from ..verify import compare, model_outputs
 from . import families
 from .config import SliceConfig
@@ -23,7 +23,7 @@ from .rewrite import needs_projection, sliced_state
 
 
 @dataclass
-class SliceReport:
+class SliceReport(SizeReport):
     model_type: str
     runtime: str
     hidden_before: int
@@ -31,16 +31,7 @@ class SliceReport:
     ratio: float
     ratio_applied: float
     energy_kept: float  # share of the calibration stream's (RMS-normalised) energy in the kept directions
-    params_before: int
-    params_after: int
-    kv_bytes_per_token_before: int
-    kv_bytes_per_token_after: int
-    calibration_tokens: int
     check: dict | None = None  # the full-width rotation against the original (verify.Check)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def slice_(model: nn.Module, config: SliceConfig) -> tuple[nn.Module, SliceReport]:

@@ -22,7 +22,7 @@ from torch import nn
 from .. import modeling
 from ..adapters.residual import ResidualLayout
 from ..errors import CloverError
-from ..prune import DROPPED_SETTINGS as DROPPED, copy_matching, keep_buffer_dtypes
+from ..rebuild import DROPPED_SETTINGS as DROPPED, copy_matching, keep_buffer_dtypes
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "clover_llama")
 SUPPORTED = (*LLAMA_TYPES, "gpt2", "clover_gpt2", "deepseek_v2")
@@ -48,6 +48,15 @@ def check_config(config) -> None:
             modeling.family_module(kind).llama_settings(config)
         except ValueError as error:
             raise CloverError(f"cannot slice this {kind} model: {error}") from None
+
+
+def check_width(model_config, slice_config) -> None:
+    """The kept width from ``config.json`` alone (the rule ``slice_`` applies): a ratio that leaves nothing, or
+    rounds to nothing at the kernel multiple, is refused before any weights load."""
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)
+    if hidden:
+        reserved = 1 if model_config.model_type in ("gpt2", "clover_gpt2") else 0  # LayerNorm's mean coordinate stays
+        slice_config.width(hidden, reserved=reserved, family_step=width_step(model_config))
 
 
 def check_family(model: nn.Module, layout: ResidualLayout | None) -> None:

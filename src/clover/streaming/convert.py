@@ -20,7 +20,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,8 @@ from ..prune import (
     active_kinds,
     check_block,
     check_runtime,
+    choosing_vo_whitening,
+    count_below_threshold,
     make_report,
     pair_candidate,
     prune_block,
@@ -258,6 +260,8 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
                  options: StreamOptions | None = None) -> PruneReport:
     """Prune a safetensors checkpoint folder into ``out`` (a ``clover_<family>`` checkpoint) layer by layer."""
     options = options or StreamOptions(progress=config.progress)
+    would_choose = choosing_vo_whitening(config)
+    config = replace(config, vo_whitening="mixed" if config.vo_whitening == "auto" else config.vo_whitening)
     kinds = active_kinds(config)
     needs = statistics_needed(config)
     if config.sequential and needs:
@@ -360,6 +364,7 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
                          for kind, c in by_kind.items()}
                 before = adapter.read(site_obj)
                 new, layer, intended = prune_block(site_obj, before, by_kind, keeps)
+                count_below_threshold(config, layer, {k: (c, keeps[k]) for k, c in by_kind.items()})
                 adapter.write(site_obj, new)
                 check_block(adapter, site_obj, intended)
                 layers.append(asdict(layer))
@@ -390,6 +395,9 @@ def stream_prune(source: str | os.PathLike, out: str | os.PathLike, config: Prun
                          params_before + sum(r["params"] for r in records), sum(r["kv"][0] for r in records),
                          sum(r["kv"][1] for r in records), 0 if not needs else config.calibration.numel(),
                          all_warnings)
+    if would_choose:
+        report.notes.append("--vo-whitening auto prunes once per choice with the whole model in memory; streamed "
+                            "with mixed (pass --vo-whitening input to stream the other, or --no-stream to choose)")
     new_config = pruned_config(conv.config, layers, task, type(conv.model).__name__)
     new_config.dtype = conv.dtype
     new_config.auto_map = modeling.auto_map(new_config.model_type)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CloverError
-from ..save import check_output_dir, move_into_place
+from ..output import check_output_dir, move_into_place
 
 PROGRESS = "progress.json"
 

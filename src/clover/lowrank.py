@@ -1,4 +1,4 @@
-"""The math of latent conversion, with no model knowledge: weighted low-rank maps and rotary components.
+"""Weighted low-rank maps and rotary components: pure math, no model knowledge (used by latent KV and MLA).
 
 Maps act on homogeneous input rows (``x~ = [x, 1]``, so biases ride along): ``y = x~ @ W`` with ``W`` of shape
 (inputs + 1, outputs). Errors are measured on calibration inputs with second moment ``C = L L^T`` and weighted on

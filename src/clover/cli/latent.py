@@ -1,0 +1,99 @@
+"""``clover latent``: one key and one value latent per layer shared by its heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import CloverError
+from .common import (CalibOpt, CalibSeqlenOpt, DataOpt, DtypeOpt, EvalPplOpt, EvalTasksOpt, JsonOpt, MaxWindowsOpt,
+                     ModelArg, OverwriteOpt, SeqlenOpt, TaskDirOpt, TaskLimitOpt, calibration_rows,
+                     calibration_windows, check_model_fits, check_outputs, console, default_calib_seqlen, load)
+from .report import before_after, print_summary, runs_of_equal, tasks_from_cli, test_text
+
+
+def latent(
+    ctx: typer.Context,
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to save the latent model in.")],
+    kv_ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1); 0 converts "
+                                                 "exactly.")] = 0.0,
+    rope: Annotated[str, typer.Option(help="How keys meet RoPE: latent (pre-RoPE key latent, rebuilt when "
+                                           "attending), shared (rotary components shared across KV heads per "
+                                           "frequency, exact, nothing rebuilt) or mix (both).")] = "latent",
+    allocation: Annotated[str, typer.Option(help="global: one budget over all layers; uniform: the same cached "
+                                                 "dims in every layer.")] = "global",
+    split: Annotated[str, typer.Option(help="Weight of key error against value error: auto (chosen on held-out "
+                                            "calibration windows) or a positive number.")] = "auto",
+    shared_fraction: Annotated[float, typer.Option(help="--rope mix: share of each layer's key dims held as "
+                                                        "shared rotary components.")] = 0.25,
+    k_dims: Annotated[Optional[int], typer.Option(help="Fixed key dims per layer (with --v-dims, instead of "
+                                                       "--kv-ratio).")] = None,
+    v_dims: Annotated[Optional[int], typer.Option(help="Fixed value dims per layer.")] = None,
+    calib: CalibOpt = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
+    calib_seqlen: CalibSeqlenOpt = 512,
+    eval_ppl: EvalPplOpt = False,
+    seqlen: SeqlenOpt = 2048,
+    max_windows: MaxWindowsOpt = None,
+    data: DataOpt = None,
+    eval_tasks: EvalTasksOpt = None,
+    task_limit: TaskLimitOpt = None,
+    task_dir: TaskDirOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Share one key latent and one value latent across each layer's heads: a KV cache cut across heads."""
+    from ..latent import LatentConfig, to_latent
+    from ..latent.convert import check_model
+    from ..latent.families import family_for_type
+    from ..preflight import read_config
+    from ..save import save_model, write_json
+
+    check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
+    try:
+        split_value: str | float = split if split == "auto" else float(split)
+    except ValueError:
+        raise CloverError(f"--split {split!r}: use auto or a positive number") from None
+    config = LatentConfig(kv_ratio=kv_ratio, rope=rope, allocation=allocation, split=split_value,
+                          shared_fraction=shared_fraction, k_dims=k_dims, v_dims=v_dims)
+    config.check()
+    peeked = read_config(model)
+    calib_seqlen, calib_note = default_calib_seqlen(ctx, peeked, calib_seqlen)
+    seqlens = {"--calib-seqlen": calib_seqlen, **({"--seqlen": seqlen} if eval_ppl else {})}
+    if peeked is not None:  # the family, the lengths and the budget, from config.json alone
+        family_for_type(peeked.model_type)
+        check_model_fits(peeked, model, seqlens, "latent conversion")
+        config.check_against(peeked)
+    task_config = tasks_from_cli(eval_tasks, task_limit, task_dir) if eval_tasks else None
+    text = test_text(eval_ppl, data)
+    calibration_rows(model, calib)
+    loaded = load(model, dtype)
+    check_model(loaded.model)
+    if peeked is None:
+        calib_seqlen, calib_note = default_calib_seqlen(ctx, loaded.model, calib_seqlen)
+        seqlens["--calib-seqlen"] = calib_seqlen
+    check_model_fits(loaded.model, model, seqlens, "latent conversion")
+    config.calibration = calibration_windows(loaded, calib, calib_samples, calib_seqlen)
+    converted, report = to_latent(loaded.model, config)
+    if calib_note:
+        report.notes.append(calib_note)
+    payload = before_after(model, report, loaded, converted, text, task_config, seqlen, max_windows)
+    split_note = "" if report.split is None else f", key/value split {report.split:g}"
+    table = Table(title=f"{model}: latent KV (--rope {report.rope}, {report.allocation}{split_note})")
+    for col in ("layers", "key latent", "shared rotary components", "value latent", "cached dims / token"):
+        table.add_column(col, justify="right")
+    for layers, row in runs_of_equal(report.layers, lambda lr: (
+            str(lr.k_rank), str(lr.shared_components), str(lr.v_rank), f"{lr.cached_before} -> {lr.cached_after}")):
+        table.add_row(layers, *row)
+    console.print(table)
+    print_summary(report, payload)
+    save_model(converted, loaded.tokenizer, out, overwrite=overwrite, report=payload)
+    console.print(f"saved to {out} (loads with AutoModelForCausalLM.from_pretrained after `import clover`, or with "
+                  "trust_remote_code=True without clover)")
+    if json_path:
+        write_json(json_path, payload)

@@ -1,0 +1,94 @@
+"""``clover mla``: a LLaMA-family model -> a stock DeepSeek-V3 (MLA) checkpoint with a latent-only KV cache."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import CloverError
+from .common import (CalibOpt, CalibSeqlenOpt, DataOpt, DtypeOpt, EvalPplOpt, JsonOpt, MaxWindowsOpt, ModelArg,
+                     OverwriteOpt, SeqlenOpt, calibration_rows, calibration_windows, check_model_fits, check_outputs,
+                     console, default_calib_seqlen, load)
+from .report import before_after, print_summary, test_text
+
+
+def mla(
+    ctx: typer.Context,
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="Directory to save the DeepSeek-V3 checkpoint in.")],
+    kv_ratio: Annotated[float, typer.Option(help="Fraction of the KV cache removed, in [0, 1); 0 keeps every latent "
+                                                 "dim (the only error left is the rotation the format cannot "
+                                                 "hold).")] = 0.0,
+    split: Annotated[str, typer.Option(help="Weight of key error against value error in the joint latent: auto "
+                                            "(chosen on held-out calibration windows) or a positive number.")]
+    = "auto",
+    preset: Annotated[Optional[str], typer.Option(help="vllm: refuse a kv_lora_rank vLLM's MLA kernels cannot run "
+                                                       "(kv_lora_rank + rope dims must be 320 or 576).")] = None,
+    calib: CalibOpt = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
+    calib_seqlen: CalibSeqlenOpt = 512,
+    eval_ppl: EvalPplOpt = False,
+    seqlen: SeqlenOpt = 2048,
+    max_windows: MaxWindowsOpt = None,
+    data: DataOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Convert attention to MLA (one shared rotated key, one joint key/value latent per layer) and save a stock
+    DeepseekV3ForCausalLM that transformers and llama.cpp (clover export --gguf) run without clover."""
+    from ..mla import MlaConfig, to_mla
+    from ..mla.convert import check_model
+    from ..preflight import read_config
+    from ..save import save_model, write_json
+
+    check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
+    try:
+        split_value: str | float = split if split == "auto" else float(split)
+    except ValueError:
+        raise CloverError(f"--split {split!r}: use auto or a positive number") from None
+    config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset)
+    config.check()
+    peeked = read_config(model)
+    calib_seqlen, calib_note = default_calib_seqlen(ctx, peeked, calib_seqlen)
+    seqlens = {"--calib-seqlen": calib_seqlen, **({"--seqlen": seqlen} if eval_ppl else {})}
+    if peeked is not None:  # the family, the format's rules and the rank, from config.json alone
+        config.check_against(peeked)
+        check_model_fits(peeked, model, seqlens, "MLA conversion")
+    text = test_text(eval_ppl, data)
+    calibration_rows(model, calib)
+    loaded = load(model, dtype)
+    check_model(loaded.model, config)
+    if peeked is None:
+        calib_seqlen, calib_note = default_calib_seqlen(ctx, loaded.model, calib_seqlen)
+        seqlens["--calib-seqlen"] = calib_seqlen
+    check_model_fits(loaded.model, model, seqlens, "MLA conversion")
+    config.calibration = calibration_windows(loaded, calib, calib_samples, calib_seqlen)
+    converted, report = to_mla(loaded.model, config)
+    if calib_note:
+        report.notes.append(calib_note)
+    payload = before_after(model, report, loaded, converted, text, None, seqlen, max_windows)
+    table = Table(title=f"{model}: MLA ({report.target}, key/value split {report.split:g})")
+    for col in ("kv_lora_rank (of full)", "qk_nope / qk_rope / v dims", "rotated key keeps (min / median / max)",
+                "latent keeps (min / median / max)", "check against reference"):
+        table.add_column(col, justify="right")
+
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
+
+    check = report.check
+    table.add_row(f"{report.kv_lora_rank} ({report.full_rank})",
+                  f"{report.qk_nope_head_dim} / {report.qk_rope_head_dim} / {report.qk_rope_head_dim}",
+                  spread([lr.rope_energy for lr in report.layers]), spread([lr.latent_energy for lr in report.layers]),
+                  f"{check['relative_diff']:.1e} (tolerance {check['tolerance']:.0e})")
+    console.print(table)
+    print_summary(report, payload)
+    save_model(converted, loaded.tokenizer, out, overwrite=overwrite, report=payload)
+    console.print(f"saved to {out} (a stock DeepseekV3ForCausalLM: AutoModelForCausalLM.from_pretrained loads it "
+                  "without clover; clover export OUT --gguf F.gguf for llama.cpp)")
+    if json_path:
+        write_json(json_path, payload)

@@ -1,0 +1,71 @@
+"""Choosing a lever from data: how far a rewritten model's outputs move from the original's on held-out windows.
+
+Where the sign of a choice depends on the model (V-O whitened by attention-mixed values or by layer inputs won on
+SmolLM2 and lost on a real speech encoder), clover holds the last calibration windows out, rewrites with each
+choice from the rest, and keeps the choice whose outputs stay closest to the original's. The measure is the one a
+user feels: for models with logits, the mean KL divergence of the rewritten next-token (or per-position)
+distribution from the original's; otherwise (encoders' hidden states, a UNet's noise) the squared error relative
+to the original output's energy. Calibration text only: the test split is never read here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import Adapter
+from .errors import CloverError
+from .verify import model_outputs
+
+
+def split_windows(batches: torch.Tensor, holdout: int, searching: bool, inputs: int,
+                  what: str = "the key/value split", fixed: str = "a fixed --split") -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out windows, statistics windows): the last ``holdout`` choose (when ``searching``), the rest give the
+    statistics, which must hold at least ``inputs`` tokens for an ``inputs``-dim input moment."""
+    if searching and len(batches) <= holdout:
+        raise CloverError(f"choosing {what} needs {holdout} held-out calibration windows and at least one more: "
+                          f"pass --calib-samples above {holdout}, or {fixed}")
+    held = batches[len(batches) - holdout:] if searching else batches[:0]
+    statistics = batches[: len(batches) - len(held)]
+    if statistics.numel() < inputs:
+        raise CloverError(f"{statistics.numel()} calibration tokens cannot estimate the {inputs}-dim input moment: "
+                          f"pass more --calib-samples or a longer --calib-seqlen (at least {inputs} tokens)")
+    return held, statistics
+
+
+class Reference:
+    """The original model's outputs on ``windows`` (token ids, (n, seqlen)), computed once."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, windows: torch.Tensor):
+        self.adapter = adapter
+        self.windows = windows
+        self.outputs = [model_outputs(model, self._inputs(model, row)) for row in windows]
+        self.logits = _has_logits(model, self._inputs(model, windows[:1]))
+        self.metric = "KL divergence" if self.logits else "relative squared error"
+
+    def _inputs(self, model: nn.Module, rows: torch.Tensor) -> dict:
+        device = next(model.parameters()).device
+        return self.adapter.calibration_inputs(model, rows.reshape(-1, rows.shape[-1]).to(device))
+
+    def loss(self, model: nn.Module) -> float:
+        """Mean over the windows of ``fidelity_loss`` (lower is closer to the original)."""
+        total = 0.0
+        for row, reference in zip(self.windows, self.outputs, strict=True):
+            total += fidelity_loss(reference, model_outputs(model, self._inputs(model, row)), self.logits)
+        return total / len(self.outputs)
+
+
+def _has_logits(model: nn.Module, inputs: dict) -> bool:
+    with torch.no_grad():
+        return getattr(model(**inputs), "logits", None) is not None
+
+
+def fidelity_loss(reference: torch.Tensor, output: torch.Tensor, logits: bool) -> float:
+    """KL(original || rewritten) per position for logits, else ||output - reference||^2 / ||reference||^2."""
+    if logits:
+        ref = F.log_softmax(reference.double().flatten(0, -2), dim=-1)
+        new = F.log_softmax(output.double().flatten(0, -2), dim=-1)
+        return float(F.kl_div(new, ref, log_target=True, reduction="batchmean"))
+    ref = reference.double()
+    return float((output.double() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300))

@@ -1,0 +1,89 @@
+"""What an MLA conversion should do, and what the target format allows, checked before any weights load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CloverError
+
+FAMILIES = ("llama", "mistral", "qwen2")
+VLLM_SIZES = (320, 576)  # kv_lora_rank + qk_rope_head_dim that vLLM's MLA attention backends accept
+PRESETS = ("vllm",)
+
+
+@dataclass
+class MlaConfig:
+    """Settings of ``to_mla``.
+
+    ``kv_ratio``: fraction of the KV cache removed, in [0, 1), as in ``latent``: the converted layer caches
+    ``kv_lora_rank + d`` numbers per token (the joint latent and the shared rotated key) against ``2 G d``; 0 keeps
+    every latent dim (the only error left is the rotation of the key components the format cannot rotate).
+    One ``kv_lora_rank`` serves every layer (the engines need it). ``split``: weight of key errors against value
+    errors in the joint latent; ``"auto"`` tries ``split_grid`` and keeps the one whose outputs stay closest to the
+    original's on the last ``holdout`` calibration windows. ``preset="vllm"``: refuse ranks vLLM's MLA kernels
+    cannot run (``kv_lora_rank + d`` in ``VLLM_SIZES``). ``calibration``: token ids (n, seqlen), validation text.
+    """
+
+    kv_ratio: float = 0.0
+    split: str | float = "auto"
+    split_grid: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0)
+    preset: str | None = None
+    calibration: torch.Tensor | None = None
+    holdout: int = 4
+    compute_dtype: torch.dtype = torch.float64
+    progress: bool = True
+
+    def check(self) -> None:
+        """What can be said of the settings alone."""
+        if not 0 <= self.kv_ratio < 1:  # also catches NaN
+            raise CloverError(f"--kv-ratio {self.kv_ratio} is outside [0, 1): it is the fraction of the KV cache "
+                              "removed (0 keeps every latent dim, 0.5 halves the cache)")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise CloverError(f"unknown --preset {self.preset!r}: use {', '.join(PRESETS)} (or none)")
+        if self.split != "auto":
+            if isinstance(self.split, str) or not self.split > 0:
+                raise CloverError(f"--split {self.split!r}: use auto or a positive number (the weight of key errors "
+                                  "against value errors in the joint latent)")
+
+    def searches_split(self) -> bool:
+        return self.split == "auto" and len(self.split_grid) > 1
+
+    def kv_lora_rank(self, kv_heads: int, head_dim: int) -> int:
+        """The latent width that leaves ``1 - kv_ratio`` of the original cache (shared rope key included)."""
+        return round((1 - self.kv_ratio) * 2 * kv_heads * head_dim) - head_dim
+
+    def check_against(self, model_config) -> int:
+        """The target format's rules from ``config.json`` alone: the family, attention without biases or a sliding
+        window, plain RoPE, a rank that leaves something and that the preset's engine accepts. Returns the rank."""
+        kind = getattr(model_config, "model_type", None)
+        if kind not in FAMILIES:
+            raise CloverError(f"MLA conversion supports the LLaMA family ({', '.join(FAMILIES)}), not {kind!r}")
+        if getattr(model_config, "sliding_window", None) and getattr(model_config, "use_sliding_window", True):
+            raise CloverError(f"this {kind} model uses sliding-window attention, which the MLA format (DeepSeek) "
+                              "does not have: use a checkpoint without a sliding window")
+        if getattr(model_config, "attention_bias", False) or kind == "qwen2":
+            raise CloverError(f"this {kind} model has q/k/v biases, which the MLA format has no place for (a query "
+                              "bias meets every rotated key): use a model without attention biases")
+        rope = dict(getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None)
+                    or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise CloverError(f"this model's RoPE scaling ({rope_type!r}) has no exact counterpart in the MLA "
+                              "format's rotary embedding: refused rather than approximated; use plain RoPE")
+        heads = model_config.num_attention_heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        rank = self.kv_lora_rank(kv_heads, head_dim)
+        if rank < 1:
+            raise CloverError(f"--kv-ratio {self.kv_ratio} leaves {rank + head_dim} cached numbers per token, no "
+                              f"more than the shared rotated key ({head_dim}): use a smaller ratio")
+        if self.preset == "vllm" and rank + head_dim not in VLLM_SIZES:
+            fits = [(1 - (s) / (2 * kv_heads * head_dim), s - head_dim) for s in VLLM_SIZES if s > head_dim]
+            hint = " or ".join(f"--kv-ratio {r:g} (kv_lora_rank {k})" for r, k in fits if 0 <= r < 1) or \
+                "none fits this model"
+            raise CloverError(f"--preset vllm: vLLM's MLA kernels accept kv_lora_rank + qk_rope_head_dim of "
+                              f"{' or '.join(map(str, VLLM_SIZES))}, and --kv-ratio {self.kv_ratio} gives "
+                              f"{rank} + {head_dim} = {rank + head_dim}: pass {hint}")
+        return rank

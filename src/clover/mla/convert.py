@@ -1,0 +1,142 @@
+"""``to_mla``: a LLaMA-family model -> a stock DeepSeek-V3 (MLA) model with one latent rank, verified.
+
+Flow: calibrate (attention-input moments on validation text) -> per layer, the rotary split and the joint latent
+(``solve``) -> one ``kv_lora_rank`` from the KV budget -> the key/value split chosen on held-out windows ->
+the stock model (``deepseek``) -> checked against clover's reference of the same function (``reference``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import calibrate, heldout
+from ..adapters import adapter_for
+from ..calibrate import cholesky_factor
+from ..errors import CloverError
+from ..pairs import check_finite
+from ..sizes import SizeReport, parameter_count
+from ..verify import TOLERANCE, compare, model_outputs
+from . import deepseek
+from .config import MlaConfig
+from .reference import reference_model
+from .solve import LayerParts, full_rank, latent_layer, split_layer
+
+
+@dataclass
+class MlaLayer:
+    layer: int
+    rope_energy: float  # query-weighted share of the key energy in the shared rotated key
+    latent_energy: float  # weighted share of the joint latent kept at kv_lora_rank
+
+
+@dataclass
+class MlaReport(SizeReport):
+    model_type: str
+    target: str  # the stock class the output is
+    kv_ratio: float
+    kv_lora_rank: int
+    full_rank: int  # latent dims that keep every unrotated key component and value
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    split: float | None
+    split_losses: dict[str, float] = field(default_factory=dict)
+    layers: list[MlaLayer] = field(default_factory=list)
+    check: dict | None = None  # the stock model against clover's reference of the converted function
+
+
+def check_model(model: nn.Module, config: MlaConfig) -> int:
+    """The loaded model against the format (a config that said nothing wrong can still hold biases)."""
+    rank = config.check_against(model.config)
+    adapter = adapter_for(model)
+    if adapter.name != "llama" or not hasattr(model, "model"):
+        raise CloverError(f"MLA conversion needs a LLaMA-family causal LM, not {type(model).__name__}: load it with "
+                          "AutoModelForCausalLM")
+    for site in adapter.sites(model):
+        w = adapter.read(site)
+        if any(p.bias is not None for p in (w.q, w.k, w.v, w.o)):
+            raise CloverError(f"{site.name} has attention biases, which the MLA format has no place for: use a model "
+                              "without them")
+    return rank
+
+
+def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
+    """Return ``(DeepseekV3ForCausalLM, report)``; ``model`` itself is not modified."""
+    config.check()
+    rank = check_model(model, config)
+    if config.calibration is None:
+        raise CloverError("MLA conversion is data-aware: pass calibration token ids (--calib PATH or CLOVER_DATA)")
+    searching = config.searches_split()
+    held, statistics = heldout.split_windows(config.calibration, config.holdout, searching, model.config.hidden_size)
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
+    stats = calibrate.collect(model, adapter, sites, statistics, inputs=True, progress=config.progress)
+    parts = [_layer_parts(adapter, site, stats.sites[site.name].q_input, config.compute_dtype)
+             for site in tqdm(sites, desc="rotary split", unit="layer", disable=not config.progress)]
+    w0 = adapter.read(sites[0])
+    kv_heads, head_dim = w0.num_kv_heads, w0.qk_dim
+
+    losses: dict[str, float] = {}
+    split = None if config.split == "auto" else float(config.split)
+    if split is None and searching:
+        reference = heldout.Reference(model, adapter, held)
+        for candidate in config.split_grid:
+            trial = deepseek.build(model, [latent_layer(p, rank, candidate) for p in parts], rank, head_dim)
+            losses[f"{candidate:g}"] = reference.loss(trial)
+            del trial
+        split = float(min(losses, key=losses.get))
+    elif split is None:
+        split = float(config.split_grid[0])
+    layers = [latent_layer(p, rank, split) for p in parts]
+    mla = deepseek.build(model, layers, rank, head_dim)
+    check = verify(model, mla, layers, head_dim, adapter)
+    size = next(model.parameters()).element_size()
+    report = MlaReport(
+        model_type=model.config.model_type, target="DeepseekV3ForCausalLM", kv_ratio=config.kv_ratio,
+        kv_lora_rank=rank, full_rank=full_rank(kv_heads, head_dim), qk_nope_head_dim=(kv_heads - 1) * head_dim,
+        qk_rope_head_dim=head_dim, split=split, split_losses=losses,
+        layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy) for site, lr in zip(sites, layers, strict=True)],
+        check=check, params_before=parameter_count(model), params_after=parameter_count(mla),
+        kv_bytes_per_token_before=len(sites) * 2 * kv_heads * head_dim * size,
+        kv_bytes_per_token_after=len(sites) * (rank + head_dim) * size, calibration_tokens=stats.tokens,
+    )
+    if rank > report.full_rank:
+        report.notes.append(f"kv_lora_rank {rank} is above the {report.full_rank} dims a layer has: the extra latent "
+                            "dims are zero (kept for the engine's size rule)")
+    if kv_heads > 1:
+        report.notes.append(f"{kv_heads - 1} of every frequency's {kv_heads} rotary key components have no rotated "
+                            "place in the format and attend without rotation; this is the conversion's error at "
+                            "full rank (see rope_energy per layer: the share the shared rotated key keeps)")
+    report.warn_if_larger()
+    return mla, report
+
+
+def _layer_parts(adapter, site, moment: torch.Tensor, dtype: torch.dtype) -> LayerParts:
+    w = adapter.read(site)
+    check_finite(w, site)
+    cov = moment[:-1, :-1].to(dtype)  # no biases: the homogeneous coordinate carries nothing
+    chol = cholesky_factor(cov, name=f"layer {site.layer} attention input")
+    return split_layer(w.q.weight.to(dtype).T, w.k.weight.to(dtype).T, w.v.weight.to(dtype).T,
+                       w.o.weight.to(dtype), cov, w.num_heads, w.num_kv_heads, w.qk_dim, chol)
+
+
+def verify(model: nn.Module, mla: nn.Module, layers, head_dim: int, adapter) -> dict:
+    """The stock model must compute clover's reference of the converted function (relative to the logit scale)."""
+    inputs = adapter.example_inputs(model)
+    twin = reference_model(model, layers, head_dim)
+    expected = model_outputs(twin, {**inputs, "use_cache": False})
+    check = compare(expected, mla, {**inputs, "use_cache": False})
+    dtype = next(model.parameters()).dtype
+    if not check.passed:
+        raise CloverError(f"internal: the DeepSeek-V3 model differs from the converted function by "
+                          f"{check.relative_diff:.1e} (relative; tolerance {TOLERANCE.get(dtype, 1e-4):.0e})")
+    result = check.to_dict()
+    result["rope_layout"] = "interleaved"
+    result["latent_norm_margin"] = deepseek.NORM_MARGIN
+    if math.isnan(result["relative_diff"]):
+        raise CloverError("internal: the converted model's outputs are not finite")
+    return result

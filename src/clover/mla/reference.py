@@ -1,0 +1,63 @@
+"""clover's own reference of a converted model: the MLA function as plain math inside the original model.
+
+Each attention block of a copy of the original LLaMA-family model is replaced by ``ReferenceAttention``, which
+computes the converted attention straight from the solved maps (``solve.LayerMla``): the shared rotated key and
+the per-head rotated queries through the model's own rotary embedding, the joint latent without any norm, the
+original softmax scale. The stock DeepSeek-V3 checkpoint must reproduce this function (``convert`` checks it on
+every conversion, the tests in a process without clover); the original model is the quality reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .solve import LayerMla
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Pairs (2j, 2j+1) turned by angle j; ``cos``/``sin`` in HF's rotate-half form (B, T, d): first half used."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    if x.dim() == 4:  # (B, H, T, d)
+        cos, sin = cos[:, None], sin[:, None]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+
+
+class ReferenceAttention(nn.Module):
+    def __init__(self, layer: LayerMla, scaling: float, dtype: torch.dtype):
+        super().__init__()
+        for name in ("q_nope", "q_rope", "k_rope", "down", "up_k", "up_v", "o"):
+            self.register_buffer(name, getattr(layer, name).to(dtype), persistent=False)
+        self.scaling = scaling
+        self.group = layer.group
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+        x = hidden_states
+        cos, sin = position_embeddings
+        q_rope = rotate_interleaved(torch.einsum("btd,hde->bhte", x, self.q_rope), cos, sin)
+        k_rope = rotate_interleaved(x @ self.k_rope, cos, sin)  # (B, T, d): one key for every head
+        q_nope = torch.einsum("btd,hde->bhte", x, self.q_nope)
+        z = x @ self.down  # the joint latent: what the cache holds besides the rotated key
+        k_nope = z @ self.up_k
+        v = torch.einsum("btr,grd->bgtd", z, self.up_v).repeat_interleave(self.group, dim=1)
+        scores = (q_nope @ k_nope.transpose(1, 2)[:, None] + q_rope @ k_rope.transpose(1, 2)[:, None]) * self.scaling
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        attn = F.softmax(scores.float(), dim=-1).to(x.dtype)
+        out = (attn @ v).transpose(1, 2).reshape(x.shape[0], t, -1)
+        return out @ self.o.T, None
+
+
+def reference_model(model: nn.Module, layers: list[LayerMla], head_dim: int) -> nn.Module:
+    """A copy of ``model`` whose attention blocks compute the converted function (full forwards only, no cache)."""
+    twin = copy.deepcopy(model).eval()
+    dtype = next(model.parameters()).dtype
+    for block, layer in zip(twin.model.layers, layers, strict=True):
+        block.self_attn = ReferenceAttention(layer, head_dim**-0.5, dtype)
+    return twin
