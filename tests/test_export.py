@@ -46,10 +46,13 @@ def models(tmp_path_factory):
         mla, _ = to_mla(model, MlaConfig(kv_ratio=ratio, calibration=CALIB, split=1.0, progress=False))
         save_model(mla, tiny_tokenizer(), root / f"mla{kv}")
         found[f"mla{kv}"] = (mla, root / f"mla{kv}")
+    gqa, _ = to_mla(found["llama2"][0], MlaConfig(layout="gqa", kv_heads=1, calibration=CALIB, progress=False))
+    save_model(gqa, tiny_tokenizer(), root / "gqa1")
+    found["gqa1"] = (gqa, root / "gqa1")
     return found
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama1", "mla2", "mla1"])
+@pytest.mark.parametrize("name", ["llama2", "llama1", "mla2", "mla1", "gqa1"])
 def test_llama_cpp_computes_what_transformers_computes(models, name, tmp_path):
     model, folder = models[name]
     report = export_gguf(model, str(folder), folder, tmp_path / "m.gguf", GgufConfig(type="f32"))
@@ -94,6 +97,11 @@ def test_what_no_writer_takes_is_refused(models, tmp_path):
                                                    topk_group=1, num_experts_per_tok=1))
     with pytest.raises(CloverError, match="clover's MLA conversions"):
         export_gguf(stock, None, None, tmp_path / "x.gguf", GgufConfig(type="f32"))
+    from clover.prune import PruneConfig, prune
+
+    pruned, _ = prune(models["llama2"][0], PruneConfig(vo_ratio=0.5, criterion="clover", progress=False))
+    with pytest.raises(CloverError, match="value length == key length"):  # llama.cpp's llama graph asserts it
+        export_gguf(pruned, None, None, tmp_path / "x.gguf", GgufConfig(type="f32"))
     with pytest.raises(CloverError, match="unsupported GGUF type 'q4_k'"):
         export_gguf(models["llama2"][0], None, None, tmp_path / "x.gguf", GgufConfig(type="q4_k"))
     assert not list(tmp_path.iterdir())

@@ -172,3 +172,33 @@ def test_cli_converts_saves_and_refuses(tmp_path):
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "x"), "--kv-ratio", "0.8"])
     assert result.exit_code == 2 and "no more than the shared rotated key" in result.output
     assert not (tmp_path / "x").exists()
+
+
+# --- the plain llama layout with fewer KV heads -----------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_gqa_layout_with_as_many_kv_heads_is_exact(kv_heads):
+    model = tiny_llama(vocab_size=300, num_key_value_heads=kv_heads)
+    out, report = to_mla(model, MlaConfig(layout="gqa", kv_heads=kv_heads, calibration=CALIB, progress=False))
+    assert type(out) is type(model) and report.kv_heads == kv_heads and report.layout == "gqa"
+    assert relative(model_outputs(out, INPUTS), model_outputs(model, INPUTS)) < 1e-5
+
+
+def test_gqa_layout_with_one_kv_head_is_a_stock_llama_with_a_third_of_the_cache(tmp_path):
+    model = tiny_llama(vocab_size=300, num_key_value_heads=2)
+    out, report = to_mla(model, MlaConfig(layout="gqa", kv_heads=1, calibration=CALIB, progress=False))
+    assert out.config.num_key_value_heads == 1 and out.config.model_type == "llama"
+    assert report.kv_bytes_per_token_after * 2 == report.kv_bytes_per_token_before
+    assert all(0.5 <= lr.rope_energy <= 1 and 0 < lr.latent_energy <= 1 for lr in report.layers)
+    assert any("keeps the strongest and drops the rest" in n for n in report.notes)
+    save_model(out, tiny_tokenizer(), tmp_path / "gqa")
+    config = json.loads((tmp_path / "gqa" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 1 and "auto_map" not in config
+
+
+@pytest.mark.parametrize("settings,message", [({"kv_heads": 3}, "must divide the model's 2 KV heads"),
+                                              ({"kv_heads": 1, "kv_ratio": 0.5}, "drop --kv-ratio"),
+                                              ({"kv_heads": 0}, "at least 1")])
+def test_gqa_layout_refuses_what_it_cannot_build(settings, message):
+    with pytest.raises(CloverError, match=message):
+        to_mla(tiny_llama(vocab_size=300), MlaConfig(layout="gqa", calibration=CALIB, **settings))

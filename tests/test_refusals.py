@@ -61,6 +61,10 @@ CASES = [
     (["finetune", "{m}", "--out", "{t}", "--data", "{d}", "--steps", "0"], "--steps 0 must be at least 1"),
     (["finetune", "{m}", "--out", "{t}", "--data", "{d}", "--seqlen", "4096"], "--seqlen 4096 is beyond"),
     (["prune", "{m}", "--out", "{t}", "--vo-ratio", "0.5", "--calib", "{t}-nothing"], "--calib"),
+    (["mla", "{m}", "--out", "{t}", "--kv-ratio", "0.9"], "no more than the shared rotated key"),
+    (["mla", "{m}", "--out", "{t}", "--layout", "gqa", "--kv-heads", "3"], "must divide the model's 2 KV heads"),
+    (["mla", "{m}", "--out", "{t}", "--kv-ratio", "0.5", "--preset", "vllm"], "320 or 576"),
+    (["export", "{m}", "--gguf", "{t}.gguf", "--type", "q4"], "unsupported GGUF type"),
 ]
 
 

@@ -28,6 +28,10 @@ def mla(
     = "auto",
     preset: Annotated[Optional[str], typer.Option(help="vllm: refuse a kv_lora_rank vLLM's MLA kernels cannot run "
                                                        "(kv_lora_rank + rope dims must be 320 or 576).")] = None,
+    layout: Annotated[str, typer.Option(help="mla: DeepSeek-V3 with a latent-only cache; gqa: the plain llama "
+                                             "architecture with --kv-heads KV heads (every engine runs it).")]
+    = "mla",
+    kv_heads: Annotated[int, typer.Option(help="--layout gqa: KV heads of the output (dividing the model's).")] = 1,
     calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
     calib_seqlen: CalibSeqlenOpt = 512,
@@ -40,7 +44,8 @@ def mla(
     dtype: DtypeOpt = None,
 ):
     """Convert attention to MLA (one shared rotated key, one joint key/value latent per layer) and save a stock
-    DeepseekV3ForCausalLM that transformers and llama.cpp (clover export --gguf) run without clover."""
+    DeepseekV3ForCausalLM that transformers and llama.cpp (clover export --gguf) run without clover; or, with
+    --layout gqa, a stock model of the same family with fewer KV heads."""
     from ..mla import MlaConfig, to_mla
     from ..mla.convert import check_model
     from ..preflight import read_config
@@ -51,7 +56,7 @@ def mla(
         split_value: str | float = split if split == "auto" else float(split)
     except ValueError:
         raise CloverError(f"--split {split!r}: use auto or a positive number") from None
-    config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset)
+    config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset, layout=layout, kv_heads=kv_heads)
     config.check()
     peeked = read_config(model)
     calib_seqlen, calib_note = default_calib_seqlen(ctx, peeked, calib_seqlen)
@@ -72,23 +77,26 @@ def mla(
     if calib_note:
         report.notes.append(calib_note)
     payload = before_after(model, report, loaded, converted, text, None, seqlen, max_windows)
-    table = Table(title=f"{model}: MLA ({report.target}, key/value split {report.split:g})")
-    for col in ("kv_lora_rank (of full)", "qk_nope / qk_rope / v dims", "rotated key keeps (min / median / max)",
-                "latent keeps (min / median / max)", "check against reference"):
+    split_note = "" if report.split is None else f", key/value split {report.split:g}"
+    table = Table(title=f"{model}: {report.layout} layout ({report.target}{split_note})")
+    for col in ("KV heads", "kv_lora_rank (of full)", "qk_nope / qk_rope / v dims",
+                "rotated key keeps (min / median / max)", "latent keeps (min / median / max)",
+                "check against reference"):
         table.add_column(col, justify="right")
 
     def spread(values: list[float]) -> str:
         return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
 
     check = report.check
-    table.add_row(f"{report.kv_lora_rank} ({report.full_rank})",
+    rank = f"{report.kv_lora_rank} ({report.full_rank})" if report.layout == "mla" else "-"
+    table.add_row(str(report.kv_heads), rank,
                   f"{report.qk_nope_head_dim} / {report.qk_rope_head_dim} / {report.qk_rope_head_dim}",
                   spread([lr.rope_energy for lr in report.layers]), spread([lr.latent_energy for lr in report.layers]),
-                  f"{check['relative_diff']:.1e} (tolerance {check['tolerance']:.0e})")
+                  "-" if check is None else f"{check['relative_diff']:.1e} (tolerance {check['tolerance']:.0e})")
     console.print(table)
     print_summary(report, payload)
     save_model(converted, loaded.tokenizer, out, overwrite=overwrite, report=payload)
-    console.print(f"saved to {out} (a stock DeepseekV3ForCausalLM: AutoModelForCausalLM.from_pretrained loads it "
-                  "without clover; clover export OUT --gguf F.gguf for llama.cpp)")
+    console.print(f"saved to {out} (a stock {report.target}: AutoModelForCausalLM.from_pretrained loads it without "
+                  "clover; clover export OUT --gguf F.gguf for llama.cpp)")
     if json_path:
         write_json(json_path, payload)

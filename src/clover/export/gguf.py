@@ -64,6 +64,10 @@ def writer_for(config):
     if config.model_type in llama.TYPES:
         llama.check(config)
         return llama
+    if config.model_type == "clover_llama":
+        raise CloverError("a pruned clover_llama has no GGUF architecture: llama.cpp's llama graph asserts one head "
+                          "width for q, k and v (value length == key length), so V-O-pruned heads cannot load; "
+                          "for a smaller cache in llama.cpp use clover mla (--layout mla, or --layout gqa)")
     raise CloverError(f"no GGUF writer for model type {config.model_type!r}: clover exports the LLaMA family "
                       "(llama, mistral) and its own MLA conversions (clover mla)")
 

@@ -11,6 +11,7 @@ from ..errors import CloverError
 FAMILIES = ("llama", "mistral", "qwen2")
 VLLM_SIZES = (320, 576)  # kv_lora_rank + qk_rope_head_dim that vLLM's MLA attention backends accept
 PRESETS = ("vllm",)
+LAYOUTS = ("mla", "gqa")
 
 
 @dataclass
@@ -24,9 +25,14 @@ class MlaConfig:
     errors in the joint latent; ``"auto"`` tries ``split_grid`` and keeps the one whose outputs stay closest to the
     original's on the last ``holdout`` calibration windows. ``preset="vllm"``: refuse ranks vLLM's MLA kernels
     cannot run (``kv_lora_rank + d`` in ``VLLM_SIZES``). ``calibration``: token ids (n, seqlen), validation text.
+
+    ``layout="gqa"``: instead of MLA, the plain ``llama`` architecture with ``kv_heads`` KV heads (``gqa.py``); the
+    cache is then ``kv_heads / G`` of the original and ``kv_ratio`` is not used.
     """
 
     kv_ratio: float = 0.0
+    layout: str = "mla"
+    kv_heads: int = 1
     split: str | float = "auto"
     split_grid: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0)
     preset: str | None = None
@@ -40,6 +46,13 @@ class MlaConfig:
         if not 0 <= self.kv_ratio < 1:  # also catches NaN
             raise CloverError(f"--kv-ratio {self.kv_ratio} is outside [0, 1): it is the fraction of the KV cache "
                               "removed (0 keeps every latent dim, 0.5 halves the cache)")
+        if self.layout not in LAYOUTS:
+            raise CloverError(f"unknown --layout {self.layout!r}: use {' or '.join(LAYOUTS)}")
+        if self.layout == "gqa" and (self.kv_ratio or self.preset):
+            raise CloverError("--layout gqa sets the cache by --kv-heads: drop --kv-ratio / --preset (they size the "
+                              "MLA latent)")
+        if self.kv_heads < 1:
+            raise CloverError(f"--kv-heads {self.kv_heads} must be at least 1")
         if self.preset is not None and self.preset not in PRESETS:
             raise CloverError(f"unknown --preset {self.preset!r}: use {', '.join(PRESETS)} (or none)")
         if self.split != "auto":
@@ -75,6 +88,12 @@ class MlaConfig:
         heads = model_config.num_attention_heads
         kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
         head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        if self.layout == "gqa":
+            if kv_heads % self.kv_heads or self.kv_heads > kv_heads:
+                raise CloverError(f"--kv-heads {self.kv_heads} must divide the model's {kv_heads} KV heads (each new "
+                                  f"head serves a whole number of them): use one of "
+                                  f"{', '.join(str(n) for n in range(1, kv_heads + 1) if kv_heads % n == 0)}")
+            return 0
         rank = self.kv_lora_rank(kv_heads, head_dim)
         if rank < 1:
             raise CloverError(f"--kv-ratio {self.kv_ratio} leaves {rank + head_dim} cached numbers per token, no "

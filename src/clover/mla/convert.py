@@ -21,7 +21,7 @@ from ..errors import CloverError
 from ..pairs import check_finite
 from ..sizes import SizeReport, parameter_count
 from ..verify import TOLERANCE, compare, model_outputs
-from . import deepseek
+from . import deepseek, gqa
 from .config import MlaConfig
 from .reference import reference_model
 from .solve import LayerParts, full_rank, latent_layer, split_layer
@@ -38,6 +38,8 @@ class MlaLayer:
 class MlaReport(SizeReport):
     model_type: str
     target: str  # the stock class the output is
+    layout: str  # mla (DeepSeek-V3, latent cache) or gqa (plain llama, fewer KV heads)
+    kv_heads: int  # KV heads of the output (1 for MLA: one latent and one rotated key)
     kv_ratio: float
     kv_lora_rank: int
     full_rank: int  # latent dims that keep every unrotated key component and value
@@ -70,6 +72,8 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     rank = check_model(model, config)
     if config.calibration is None:
         raise CloverError("MLA conversion is data-aware: pass calibration token ids (--calib PATH or CLOVER_DATA)")
+    if config.layout == "gqa":
+        return _to_gqa(model, config)
     searching = config.searches_split()
     held, statistics = heldout.split_windows(config.calibration, config.holdout, searching, model.config.hidden_size)
     adapter = adapter_for(model)
@@ -96,7 +100,8 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     check = verify(model, mla, layers, head_dim, adapter)
     size = next(model.parameters()).element_size()
     report = MlaReport(
-        model_type=model.config.model_type, target="DeepseekV3ForCausalLM", kv_ratio=config.kv_ratio,
+        model_type=model.config.model_type, target="DeepseekV3ForCausalLM", layout="mla", kv_heads=1,
+        kv_ratio=config.kv_ratio,
         kv_lora_rank=rank, full_rank=full_rank(kv_heads, head_dim), qk_nope_head_dim=(kv_heads - 1) * head_dim,
         qk_rope_head_dim=head_dim, split=split, split_losses=losses,
         layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy) for site, lr in zip(sites, layers, strict=True)],
@@ -113,6 +118,43 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
                             "full rank (see rope_energy per layer: the share the shared rotated key keeps)")
     report.warn_if_larger()
     return mla, report
+
+
+def _to_gqa(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
+    """``layout="gqa"``: the plain llama architecture with ``config.kv_heads`` KV heads (``gqa.py``)."""
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
+    heldout.split_windows(config.calibration, 0, False, model.config.hidden_size)
+    stats = calibrate.collect(model, adapter, sites, config.calibration, inputs=True, progress=config.progress)
+    layers = []
+    for site in tqdm(sites, desc="fewer KV heads", unit="layer", disable=not config.progress):
+        w = adapter.read(site)
+        check_finite(w, site)
+        cov = stats.sites[site.name].q_input[:-1, :-1].to(config.compute_dtype)
+        chol = cholesky_factor(cov, name=f"layer {site.layer} attention input")
+        dtype = config.compute_dtype
+        layers.append(gqa.gqa_layer(w.q.weight.to(dtype).T, w.k.weight.to(dtype).T, w.v.weight.to(dtype).T,
+                                    w.o.weight.to(dtype), cov, chol, w.num_heads, w.num_kv_heads, w.qk_dim,
+                                    config.kv_heads))
+    rewritten = gqa.build(model, layers, config.kv_heads)
+    w0 = adapter.read(sites[0])
+    size = next(model.parameters()).element_size()
+    report = MlaReport(
+        model_type=model.config.model_type, target=type(rewritten).__name__, layout="gqa", kv_heads=config.kv_heads,
+        kv_ratio=1 - config.kv_heads / w0.num_kv_heads, kv_lora_rank=0, full_rank=0, qk_nope_head_dim=0,
+        qk_rope_head_dim=w0.qk_dim, split=None,
+        layers=[MlaLayer(site.layer, lr["rope_energy"], lr["latent_energy"]) for site, lr in zip(sites, layers,
+                                                                                                  strict=True)],
+        check=None, params_before=parameter_count(model), params_after=parameter_count(rewritten),
+        kv_bytes_per_token_before=len(sites) * 2 * w0.num_kv_heads * w0.qk_dim * size,
+        kv_bytes_per_token_after=len(sites) * 2 * config.kv_heads * w0.qk_dim * size, calibration_tokens=stats.tokens,
+    )
+    per = w0.num_kv_heads // config.kv_heads
+    if per > 1:
+        report.notes.append(f"each KV head serves {per} of the original's; of every frequency's {per} rotary key "
+                            "components it keeps the strongest and drops the rest (the plain llama layout has no "
+                            "place for unrotated keys); its value is a rank-head_dim latent of theirs")
+    return rewritten, report
 
 
 def _layer_parts(adapter, site, moment: torch.Tensor, dtype: torch.dtype) -> LayerParts:
