@@ -74,3 +74,34 @@ def test_slice_smollm2_keeps_its_tied_head_and_reloads(smollm2, tmp_path):
     assert ((model_outputs(loaded, {"input_ids": ids}) - ref).abs().max() / ref.abs().max()).item() < 1e-6
     out = loaded.generate(ids[:, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
+
+
+def test_mla_and_gqa_exports_run_in_llama_cpp_with_clover_s_perplexity(smollm2, tmp_path):
+    """SmolLM2 -> MLA at KV 50% (stock DeepSeek-V3) and -> one KV head (stock llama), each and the original to a
+    GGUF: llama.cpp's perplexity on the same WikiText-2 test windows is within 1% of transformers'."""
+    import os
+
+    from clover.data import load_text
+    from clover.evaluate import _token_ids, perplexity
+    from clover.export import GgufConfig, engine, export_gguf
+    from clover.mla import MlaConfig, to_mla
+
+    if not engine.available():
+        if os.environ.get("CI"):
+            pytest.fail("llama-cpp-python is not installed: scripts/setup builds and installs it")
+        pytest.skip("llama-cpp-python not installed")
+    calib = calibration_batches(smollm2.tokenizer, load_rows(split="validation"), 8, 256)
+    ids = _token_ids(smollm2.tokenizer, load_text(split="test"))
+    windows = ids[: 2 * 256].reshape(2, 256)
+    mla, report = to_mla(smollm2.model, MlaConfig(kv_ratio=0.5, calibration=calib, split=4.0, progress=False))
+    assert report.kv_lora_rank == 128 and report.kv_bytes_per_token_after * 2 == report.kv_bytes_per_token_before
+    gqa, _ = to_mla(smollm2.model, MlaConfig(layout="gqa", kv_heads=1, calibration=calib, progress=False))
+    for name, model in (("original", smollm2.model), ("mla", mla), ("gqa", gqa)):
+        exported = export_gguf(model, "smollm2-135m", None, tmp_path / f"{name}.gguf", GgufConfig(type="f32"))
+        assert exported.tokenizer == "carried from SmolLM2-135M-Instruct.Q4_1.gguf"
+        ours = perplexity(model, smollm2.tokenizer, load_text(split="test"), seqlen=256, max_windows=2,
+                          progress=False).ppl
+        theirs = engine.perplexity(exported.path, windows)
+        print(f"{name}: transformers {ours:.4f}, llama.cpp {theirs:.4f}")
+        assert abs(theirs / ours - 1) < 0.01
+        (tmp_path / f"{name}.gguf").unlink()

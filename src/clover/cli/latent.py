@@ -10,9 +10,9 @@ from rich.table import Table
 
 from ..errors import CloverError
 from .common import (CalibOpt, CalibSeqlenOpt, DataOpt, DtypeOpt, EvalPplOpt, EvalTasksOpt, JsonOpt, MaxWindowsOpt,
-                     ModelArg, OverwriteOpt, SeqlenOpt, TaskDirOpt, TaskLimitOpt, calibration_rows,
-                     calibration_windows, check_model_fits, check_outputs, console, default_calib_seqlen, load)
-from .report import before_after, print_summary, runs_of_equal, tasks_from_cli, test_text
+                     ModelArg, OverwriteOpt, SeqlenOpt, TaskDirOpt, TaskLimitOpt, check_outputs, console)
+from .prepare import load_calibrated, peek
+from .report import before_after, print_summary, runs_of_equal, tasks_from_cli
 
 
 def latent(
@@ -51,7 +51,6 @@ def latent(
     from ..latent import LatentConfig, to_latent
     from ..latent.convert import check_model
     from ..latent.families import family_for_type
-    from ..preflight import read_config
     from ..save import save_model, write_json
 
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
@@ -62,23 +61,16 @@ def latent(
     config = LatentConfig(kv_ratio=kv_ratio, rope=rope, allocation=allocation, split=split_value,
                           shared_fraction=shared_fraction, k_dims=k_dims, v_dims=v_dims)
     config.check()
-    peeked = read_config(model)
-    calib_seqlen, calib_note = default_calib_seqlen(ctx, peeked, calib_seqlen)
-    seqlens = {"--calib-seqlen": calib_seqlen, **({"--seqlen": seqlen} if eval_ppl else {})}
-    if peeked is not None:  # the family, the lengths and the budget, from config.json alone
+
+    def check_config(peeked, _calib_seqlen: int) -> None:  # the family and the budget, from config.json alone
         family_for_type(peeked.model_type)
-        check_model_fits(peeked, model, seqlens, "latent conversion")
         config.check_against(peeked)
+
+    peeked = peek(ctx, model, "latent conversion", calib_seqlen, eval_ppl, seqlen, check_config)
     task_config = tasks_from_cli(eval_tasks, task_limit, task_dir) if eval_tasks else None
-    text = test_text(eval_ppl, data)
-    calibration_rows(model, calib)
-    loaded = load(model, dtype)
-    check_model(loaded.model)
-    if peeked is None:
-        calib_seqlen, calib_note = default_calib_seqlen(ctx, loaded.model, calib_seqlen)
-        seqlens["--calib-seqlen"] = calib_seqlen
-    check_model_fits(loaded.model, model, seqlens, "latent conversion")
-    config.calibration = calibration_windows(loaded, calib, calib_samples, calib_seqlen)
+    loaded, config.calibration, text, calib_note = load_calibrated(
+        ctx, model, peeked, "latent conversion", dtype=dtype, calib=calib, calib_samples=calib_samples,
+        eval_ppl=eval_ppl, data=data, check_loaded=lambda net, _: check_model(net))
     converted, report = to_latent(loaded.model, config)
     if calib_note:
         report.notes.append(calib_note)

@@ -11,9 +11,9 @@ from rich.table import Table
 
 from ..errors import CloverError
 from .common import (CalibOpt, CalibSeqlenOpt, DataOpt, DtypeOpt, EvalPplOpt, JsonOpt, MaxWindowsOpt, ModelArg,
-                     OverwriteOpt, SeqlenOpt, calibration_rows, calibration_windows, check_model_fits, check_outputs,
-                     console, default_calib_seqlen, load)
-from .report import before_after, print_summary, test_text
+                     OverwriteOpt, SeqlenOpt, check_outputs, console)
+from .prepare import load_calibrated, peek
+from .report import before_after, print_summary
 
 
 def mla(
@@ -48,7 +48,6 @@ def mla(
     --layout gqa, a stock model of the same family with fewer KV heads."""
     from ..mla import MlaConfig, to_mla
     from ..mla.convert import check_model
-    from ..preflight import read_config
     from ..save import save_model, write_json
 
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
@@ -58,21 +57,10 @@ def mla(
         raise CloverError(f"--split {split!r}: use auto or a positive number") from None
     config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset, layout=layout, kv_heads=kv_heads)
     config.check()
-    peeked = read_config(model)
-    calib_seqlen, calib_note = default_calib_seqlen(ctx, peeked, calib_seqlen)
-    seqlens = {"--calib-seqlen": calib_seqlen, **({"--seqlen": seqlen} if eval_ppl else {})}
-    if peeked is not None:  # the family, the format's rules and the rank, from config.json alone
-        config.check_against(peeked)
-        check_model_fits(peeked, model, seqlens, "MLA conversion")
-    text = test_text(eval_ppl, data)
-    calibration_rows(model, calib)
-    loaded = load(model, dtype)
-    check_model(loaded.model, config)
-    if peeked is None:
-        calib_seqlen, calib_note = default_calib_seqlen(ctx, loaded.model, calib_seqlen)
-        seqlens["--calib-seqlen"] = calib_seqlen
-    check_model_fits(loaded.model, model, seqlens, "MLA conversion")
-    config.calibration = calibration_windows(loaded, calib, calib_samples, calib_seqlen)
+    peeked = peek(ctx, model, "MLA conversion", calib_seqlen, eval_ppl, seqlen, lambda c, _: config.check_against(c))
+    loaded, config.calibration, text, calib_note = load_calibrated(
+        ctx, model, peeked, "MLA conversion", dtype=dtype, calib=calib, calib_samples=calib_samples,
+        eval_ppl=eval_ppl, data=data, check_loaded=lambda net, _: check_model(net, config))
     converted, report = to_mla(loaded.model, config)
     if calib_note:
         report.notes.append(calib_note)

@@ -9,10 +9,10 @@ import typer
 from rich.table import Table
 
 from .common import (CalibOpt, CalibSeqlenOpt, DataOpt, DtypeOpt, EvalPplOpt, EvalTasksOpt, JsonOpt, MaxWindowsOpt,
-                     ModelArg, OverwriteOpt, SeqlenOpt, TaskDirOpt, TaskLimitOpt, calibration_rows,
-                     calibration_windows, check_calibration_size, check_model_fits, check_outputs, console,
-                     default_calib_seqlen, load)
-from .report import loads_how, before_after, print_summary, tasks_from_cli, test_text
+                     ModelArg, OverwriteOpt, SeqlenOpt, TaskDirOpt, TaskLimitOpt, check_calibration_size,
+                     check_outputs, console)
+from .prepare import load_calibrated, peek
+from .report import before_after, loads_how, print_summary, tasks_from_cli
 
 
 def slice_command(
@@ -39,7 +39,6 @@ def slice_command(
 ):
     """Rotate the residual stream by its principal directions and delete the weakest (SliceGPT): every matrix that
     reads or writes the stream gets narrower."""
-    from ..preflight import read_config
     from ..save import save_model, write_json
     from ..slicing import SliceConfig, slice_
     from ..slicing.families import check_config, check_width
@@ -47,25 +46,17 @@ def slice_command(
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
     config = SliceConfig(ratio=ratio, multiple_of=multiple_of)
     config.check()
-    peeked = read_config(model)
-    calib_seqlen, calib_note = default_calib_seqlen(ctx, peeked, calib_seqlen)
-    seqlens = {"--calib-seqlen": calib_seqlen, **({"--seqlen": seqlen} if eval_ppl else {})}
-    if peeked is not None:  # the family, the lengths, the kept width and the calibration size, from config.json
-        check_config(peeked)
-        check_model_fits(peeked, model, seqlens, "slicing")
-        check_width(peeked, config)
-        check_calibration_size(peeked, calib_samples, calib_seqlen)
+
+    def config_rules(peeked_config, tokens: int) -> None:  # the family, the kept width, the calibration size
+        check_config(peeked_config)
+        check_width(peeked_config, config)
+        check_calibration_size(peeked_config, calib_samples, tokens)
+
+    peeked = peek(ctx, model, "slicing", calib_seqlen, eval_ppl, seqlen, config_rules)
     task_config = tasks_from_cli(eval_tasks, task_limit, task_dir) if eval_tasks else None
-    text = test_text(eval_ppl, data)
-    calibration_rows(model, calib)
-    loaded = load(model, dtype)
-    check_config(loaded.model.config)
-    if peeked is None:
-        calib_seqlen, calib_note = default_calib_seqlen(ctx, loaded.model, calib_seqlen)
-        seqlens["--calib-seqlen"] = calib_seqlen
-    check_model_fits(loaded.model, model, seqlens, "slicing")
-    check_calibration_size(loaded.model.config, calib_samples, calib_seqlen)
-    config.calibration = calibration_windows(loaded, calib, calib_samples, calib_seqlen)
+    loaded, config.calibration, text, calib_note = load_calibrated(
+        ctx, model, peeked, "slicing", dtype=dtype, calib=calib, calib_samples=calib_samples, eval_ppl=eval_ppl,
+        data=data, check_loaded=lambda net, tokens: config_rules(net.config, tokens))
     sliced, report = slice_(loaded.model, config)
     if calib_note:
         report.notes.append(calib_note)
