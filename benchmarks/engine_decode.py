@@ -270,11 +270,14 @@ def render(payload: dict) -> None:
     goals = goals_of(payload)
     for line in goals:
         print("goal:", line)
+    for line in payload.get("not_run", []):  # a stopped run says what it did not measure
+        print("not run:", line)
     md = (f"Command: `{payload['command']}`\n\nMachine: {machine_line(payload['machine'])}; load average at the end "
           f"{payload['loadavg_end']:.2f}\n\n{title}. Perplexity: WikiText-2 test, {payload['ppl_windows']} x 512, the "
           "same windows in both engines. `MB read/token` is the bound decode speed has to beat: the weights plus "
           "the cache at that depth, read once per token.\n\n" + markdown_table(columns, table)
-          + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals))
+          + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
+          + "".join(f"\n- NOT RUN: {line}" for line in payload.get("not_run", [])))
     update_benchmarks_md("engine_decode", md)
 
 
