@@ -36,7 +36,7 @@ WORK = REPO_ROOT / "out" / "engine_decode"
 BUDGET = 2**30  # one GiB of KV cache: how many 4K-token sequences fit
 
 
-def build(lm, calib) -> dict[str, dict]:
+def build(lm, calib, wanted: set[str]) -> dict[str, dict]:
     """The models and their GGUFs (cached under out/engine_decode/)."""
     from clover.export import GgufConfig, export_gguf
     from clover.mla import MlaConfig, to_mla
@@ -52,6 +52,8 @@ def build(lm, calib) -> dict[str, dict]:
                                                                            calibration=calib, progress=False))[0])}
     built = {}
     for name, make in models.items():
+        if name not in wanted:
+            continue
         path = WORK / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".gguf")
         model = make()
         if not path.is_file():
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--sequences", type=int, default=4, help="Parallel sequences for the batched decode.")
     parser.add_argument("--ppl-windows", type=int, default=8)
+    parser.add_argument("--only", default=None, help="Measure only these models (comma-separated names as in the "
+                        "table) and keep the other rows of the saved run: finishing a stopped run.")
     parser.add_argument("--render", type=Path, default=None, help="Only print and write the tables of a saved run.")
     args = parser.parse_args()
     if args.render:
@@ -172,11 +176,18 @@ def main() -> None:
     text = load_text(split="test")
     ids = _token_ids(lm.tokenizer, text)
     windows = ids[: args.ppl_windows * 512].reshape(args.ppl_windows, 512)
-    built = build(lm, calib)
     configs = [("original", None), ("original", engine.Q8_0), ("MLA full rank", None), ("MLA KV 50%", None),
                ("MLA KV 50%", engine.Q8_0),
                ("MLA KV 25%", None), ("fewer KV heads (1 of 3)", None)]
-    rows = []
+    rows, runs = [], [info]
+    if args.only:  # finish a stopped run: its rows stay, with the machine line of the run that measured them
+        only = {n.strip() for n in args.only.split(",")}
+        configs = [c for c in configs if c[0] in only]
+        saved = json.loads(RESULTS.read_text())
+        rows = [r for r in saved["rows"] if r["model"] not in only]
+        runs = saved.get("runs", [saved["machine"]]) + [info]
+        info = saved["machine"]
+    built = build(lm, calib, {name for name, _ in configs})
     for name, cache in configs:
         entry = built[name]
         if "ppl_transformers" not in entry:
@@ -188,7 +199,7 @@ def main() -> None:
         row = {"model": name, "cache": "q8_0" if cache == engine.Q8_0 else "f16", "kv_mib_at_4096": mib,
                "kv_bytes_per_token": per_token, "sequences_of_4096_in_1gib": int(BUDGET // (per_token * 4096)),
                "weights_bytes": entry["path"].stat().st_size, "ppl_llama_cpp": llm_ppl,
-               "ppl_transformers": entry["ppl_transformers"], "decode": {}}
+               "ppl_transformers": entry["ppl_transformers"], "decode": {}, "run": len(runs) - 1}
         for depth in depths:
             measured = decode_speeds(entry["path"], ids[:depth], args.new_tokens, args.sequences, cache,
                                      args.threads, args.flash_attn)
@@ -198,7 +209,7 @@ def main() -> None:
         payload = {"machine": info, "threads": args.threads, "flash_attn": args.flash_attn, "depths": depths,
                    "sequences": args.sequences,
                    "new_tokens": args.new_tokens, "ppl_windows": args.ppl_windows, "rows": rows,
-                   "loadavg_end": os.getloadavg()[0], "command": "python benchmarks/engine_decode.py " +
+                   "runs": runs, "loadavg_end": os.getloadavg()[0], "command": "python benchmarks/engine_decode.py " +
                    " ".join(sys.argv[1:])}
         write_json(RESULTS, payload)  # partial runs keep what they measured
     render(payload)
@@ -272,7 +283,10 @@ def render(payload: dict) -> None:
         print("goal:", line)
     for line in payload.get("not_run", []):  # a stopped run says what it did not measure
         print("not run:", line)
-    md = (f"Command: `{payload['command']}`\n\nMachine: {machine_line(payload['machine'])}; load average at the end "
+    runs = payload.get("runs", [payload["machine"]])
+    machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(runs)) if len(runs) > 1 else \
+        machine_line(payload["machine"])
+    md = (f"Command: `{payload['command']}`\n\nMachine: {machines}; load average at the end "
           f"{payload['loadavg_end']:.2f}\n\n{title}. Perplexity: WikiText-2 test, {payload['ppl_windows']} x 512, the "
           "same windows in both engines. `MB read/token` is the bound decode speed has to beat: the weights plus "
           "the cache at that depth, read once per token.\n\n" + markdown_table(columns, table)
