@@ -193,7 +193,7 @@ def main() -> None:
         if "ppl_transformers" not in entry:
             entry["ppl_transformers"] = perplexity(entry["model"], lm.tokenizer, text, seqlen=512,
                                                    max_windows=args.ppl_windows, progress=False).ppl
-        llm_ppl = _ppl(entry["path"], windows, cache, args.threads)
+        llm_ppl = engine.perplexity(entry["path"], windows, args.threads, cache, flash(cache, False))
         mib = kv_buffer_mib(entry["path"], 4096, cache, args.threads)
         per_token = mib * 2**20 / 4096
         row = {"model": name, "cache": "q8_0" if cache == engine.Q8_0 else "f16", "kv_mib_at_4096": mib,
@@ -213,25 +213,6 @@ def main() -> None:
                    " ".join(sys.argv[1:])}
         write_json(RESULTS, payload)  # partial runs keep what they measured
     render(payload)
-
-
-def _ppl(path: Path, windows: torch.Tensor, cache, threads: int) -> float:
-    import math
-
-    import numpy as np
-
-    from clover.export import engine
-
-    llm = engine.load(path, n_ctx=windows.shape[1], threads=threads, type_k=cache, flash_attn=flash(cache, False))
-    total, count = 0.0, 0
-    for row in windows:
-        llm.reset()
-        llm.eval([int(t) for t in row])
-        scores = torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float64))
-        total += float(torch.nn.functional.cross_entropy(scores[:-1], row[1:].long(), reduction="sum"))
-        count += len(row) - 1
-    llm.close()
-    return math.exp(total / count)
 
 
 def goals_of(payload: dict) -> list[str]:

@@ -76,10 +76,11 @@ def logits(path: str | Path, ids: torch.Tensor, threads: int = 1, cache_type: in
     return torch.from_numpy(scores)
 
 
-def perplexity(path: str | Path, windows: torch.Tensor, threads: int = 1) -> float:
+def perplexity(path: str | Path, windows: torch.Tensor, threads: int = 1, cache_type: int | None = None,
+               flash_attn: bool = False) -> float:
     """exp(mean next-token NLL) over ``windows`` (n, seqlen): the protocol of ``clover.evaluate.perplexity``
-    (disjoint windows, every window's first token unpredicted)."""
-    llm = load(path, n_ctx=windows.shape[1], threads=threads)
+    (disjoint windows, every window's first token unpredicted). ``cache_type``: llama.cpp's default (f16) if None."""
+    llm = load(path, n_ctx=windows.shape[1], threads=threads, type_k=cache_type, flash_attn=flash_attn)
     total, count = 0.0, 0
     for row in windows:
         llm.reset()

@@ -15,8 +15,9 @@ import copy
 import torch
 from torch import nn
 
-from ..lowrank import channel_energy, complex_channels, real_channels, rotary_components, sym_sqrt, weighted_lowrank
+from ..lowrank import complex_channels, real_channels, rotary_components, weighted_lowrank
 from ..rebuild import copy_matching
+from .solve import key_weight, value_root
 
 
 def gqa_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, cov: torch.Tensor,
@@ -26,8 +27,7 @@ def gqa_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
     group, per = heads // kv_heads, kv_heads // new_kv
     qz = complex_channels(q, heads, head_dim)
     kz = complex_channels(k, kv_heads, head_dim)
-    energy = channel_energy(q, cov, heads, head_dim).reshape(kv_heads, group, -1).sum(1)
-    weight = energy.clamp_min(1e-12 * energy.max().clamp_min(1e-300)).sqrt()
+    weight = key_weight(q, cov, heads, kv_heads, head_dim)
     new_q = torch.zeros_like(qz)
     new_k = kz.new_zeros(kz.shape[0], new_kv, kz.shape[2])
     v_cols, o_blocks, kept, total, v_kept, v_total = [], [None] * heads, 0.0, 0.0, 0.0, 0.0
@@ -37,9 +37,7 @@ def gqa_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
         kept, total = kept + float(comps.energy[:, 0].sum()), total + float(comps.energy.sum())
         new_k[:, c] = torch.einsum("fg,ngf->nf", comps.encode[:, 0], kz[:, groups])
         cols = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in groups])
-        blocks = o.reshape(o.shape[0], kv_heads, group, head_dim)[:, groups]
-        gram = torch.einsum("ogad,ogae->gde", blocks, blocks)
-        root = torch.block_diag(*(sym_sqrt(x)[0] for x in gram))
+        root = value_root(o, kv_heads, group, head_dim, groups)
         lowrank = weighted_lowrank(v[:, cols], chol, root, torch.linalg.pinv(root, hermitian=True))
         down, up = lowrank.truncate(head_dim)
         energy_v = lowrank.s.square()

@@ -73,15 +73,27 @@ def unrotated(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.real, z.imag], dim=-1).flatten(-2)
 
 
+def key_weight(q: torch.Tensor, cov: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """(G, F): sqrt of the query energy each KV head's frequency serves (the rotary PCA's weights)."""
+    energy = channel_energy(q, cov, heads, head_dim).reshape(kv_heads, heads // kv_heads, -1).sum(1)
+    return energy.clamp_min(1e-12 * energy.max().clamp_min(1e-300)).sqrt()
+
+
+def value_root(o: torch.Tensor, kv_heads: int, group: int, head_dim: int, groups: list[int]) -> torch.Tensor:
+    """Block diagonal over ``groups``: sqrt of each group's O Gram (sum over its heads of W_o^T W_o), the cost of a
+    value error."""
+    blocks = o.reshape(o.shape[0], kv_heads, group, head_dim)[:, groups]
+    gram = torch.einsum("ogad,ogae->gde", blocks, blocks)
+    return torch.block_diag(*(sym_sqrt(g)[0] for g in gram))
+
+
 def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, cov: torch.Tensor,
                 heads: int, kv_heads: int, head_dim: int, chol: torch.Tensor) -> LayerParts:
     """``q``/``k``/``v``: (D, H d) / (D, G d) / (D, G d) maps; ``o``: (D_out, H d); ``cov``: input second moment."""
     group = heads // kv_heads
     qz = complex_channels(q, heads, head_dim)  # (D, H, F)
     kz = complex_channels(k, kv_heads, head_dim)  # (D, G, F)
-    energy = channel_energy(q, cov, heads, head_dim).reshape(kv_heads, group, -1).sum(1)  # (G, F)
-    weight = energy.clamp_min(1e-12 * energy.max().clamp_min(1e-300)).sqrt()
-    comps = rotary_components(kz, cov, weight)
+    comps = rotary_components(kz, cov, key_weight(q, cov, heads, kv_heads, head_dim))
     c = torch.einsum("fjg,ngf->njf", comps.encode, kz)  # (D, G comps, F)
     owner = torch.arange(heads) // group
     p = qz[:, :, None, :] * comps.decode.conj()[:, owner, :].permute(1, 2, 0)[None]  # (D, H, G comps, F)
@@ -91,11 +103,9 @@ def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     k_nope = unrotated(c[:, 1:])  # (D, (G-1) d)
     key_gram = torch.einsum("hni,nm,hmj->ij", q_nope, cov, q_nope)
     key_root = sym_sqrt(key_gram)[0] if key_gram.numel() else key_gram
-    blocks = o.reshape(o.shape[0], kv_heads, group, head_dim)
-    value_gram = torch.einsum("ogad,ogae->gde", blocks, blocks)  # per group: sum over its heads of W_o^T W_o
-    value_root = torch.block_diag(*(sym_sqrt(g)[0] for g in value_gram))
+    values = value_root(o, kv_heads, group, head_dim, list(range(kv_heads)))
     total = comps.energy.sum().clamp_min(1e-300)
-    return LayerParts(q_nope, q_rope, k_rope, torch.cat([k_nope, v], dim=1), chol, key_root, value_root, o,
+    return LayerParts(q_nope, q_rope, k_rope, torch.cat([k_nope, v], dim=1), chol, key_root, values, o,
                       float(comps.energy[:, 0].sum() / total))
 
 
