@@ -139,3 +139,13 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
     for row in rows:
         table.add_row(*(str(v) for v in row))
     console.print(table)
+
+
+def smollm2_calibrated(windows: int = 16, seqlen: int = 512):
+    """The offline default model and its calibration windows (WikiText-2 validation: never the test split the
+    benchmarks evaluate on), as the SmolLM2 benchmarks load them."""
+    from clover.data import calibration_batches, load_rows
+    from clover.models import load
+
+    lm = load("smollm2-135m")
+    return lm, calibration_batches(lm.tokenizer, load_rows(split="validation"), windows, seqlen)

@@ -28,12 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import REPO_ROOT, machine_info, machine_line, markdown_table, print_table, update_benchmarks_md, \
-    write_json  # noqa: E402
+from _report import REPO_ROOT, machine_info, machine_line, markdown_table, print_table, smollm2_calibrated, \
+    update_benchmarks_md, write_json  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "engine_decode.json"
 WORK = REPO_ROOT / "out" / "engine_decode"
 BUDGET = 2**30  # one GiB of KV cache: how many 4K-token sequences fit
+ROWS = [("original", "f16"), ("original", "q8_0"), ("MLA full rank", "f16"), ("MLA KV 50%", "f16"),
+        ("MLA KV 50%", "q8_0"), ("MLA KV 25%", "f16"), ("fewer KV heads (1 of 3)", "f16")]
 
 
 def build(lm, calib, wanted: set[str]) -> dict[str, dict]:
@@ -89,7 +91,7 @@ def kv_buffer_mib(path: Path, n_ctx: int, cache_type: int | None, threads: int) 
 
 
 def decode_speeds(path: Path, prompt: torch.Tensor, new_tokens: int, sequences: int, cache_type: int | None,
-                  threads: int, flash_attn: bool) -> dict:
+                  threads: int, flash_attn: bool, repeats: int = 1) -> dict:
     """Decode tokens/s after a prompt of ``len(prompt)`` tokens, with one sequence and with ``sequences`` in
     parallel (each its own cache stream: the prompt is evaluated once and copied, so every sequence reads its own
     cache of that depth at every step), through llama.cpp's batched decode."""
@@ -102,7 +104,7 @@ def decode_speeds(path: Path, prompt: torch.Tensor, new_tokens: int, sequences: 
         L.llama_backend_init()
         model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
         params = L.llama_context_default_params()
-        params.n_ctx = sequences * (depth + 2 * new_tokens + 16)
+        params.n_ctx = sequences * (depth + (repeats + 1) * new_tokens + 16)
         params.n_batch = params.n_ubatch = 512
         params.n_seq_max = sequences
         params.n_threads = params.n_threads_batch = threads
@@ -128,10 +130,15 @@ def decode_speeds(path: Path, prompt: torch.Tensor, new_tokens: int, sequences: 
             submit([(int(t), first + k, 0, k == len(chunk) - 1) for k, t in enumerate(chunk)])
         prefill = time.perf_counter() - start
         token = int(prompt[-1])
-        start = time.perf_counter()
-        for step in range(new_tokens):
-            submit([(token, depth + step, 0, True)])
-        single = new_tokens / (time.perf_counter() - start)
+        runs = []
+        for run in range(repeats):  # repeats continue the sequence: depth grows by new_tokens each time
+            start = time.perf_counter()
+            for step in range(new_tokens):
+                submit([(token, depth + run * new_tokens + step, 0, True)])
+            runs.append(new_tokens / (time.perf_counter() - start))
+        depth += (repeats - 1) * new_tokens
+        if sequences == 1:
+            return {"tokens_per_s": sum(runs) / repeats, "tokens_per_s_runs": runs, "prefill_s": prefill}
         with _quiet_stderr():
             memory = L.llama_get_memory(ctx)
             for seq in range(1, sequences):
@@ -145,7 +152,12 @@ def decode_speeds(path: Path, prompt: torch.Tensor, new_tokens: int, sequences: 
         L.llama_batch_free(batch)
         L.llama_free(ctx)
         L.llama_model_free(model)
-    return {"tokens_per_s": single, f"tokens_per_s_{sequences}_sequences": parallel, "prefill_s": prefill}
+    return {"tokens_per_s": sum(runs) / repeats, f"tokens_per_s_{sequences}_sequences": parallel,
+            "prefill_s": prefill}
+
+
+def selected(model: str, cache: str, only: set[str]) -> bool:
+    return model in only or f"{model}/{cache}" in only
 
 
 def main() -> None:
@@ -156,35 +168,32 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--sequences", type=int, default=4, help="Parallel sequences for the batched decode.")
     parser.add_argument("--ppl-windows", type=int, default=8)
-    parser.add_argument("--only", default=None, help="Measure only these models (comma-separated names as in the "
-                        "table) and keep the other rows of the saved run: finishing a stopped run.")
+    parser.add_argument("--only", default=None, help="Measure only these rows (comma-separated model names as in "
+                        "the table, or 'name/cache' for one cache type) and keep the other rows of the saved run: "
+                        "finishing a stopped run.")
     parser.add_argument("--render", type=Path, default=None, help="Only print and write the tables of a saved run.")
     args = parser.parse_args()
     if args.render:
         render(json.loads(args.render.read_text()))
         return
 
-    from clover.data import calibration_batches, load_rows, load_text
+    from clover.data import load_text
     from clover.evaluate import _token_ids, perplexity
     from clover.export import engine
-    from clover.models import load
 
     depths = [int(d) for d in args.depths.split(",")]
     info = machine_info()
-    lm = load("smollm2-135m")
-    calib = calibration_batches(lm.tokenizer, load_rows(split="validation"), 16, 512)
+    lm, calib = smollm2_calibrated()
     text = load_text(split="test")
     ids = _token_ids(lm.tokenizer, text)
     windows = ids[: args.ppl_windows * 512].reshape(args.ppl_windows, 512)
-    configs = [("original", None), ("original", engine.Q8_0), ("MLA full rank", None), ("MLA KV 50%", None),
-               ("MLA KV 50%", engine.Q8_0),
-               ("MLA KV 25%", None), ("fewer KV heads (1 of 3)", None)]
+    configs = [(name, engine.Q8_0 if cache == "q8_0" else None) for name, cache in ROWS]
     rows, runs = [], [info]
     if args.only:  # finish a stopped run: its rows stay, with the machine line of the run that measured them
         only = {n.strip() for n in args.only.split(",")}
-        configs = [c for c in configs if c[0] in only]
+        configs = [c for c in configs if selected(c[0], "q8_0" if c[1] == engine.Q8_0 else "f16", only)]
         saved = json.loads(RESULTS.read_text())
-        rows = [r for r in saved["rows"] if r["model"] not in only]
+        rows = [r for r in saved["rows"] if not selected(r["model"], r["cache"], only)]
         runs = saved.get("runs", [saved["machine"]]) + [info]
         info = saved["machine"]
     built = build(lm, calib, {name for name, _ in configs})
@@ -238,26 +247,51 @@ def goals_of(payload: dict) -> list[str]:
               and r["decode"][deepest][parallel] > base["decode"][deepest][parallel]]
     lines.append(f"with {payload['sequences']} parallel sequences at depth {deepest}, faster than the original: "
                  + (", ".join(faster) if faster else "none"))
+    lines += crossovers(payload)
+    return lines
+
+
+def crossovers(payload: dict) -> list[str]:
+    """Where each MLA export decodes faster than the original (same cache type), by depth and parallel sequences:
+    absorbed MLA reads fewer bytes per cached token but does more arithmetic on each, so depth decides."""
+    rows = payload["rows"]
+    parallel = f"tokens_per_s_{payload['sequences']}_sequences"
+    lines = []
+    for r in rows:
+        base = next((b for b in rows if b["model"] == "original" and b["cache"] == r["cache"]), None)
+        if not r["model"].startswith("MLA") or base is None:
+            continue
+        cells = []
+        for d in map(str, payload["depths"]):
+            if d in r["decode"] and d in base["decode"]:
+                one = r["decode"][d]["tokens_per_s"] / base["decode"][d]["tokens_per_s"]
+                many = r["decode"][d][parallel] / base["decode"][d][parallel]
+                cells.append(f"@{d} {one:.2f}x / {many:.2f}x")
+        lines.append(f"{r['model']} ({r['cache']}) decode speed over the original's, 1 / {payload['sequences']} "
+                     f"sequences: " + ", ".join(cells))
     return lines
 
 
 def render(payload: dict) -> None:
     depths = [str(d) for d in payload["depths"]]
     parallel = f"tokens_per_s_{payload['sequences']}_sequences"
-    columns = (["model", "KV cache", "KV MiB at 4096", "KV bytes/token", "4K seqs in 1 GiB", "ppl llama.cpp",
-                "ppl transformers"] + [f"tok/s @{d}" for d in depths]
+    columns = (["model", "KV cache", "flash attn", "KV MiB at 4096", "KV bytes/token", "4K seqs in 1 GiB",
+                "ppl llama.cpp", "ppl transformers"] + [f"tok/s @{d}" for d in depths]
                + [f"tok/s @{d} x{payload['sequences']} seqs" for d in depths]
                + [f"MB read/token @{d}" for d in depths])
     table = []
-    for r in payload["rows"]:
-        table.append([r["model"], r["cache"], f"{r['kv_mib_at_4096']:.1f}", f"{r['kv_bytes_per_token']:,.0f}",
+    for r in sorted(payload["rows"], key=lambda r: ROWS.index((r["model"], r["cache"]))):
+        on = flash(None if r["cache"] == "f16" else 8, payload["flash_attn"])
+        table.append([r["model"], r["cache"], "on" if on else "off", f"{r['kv_mib_at_4096']:.1f}",
+                      f"{r['kv_bytes_per_token']:,.0f}",
                       r["sequences_of_4096_in_1gib"], f"{r['ppl_llama_cpp']:.2f}", f"{r['ppl_transformers']:.2f}"]
                      + [f"{r['decode'][d]['tokens_per_s']:.2f}" if d in r["decode"] else "-" for d in depths]
                      + [f"{r['decode'][d][parallel]:.2f}" if d in r["decode"] else "-" for d in depths]
                      + [f"{r['decode'][d]['bytes_read_per_token'] / 1e6:,.0f}" if d in r["decode"] else "-"
                         for d in depths])
     title = (f"SmolLM2-135M exports in llama.cpp (f16 weights, {payload['threads']} thread(s), flash attention "
-             f"{'on' if payload['flash_attn'] else 'off'}, {payload['new_tokens']} decoded tokens per depth)")
+             f"{'on' if payload['flash_attn'] else 'off'} except where a q8_0 cache needs it, "
+             f"{payload['new_tokens']} decoded tokens per depth)")
     print_table(title, columns, table)
     goals = goals_of(payload)
     for line in goals:

@@ -46,13 +46,17 @@ def models(tmp_path_factory):
         mla, _ = to_mla(model, MlaConfig(kv_ratio=ratio, calibration=CALIB, split=1.0, progress=False))
         save_model(mla, tiny_tokenizer(), root / f"mla{kv}")
         found[f"mla{kv}"] = (mla, root / f"mla{kv}")
+    partial, _ = to_mla(found["llama2"][0], MlaConfig(kv_ratio=0.5, rope_dims=4, unrotated="refit", o_refit=True,
+                                                      calibration=CALIB, split=1.0, progress=False))
+    save_model(partial, tiny_tokenizer(), root / "mla2-rope4")  # partial RoPE: the engine's own frequencies
+    found["mla2-rope4"] = (partial, root / "mla2-rope4")
     gqa, _ = to_mla(found["llama2"][0], MlaConfig(layout="gqa", kv_heads=1, calibration=CALIB, progress=False))
     save_model(gqa, tiny_tokenizer(), root / "gqa1")
     found["gqa1"] = (gqa, root / "gqa1")
     return found
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama1", "mla2", "mla1", "gqa1"])
+@pytest.mark.parametrize("name", ["llama2", "llama1", "mla2", "mla1", "mla2-rope4", "gqa1"])
 def test_llama_cpp_computes_what_transformers_computes(models, name, tmp_path):
     model, folder = models[name]
     report = export_gguf(model, str(folder), folder, tmp_path / "m.gguf", GgufConfig(type="f32"))

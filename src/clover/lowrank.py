@@ -83,13 +83,17 @@ class RotaryComponents:
     decode: torch.Tensor  # (half, G, G) complex
 
 
-def rotary_components(keys: torch.Tensor, cov: torch.Tensor, weight: torch.Tensor) -> RotaryComponents:
+def rotary_components(keys: torch.Tensor, cov: torch.Tensor, weight: torch.Tensor,
+                      moment: torch.Tensor | None = None) -> RotaryComponents:
     """Weighted PCA of the KV heads' complex key channels, one frequency at a time.
 
     ``keys``: complex map (inputs + 1, G, half); ``weight``: (G, half) positive, the square root of the query
     energy each head's channel serves, so that the captured energy estimates the score error it avoids.
+    ``moment``: (half, G, G) the channels' second moment if not the one ``cov`` implies (e.g. weighted by the
+    attention each key position receives).
     """
-    moment = torch.einsum("ngf,nm,mhf->fgh", keys, cov.to(keys.dtype), keys.conj())  # E[z_g conj(z_h)] per f
+    if moment is None:
+        moment = torch.einsum("ngf,nm,mhf->fgh", keys, cov.to(keys.dtype), keys.conj())  # E[z_g conj(z_h)] per f
     w = weight.T.to(moment.dtype)  # (half, G)
     values, vectors = torch.linalg.eigh(w[:, :, None] * moment * w[:, None, :].conj())
     values, vectors = values.flip(-1), vectors.flip(-1)  # strongest first

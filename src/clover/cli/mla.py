@@ -32,6 +32,23 @@ def mla(
                                              "architecture with --kv-heads KV heads (every engine runs it).")]
     = "mla",
     kv_heads: Annotated[int, typer.Option(help="--layout gqa: KV heads of the output (dividing the model's).")] = 1,
+    rope_key: Annotated[str, typer.Option(help="Which component of each frequency is the shared rotated key: pca "
+                                               "(the keys' own, TransMLA), query (weighted by the queries reading "
+                                               "each KV head), attention (also by the attention keys receive).")]
+    = "query",
+    unrotated: Annotated[str, typer.Option(help="What the key components without a rotated place keep: nope (no "
+                                                "rotation), expected (the rotation's mean under the original "
+                                                "attention), refit (least squares to the original scores).")]
+    = "nope",
+    rope_dims: Annotated[Optional[int], typer.Option(help="Rotated dims of the shared key (dividing the head width; "
+                                                          "default all): fewer leave room for caches below one "
+                                                          "full key.")] = None,
+    latent_weights: Annotated[str, typer.Option(help="clover (query- and O-weighted joint latent) or bkv "
+                                                     "(TransMLA's balanced plain PCA).")] = "clover",
+    freqfold: Annotated[int, typer.Option(help="TransMLA's FreqFold: this many neighbouring frequencies share one "
+                                               "PCA (1: none; with --unrotated nope).")] = 1,
+    o_refit: Annotated[bool, typer.Option(help="Refit each head's O block to the latent's values on "
+                                               "attention-mixed calibration inputs.")] = False,
     calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
     calib_seqlen: CalibSeqlenOpt = 512,
@@ -55,7 +72,9 @@ def mla(
         split_value: str | float = split if split == "auto" else float(split)
     except ValueError:
         raise CloverError(f"--split {split!r}: use auto or a positive number") from None
-    config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset, layout=layout, kv_heads=kv_heads)
+    config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset, layout=layout, kv_heads=kv_heads,
+                       rope_key=rope_key, unrotated=unrotated, rope_dims=rope_dims, latent_weights=latent_weights,
+                       freqfold=freqfold, o_refit=o_refit)
     config.check()
     peeked = peek(ctx, model, "MLA conversion", calib_seqlen, eval_ppl, seqlen, lambda c, _: config.check_against(c))
     loaded, config.calibration, text, calib_note = load_calibrated(
@@ -65,7 +84,8 @@ def mla(
     if calib_note:
         report.notes.append(calib_note)
     payload = before_after(model, report, loaded, converted, text, None, seqlen, max_windows)
-    split_note = "" if report.split is None else f", key/value split {report.split:g}"
+    split_note = "" if report.split is None else (f", key/value split {report.split:g}, rope key {report.rope_key}, "
+                                                  f"unrotated {report.unrotated}")
     table = Table(title=f"{model}: {report.layout} layout ({report.target}{split_note})")
     for col in ("KV heads", "kv_lora_rank (of full)", "qk_nope / qk_rope / v dims",
                 "rotated key keeps (min / median / max)", "latent keeps (min / median / max)",

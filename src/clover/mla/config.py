@@ -12,6 +12,9 @@ FAMILIES = ("llama", "mistral", "qwen2")
 VLLM_SIZES = (320, 576)  # kv_lora_rank + qk_rope_head_dim that vLLM's MLA attention backends accept
 PRESETS = ("vllm",)
 LAYOUTS = ("mla", "gqa")
+ROPE_KEYS = ("pca", "query", "attention")
+UNROTATED = ("nope", "expected", "refit")
+LATENT_WEIGHTS = ("clover", "bkv")
 
 
 @dataclass
@@ -26,6 +29,17 @@ class MlaConfig:
     original's on the last ``holdout`` calibration windows. ``preset="vllm"``: refuse ranks vLLM's MLA kernels
     cannot run (``kv_lora_rank + d`` in ``VLLM_SIZES``). ``calibration``: token ids (n, seqlen), validation text.
 
+    Rotary levers (``solve.py``, ``rotation.py``): ``rope_key`` chooses each frequency's shared rotated component
+    (``pca``: the keys' own principal components, TransMLA's RoRoPE; ``query``: weighted by the query energy that
+    reads each KV head; ``attention``: also by the attention each key position receives); ``unrotated`` says what
+    the other components keep (``nope``: no rotation; ``expected``: the rotation's mean under the original
+    attention, folded into the queries; ``refit``: a least-squares fit to the original scores); ``rope_dims``
+    below the head width keeps every (head_dim / rope_dims)-th frequency rotated (partial RoPE, for caches smaller
+    than one full rotated key); ``latent_weights="bkv"``: TransMLA's joint latent (plain PCA of keys and values
+    with their energies balanced) instead of clover's query- and O-weighted one; ``freqfold``: TransMLA's FreqFold
+    (``freqfold`` neighbouring frequencies share one PCA, ``freqfold.py``); ``o_refit``: each head's O block
+    refit to the latent's values on the attention-mixed inputs (as ``latent`` does).
+
     ``layout="gqa"``: instead of MLA, the plain ``llama`` architecture with ``kv_heads`` KV heads (``gqa.py``); the
     cache is then ``kv_heads / G`` of the original and ``kv_ratio`` is not used.
     """
@@ -38,6 +52,13 @@ class MlaConfig:
     preset: str | None = None
     calibration: torch.Tensor | None = None
     holdout: int = 4
+    rope_key: str = "query"
+    unrotated: str = "nope"
+    rope_dims: int | None = None
+    latent_weights: str = "clover"
+    freqfold: int = 1
+    o_refit: bool = False
+    refit_windows: int = 2
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
 
@@ -48,13 +69,26 @@ class MlaConfig:
                               "removed (0 keeps every latent dim, 0.5 halves the cache)")
         if self.layout not in LAYOUTS:
             raise CloverError(f"unknown --layout {self.layout!r}: use {' or '.join(LAYOUTS)}")
-        if self.layout == "gqa" and (self.kv_ratio or self.preset):
-            raise CloverError("--layout gqa sets the cache by --kv-heads: drop --kv-ratio / --preset (they size the "
-                              "MLA latent)")
+        if self.layout == "gqa" and (self.kv_ratio or self.preset or self.rope_dims):
+            raise CloverError("--layout gqa sets the cache by --kv-heads: drop --kv-ratio / --preset / --rope-dims "
+                              "(they size the MLA latent and its rotated key)")
         if self.kv_heads < 1:
             raise CloverError(f"--kv-heads {self.kv_heads} must be at least 1")
         if self.preset is not None and self.preset not in PRESETS:
             raise CloverError(f"unknown --preset {self.preset!r}: use {', '.join(PRESETS)} (or none)")
+        for name, value, allowed in (("--rope-key", self.rope_key, ROPE_KEYS), ("--unrotated", self.unrotated,
+                                                                                    UNROTATED),
+                                     ("--latent-weights", self.latent_weights, LATENT_WEIGHTS)):
+            if value not in allowed:
+                raise CloverError(f"unknown {name} {value!r}: use {', '.join(allowed)}")
+        if self.rope_dims is not None and (self.rope_dims < 2 or self.rope_dims % 2):
+            raise CloverError(f"--rope-dims {self.rope_dims} must be a positive even number (rotary dims come in "
+                              "pairs)")
+        if self.freqfold < 1:
+            raise CloverError(f"--freqfold {self.freqfold} must be at least 1 (1: no folding)")
+        if self.freqfold > 1 and (self.rope_key == "attention" or self.unrotated != "nope" or self.rope_dims):
+            raise CloverError("--freqfold is TransMLA's recipe: it runs with --unrotated nope, every rotary dim and "
+                              "--rope-key pca or query")
         if self.split != "auto":
             if isinstance(self.split, str) or not self.split > 0:
                 raise CloverError(f"--split {self.split!r}: use auto or a positive number (the weight of key errors "
@@ -65,7 +99,11 @@ class MlaConfig:
 
     def kv_lora_rank(self, kv_heads: int, head_dim: int) -> int:
         """The latent width that leaves ``1 - kv_ratio`` of the original cache (shared rope key included)."""
-        return round((1 - self.kv_ratio) * 2 * kv_heads * head_dim) - head_dim
+        return round((1 - self.kv_ratio) * 2 * kv_heads * head_dim) - (self.rope_dims or head_dim)
+
+    def needs_attention(self) -> bool:
+        """Whether a lever reads the original model's attention (one more calibration pass)."""
+        return self.rope_key == "attention" or self.unrotated != "nope" or self.o_refit
 
     def check_against(self, model_config) -> int:
         """The target format's rules from ``config.json`` alone: the family, attention without biases or a sliding
@@ -94,15 +132,21 @@ class MlaConfig:
                                   f"head serves a whole number of them): use one of "
                                   f"{', '.join(str(n) for n in range(1, kv_heads + 1) if kv_heads % n == 0)}")
             return 0
+        rope = self.rope_dims or head_dim
+        if rope > head_dim or head_dim % rope:
+            raise CloverError(f"--rope-dims {rope} must divide the head width {head_dim} (the engine's rotary "
+                              f"frequencies with the same theta are every (head_dim / rope_dims)-th original one)")
+        if (head_dim // 2) % self.freqfold:
+            raise CloverError(f"--freqfold {self.freqfold} must divide the head's {head_dim // 2} rotary frequencies")
         rank = self.kv_lora_rank(kv_heads, head_dim)
         if rank < 1:
-            raise CloverError(f"--kv-ratio {self.kv_ratio} leaves {rank + head_dim} cached numbers per token, no "
-                              f"more than the shared rotated key ({head_dim}): use a smaller ratio")
-        if self.preset == "vllm" and rank + head_dim not in VLLM_SIZES:
-            fits = [(1 - (s) / (2 * kv_heads * head_dim), s - head_dim) for s in VLLM_SIZES if s > head_dim]
+            raise CloverError(f"--kv-ratio {self.kv_ratio} leaves {rank + rope} cached numbers per token, no "
+                              f"more than the shared rotated key ({rope}): use a smaller ratio or fewer --rope-dims")
+        if self.preset == "vllm" and rank + rope not in VLLM_SIZES:
+            fits = [(1 - (s) / (2 * kv_heads * head_dim), s - rope) for s in VLLM_SIZES if s > rope]
             hint = " or ".join(f"--kv-ratio {r:g} (kv_lora_rank {k})" for r, k in fits if 0 <= r < 1) or \
                 "none fits this model"
             raise CloverError(f"--preset vllm: vLLM's MLA kernels accept kv_lora_rank + qk_rope_head_dim of "
                               f"{' or '.join(map(str, VLLM_SIZES))}, and --kv-ratio {self.kv_ratio} gives "
-                              f"{rank} + {head_dim} = {rank + head_dim}: pass {hint}")
+                              f"{rank} + {rope} = {rank + rope}: pass {hint}")
         return rank

@@ -21,10 +21,10 @@ from ..errors import CloverError
 from ..pairs import check_finite
 from ..sizes import SizeReport, parameter_count
 from ..verify import TOLERANCE, compare, model_outputs
-from . import deepseek, gqa
+from . import attention, deepseek, gqa
 from .config import MlaConfig
 from .reference import reference_model
-from .solve import LayerParts, full_rank, latent_layer, split_layer
+from .solve import LayerParts, RotarySettings, full_rank, latent_layer, nope_dims, split_layer
 
 
 @dataclass
@@ -47,6 +47,9 @@ class MlaReport(SizeReport):
     qk_rope_head_dim: int
     split: float | None
     split_losses: dict[str, float] = field(default_factory=dict)
+    rope_key: str | None = None  # the rotary levers used (MlaConfig)
+    unrotated: str | None = None
+    latent_weights: str | None = None
     layers: list[MlaLayer] = field(default_factory=list)
     check: dict | None = None  # the stock model against clover's reference of the converted function
 
@@ -79,10 +82,19 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     adapter = adapter_for(model)
     sites = adapter.sites(model)
     stats = calibrate.collect(model, adapter, sites, statistics, inputs=True, progress=config.progress)
-    parts = [_layer_parts(adapter, site, stats.sites[site.name].q_input, config.compute_dtype)
-             for site in tqdm(sites, desc="rotary split", unit="layer", disable=not config.progress)]
+    inv_freq = rotary_frequencies(model)
+    seen = attention.collect(model, adapter, sites, statistics, inv_freq, config.refit_windows, config.progress,
+                             mixed=config.o_refit) if config.needs_attention() else [None] * len(sites)
+    settings = RotarySettings(config.rope_key, config.unrotated, config.rope_dims, config.latent_weights,
+                              config.freqfold, config.o_refit)
+    parts = [_layer_parts(adapter, site, stats.sites[site.name].q_input, config.compute_dtype, settings, layer_seen,
+                          inv_freq)
+             for site, layer_seen in tqdm(list(zip(sites, seen, strict=True)), desc="rotary split", unit="layer",
+                                          disable=not config.progress)]
+    del seen
     w0 = adapter.read(sites[0])
     kv_heads, head_dim = w0.num_kv_heads, w0.qk_dim
+    rope_dims = config.rope_dims or head_dim
 
     losses: dict[str, float] = {}
     split = None if config.split == "auto" else float(config.split)
@@ -102,20 +114,23 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     report = MlaReport(
         model_type=model.config.model_type, target="DeepseekV3ForCausalLM", layout="mla", kv_heads=1,
         kv_ratio=config.kv_ratio,
-        kv_lora_rank=rank, full_rank=full_rank(kv_heads, head_dim), qk_nope_head_dim=(kv_heads - 1) * head_dim,
-        qk_rope_head_dim=head_dim, split=split, split_losses=losses,
+        kv_lora_rank=rank, full_rank=full_rank(kv_heads, head_dim, rope_dims),
+        qk_nope_head_dim=nope_dims(kv_heads, head_dim, rope_dims), qk_rope_head_dim=rope_dims, split=split,
+        split_losses=losses, rope_key=config.rope_key, unrotated=config.unrotated,
+        latent_weights=config.latent_weights,
         layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy) for site, lr in zip(sites, layers, strict=True)],
         check=check, params_before=parameter_count(model), params_after=parameter_count(mla),
         kv_bytes_per_token_before=len(sites) * 2 * kv_heads * head_dim * size,
-        kv_bytes_per_token_after=len(sites) * (rank + head_dim) * size, calibration_tokens=stats.tokens,
+        kv_bytes_per_token_after=len(sites) * (rank + rope_dims) * size, calibration_tokens=stats.tokens,
     )
     if rank > report.full_rank:
         report.notes.append(f"kv_lora_rank {rank} is above the {report.full_rank} dims a layer has: the extra latent "
                             "dims are zero (kept for the engine's size rule)")
-    if kv_heads > 1:
-        report.notes.append(f"{kv_heads - 1} of every frequency's {kv_heads} rotary key components have no rotated "
-                            "place in the format and attend without rotation; this is the conversion's error at "
-                            "full rank (see rope_energy per layer: the share the shared rotated key keeps)")
+    if kv_heads > 1 or rope_dims < head_dim:
+        report.notes.append(f"{report.qk_nope_head_dim} of the {kv_heads * head_dim} key dims have no rotated place "
+                            f"in the format and attend without rotation ({config.unrotated}); this is the "
+                            "conversion's error at full rank (see rope_energy per layer: the share the shared "
+                            "rotated key keeps)")
     report.warn_if_larger()
     return mla, report
 
@@ -157,13 +172,20 @@ def _to_gqa(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     return rewritten, report
 
 
-def _layer_parts(adapter, site, moment: torch.Tensor, dtype: torch.dtype) -> LayerParts:
+def rotary_frequencies(model: nn.Module) -> torch.Tensor:
+    """The original model's RoPE frequencies (theta_f per complex channel), read from its rotary embedding."""
+    return model.model.rotary_emb.inv_freq.detach().double().cpu()
+
+
+def _layer_parts(adapter, site, moment: torch.Tensor, dtype: torch.dtype, settings: RotarySettings | None = None,
+                 seen=None, inv_freq: torch.Tensor | None = None) -> LayerParts:
     w = adapter.read(site)
     check_finite(w, site)
     cov = moment[:-1, :-1].to(dtype)  # no biases: the homogeneous coordinate carries nothing
     chol = cholesky_factor(cov, name=f"layer {site.layer} attention input")
     return split_layer(w.q.weight.to(dtype).T, w.k.weight.to(dtype).T, w.v.weight.to(dtype).T,
-                       w.o.weight.to(dtype), cov, w.num_heads, w.num_kv_heads, w.qk_dim, chol)
+                       w.o.weight.to(dtype), cov, w.num_heads, w.num_kv_heads, w.qk_dim, chol, settings, seen,
+                       inv_freq)
 
 
 def verify(model: nn.Module, mla: nn.Module, layers, head_dim: int, adapter) -> dict:

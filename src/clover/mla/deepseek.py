@@ -8,6 +8,8 @@ data: the attention input is RMS-normalised, so ``||x||^2 <= D max(w_norm^2)``),
 itself. Every other tensor (embeddings, norms, MLPs, head) is the original's, copied by name; all layers are dense
 (``first_k_dense_replace`` = layers), the query needs no LoRA in transformers (``q_lora_rank=None``), and the
 softmax scale ``1 / sqrt(qk_nope + qk_rope)`` of the format is turned back into ``1 / sqrt(d)`` in the query rows.
+With ``qk_rope_head_dim`` r below d, the format's rotary embedding (same theta) turns its pairs by every (d / r)-th
+original frequency, the ones the conversion kept rotated.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ NORM_MARGIN = 1e-10  # latent mean square / norm epsilon, at most, for any input
 KV_NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default, which kv_a_layernorm always uses
 
 
-def mla_config(model: nn.Module, rank: int, nope: int, head_dim: int) -> DeepseekV3Config:
+def mla_config(model: nn.Module, rank: int, nope: int, head_dim: int, rope: int) -> DeepseekV3Config:
     base = model.config
     theta = (getattr(base, "rope_parameters", None) or {}).get("rope_theta", getattr(base, "rope_theta", 10000.0))
     layers = base.num_hidden_layers
@@ -34,7 +36,7 @@ def mla_config(model: nn.Module, rank: int, nope: int, head_dim: int) -> Deepsee
         moe_intermediate_size=base.intermediate_size, num_hidden_layers=layers,
         num_attention_heads=base.num_attention_heads, num_key_value_heads=base.num_attention_heads,
         n_shared_experts=1, n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
-        first_k_dense_replace=layers, kv_lora_rank=rank, q_lora_rank=None, qk_rope_head_dim=head_dim,
+        first_k_dense_replace=layers, kv_lora_rank=rank, q_lora_rank=None, qk_rope_head_dim=rope,
         qk_nope_head_dim=nope, v_head_dim=head_dim, hidden_act=base.hidden_act,
         max_position_embeddings=base.max_position_embeddings, rms_norm_eps=base.rms_norm_eps,
         bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id,
@@ -56,13 +58,13 @@ def latent_scale(layer: LayerMla, norm: nn.Module) -> float:
 
 def build(model: nn.Module, layers: list[LayerMla], rank: int, head_dim: int) -> DeepseekV3ForCausalLM:
     """The stock model holding ``layers``; ``model`` (the original) gives every tensor the conversion leaves."""
-    nope = layers[0].q_nope.shape[-1]
-    config = mla_config(model, rank, nope, head_dim)
+    nope, rope = layers[0].q_nope.shape[-1], layers[0].q_rope.shape[-1]
+    config = mla_config(model, rank, nope, head_dim, rope)
     reference = next(model.parameters())
     config.dtype = reference.dtype
     mla = DeepseekV3ForCausalLM(config).to(device=reference.device, dtype=reference.dtype).eval()
     copy_matching(mla, model.state_dict())
-    fold = math.sqrt((nope + head_dim) / head_dim)  # the format divides by sqrt(nope + rope), the model by sqrt(d)
+    fold = math.sqrt((nope + rope) / head_dim)  # the format divides by sqrt(nope + rope), the model by sqrt(d)
     with torch.no_grad():
         for block, original, layer in zip(mla.model.layers, model.model.layers, layers, strict=True):
             attn = block.self_attn

@@ -19,9 +19,11 @@ from .solve import LayerMla
 
 
 def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Pairs (2j, 2j+1) turned by angle j; ``cos``/``sin`` in HF's rotate-half form (B, T, d): first half used."""
+    """Pairs (2j, 2j+1) turned by angle j; ``cos``/``sin`` in HF's rotate-half form (B, T, d): first half used,
+    every (d / x's width)-th frequency when x has fewer rotary dims than the model's heads (partial RoPE)."""
     half = cos.shape[-1] // 2
-    cos, sin = cos[..., :half], sin[..., :half]
+    stride = cos.shape[-1] // x.shape[-1]
+    cos, sin = cos[..., :half:stride], sin[..., :half:stride]
     if x.dim() == 4:  # (B, H, T, d)
         cos, sin = cos[:, None], sin[:, None]
     even, odd = x[..., 0::2], x[..., 1::2]

@@ -8,12 +8,16 @@ so any complex mix of the G channels commutes with it. A query-weighted PCA of t
     Re(q~_h,f conj(z_g,f) e^{i theta (m - n)}) = sum_j Re(p_h,j,f conj(c_j,f) e^{i theta (m - n)}),
     p_h,j,f = q~_h,f conj(decode[f, g, j]).
 
-The MLA format has one rotated key shared by all heads: component 0 of every frequency is that key (exact under
-RoPE). Components 1..G-1 have no rotated place: they lose the rotation (the only error at full rank) and join the
+The MLA format has one rotated key shared by all heads: component 0 of every kept frequency is that key (exact
+under RoPE; ``rope_dims`` below ``d`` keeps every (d / rope_dims)-th frequency, the ones the engine's own rotary
+embedding computes with the same theta). The other components have no rotated place: they attend without rotation
+(the only error at full rank; ``rotation.py`` chooses the complex factor folded into their queries) and join the
 values in one joint latent ``z`` (whitened by the attention inputs, key rows weighted by the query energy that
 reads them, value rows by the O blocks that read them, ``split`` trading one against the other), decoded per head
-by ``kv_b``. Ranks: ``qk_nope_head_dim = (G - 1) d`` (every head reads every unrotated component), full latent
-``(G - 1) d + G d``; the cache holds ``kv_lora_rank + d`` numbers per token against ``2 G d``.
+by ``kv_b``. Which component is shared is the ``rope_key`` lever: the keys' own PCA (TransMLA), weighted by the
+query energy reading each KV head, or additionally by the attention each key position receives. Ranks:
+``qk_nope_head_dim = 2 (G F - F_kept)`` (every head reads every unrotated component), full latent that plus
+``G d``; the cache holds ``kv_lora_rank + rope_dims`` numbers per token against ``2 G d``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from ..lowrank import channel_energy, complex_channels, rotary_components, sym_sqrt, weighted_lowrank
+from . import rotation
+from .attention import LayerAttention
+from .freqfold import folded_maps
 
 
 @dataclass
@@ -61,16 +68,13 @@ class LayerParts:
     value_root: torch.Tensor  # (G d, G d) block diagonal: sqrt of each group's O Gram
     o: torch.Tensor
     rope_energy: float
+    balance: float = 1.0  # per-layer factor on the key rows' weight (BKV's key/value energy balance; 1 otherwise)
+    mixed: torch.Tensor | None = None  # (H, D, D) attention-mixed input moments: refit O to the latent's values
 
 
 def interleave(z: torch.Tensor) -> torch.Tensor:
     """(..., F) complex -> (..., 2F) real as (re_0, im_0, re_1, im_1, ...): the engines' rope layout."""
     return torch.stack([z.real, z.imag], dim=-1).flatten(-2)
-
-
-def unrotated(z: torch.Tensor) -> torch.Tensor:
-    """(..., J, F) complex -> (..., J * 2F) real; ``Re(p conj(c))`` becomes a plain dot product."""
-    return torch.cat([z.real, z.imag], dim=-1).flatten(-2)
 
 
 def key_weight(q: torch.Tensor, cov: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -87,32 +91,98 @@ def value_root(o: torch.Tensor, kv_heads: int, group: int, head_dim: int, groups
     return torch.block_diag(*(sym_sqrt(g)[0] for g in gram))
 
 
+@dataclass
+class RotarySettings:
+    """The rotary levers of one conversion (``MlaConfig`` fields of the same names, ``rotation.py``)."""
+
+    rope_key: str = "query"  # pca | query | attention: how each frequency's shared rotated component is chosen
+    unrotated: str = "nope"  # nope | expected | refit: what the components without a rotated place keep
+    rope_dims: int | None = None  # rotated dims of the shared key (None: head_dim); every (d / rope_dims)-th frequency
+    latent_weights: str = "clover"  # clover (query / O weighted) | bkv (plain, key and value energy balanced)
+    freqfold: int = 1  # neighbouring frequencies sharing one PCA (TransMLA's FreqFold; 1: none)
+    o_refit: bool = False  # refit each head's O block to the latent's values on attention-mixed inputs
+
+
 def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, cov: torch.Tensor,
-                heads: int, kv_heads: int, head_dim: int, chol: torch.Tensor) -> LayerParts:
-    """``q``/``k``/``v``: (D, H d) / (D, G d) / (D, G d) maps; ``o``: (D_out, H d); ``cov``: input second moment."""
+                heads: int, kv_heads: int, head_dim: int, chol: torch.Tensor,
+                settings: RotarySettings | None = None, attention: LayerAttention | None = None,
+                inv_freq: torch.Tensor | None = None) -> LayerParts:
+    """``q``/``k``/``v``: (D, H d) / (D, G d) / (D, G d) maps; ``o``: (D_out, H d); ``cov``: input second moment.
+    ``attention`` (the original attention's statistics) and ``inv_freq`` are needed by the attention-reading levers."""
+    settings = settings or RotarySettings()
     group = heads // kv_heads
+    rope_dims = settings.rope_dims or head_dim
+    stride = head_dim // rope_dims
+    if settings.freqfold > 1:  # TransMLA's FreqFold (NoPE, every frequency rotated): the peer row
+        weight = torch.ones(kv_heads, head_dim // 2, dtype=q.dtype) if settings.rope_key == "pca" else \
+            key_weight(q, cov, heads, kv_heads, head_dim)
+        q_rot, k_rot, p_nope, c_nope, rope_energy = folded_maps(q, k, cov, heads, kv_heads, head_dim, weight,
+                                                                settings.freqfold)
+    else:
+        comps, p, c, rotated = rotary_maps(q, k, cov, heads, kv_heads, head_dim, settings, attention)
+        alpha = unrotated_factor(settings.unrotated, attention, q, k, p, c, ~rotated, heads, kv_heads, head_dim,
+                                 inv_freq)
+        comp, freq = (~rotated).nonzero(as_tuple=True)
+        p_nope = p[:, :, comp, freq] * alpha[:, freq][None]  # (D, H, N)
+        c_nope = c[:, comp, freq]  # (D, N)
+        q_rot, k_rot = p[:, :, 0, ::stride], c[:, 0, ::stride]
+        energy = comps.energy.T  # (G comps, F)
+        rope_energy = float(energy[rotated].sum() / energy.sum().clamp_min(1e-300))
+    q_rope = interleave(q_rot).permute(1, 0, 2)  # (H, D, rope_dims)
+    q_nope = torch.cat([p_nope.real, p_nope.imag], dim=-1).permute(1, 0, 2)  # (H, D, 2N): Re(p conj c) as a dot
+    k_rope = interleave(k_rot)  # (D, rope_dims)
+    k_nope = torch.cat([c_nope.real, c_nope.imag], dim=-1)  # (D, 2N)
+    if settings.latent_weights == "bkv":  # TransMLA: plain PCA of [k, v] with the key rows scaled to the values' norm
+        key_root = torch.eye(k_nope.shape[1], dtype=q.dtype)
+        values = torch.eye(v.shape[1], dtype=q.dtype)
+        balance = float(((cov @ v) * v).sum() / ((cov @ k_nope) * k_nope).sum().clamp_min(1e-300))
+    else:
+        key_gram = torch.einsum("hni,nm,hmj->ij", q_nope, cov, q_nope)
+        key_root = sym_sqrt(key_gram)[0] if key_gram.numel() else key_gram
+        values = value_root(o, kv_heads, group, head_dim, list(range(kv_heads)))
+        balance = 1.0
+    mixed = attention.mixed if settings.o_refit and attention is not None else None
+    return LayerParts(q_nope, q_rope, k_rope, torch.cat([k_nope, v], dim=1), chol, key_root, values, o,
+                      rope_energy, balance, mixed)
+
+
+def rotary_maps(q: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                settings: RotarySettings, attention: LayerAttention | None = None):
+    """The rotary components of each frequency and who reads them: ``(comps, p, c, rotated)`` with ``p`` (D, H, G
+    comps, F) complex query maps, ``c`` (D, G comps, F) component maps, ``rotated`` (G comps, F) the entries the
+    format rotates (component 0 of every kept frequency)."""
     qz = complex_channels(q, heads, head_dim)  # (D, H, F)
     kz = complex_channels(k, kv_heads, head_dim)  # (D, G, F)
-    comps = rotary_components(kz, cov, key_weight(q, cov, heads, kv_heads, head_dim))
+    if settings.rope_key == "pca":  # TransMLA's RoRoPE: the keys' own principal components
+        weight = torch.ones(kv_heads, head_dim // 2, dtype=q.dtype)
+    else:
+        weight = key_weight(q, cov, heads, kv_heads, head_dim)
+    moment = attention.key_moment if settings.rope_key == "attention" else None
+    comps = rotary_components(kz, cov, weight, moment)
     c = torch.einsum("fjg,ngf->njf", comps.encode, kz)  # (D, G comps, F)
-    owner = torch.arange(heads) // group
+    owner = torch.arange(heads) // (heads // kv_heads)
     p = qz[:, :, None, :] * comps.decode.conj()[:, owner, :].permute(1, 2, 0)[None]  # (D, H, G comps, F)
-    q_rope = interleave(p[:, :, 0]).permute(1, 0, 2)  # (H, D, d)
-    q_nope = unrotated(p[:, :, 1:]).permute(1, 0, 2)  # (H, D, (G-1) d)
-    k_rope = interleave(c[:, 0])  # (D, d)
-    k_nope = unrotated(c[:, 1:])  # (D, (G-1) d)
-    key_gram = torch.einsum("hni,nm,hmj->ij", q_nope, cov, q_nope)
-    key_root = sym_sqrt(key_gram)[0] if key_gram.numel() else key_gram
-    values = value_root(o, kv_heads, group, head_dim, list(range(kv_heads)))
-    total = comps.energy.sum().clamp_min(1e-300)
-    return LayerParts(q_nope, q_rope, k_rope, torch.cat([k_nope, v], dim=1), chol, key_root, values, o,
-                      float(comps.energy[:, 0].sum() / total))
+    rotated = torch.zeros(kv_heads, head_dim // 2, dtype=torch.bool)
+    # the engine's rope frequencies theta^(-2i / rope_dims) are every (d / rope_dims)-th original one
+    rotated[0, ::head_dim // (settings.rope_dims or head_dim)] = True
+    return comps, p, c, rotated
+
+
+def unrotated_factor(kind: str, attention, q, k, p, c, unrotated, heads, kv_heads, head_dim, inv_freq):
+    """(H, F) complex factor folded into the unrotated queries (``rotation.py``)."""
+    if kind == "nope":
+        return torch.ones(heads, head_dim // 2, dtype=p.dtype)
+    if kind == "expected":
+        return attention.phase.to(p.dtype)
+    fit = rotation.score_fit(attention, q, k, p, c, unrotated, heads, kv_heads, head_dim, inv_freq)
+    return rotation.refit(fit).to(p.dtype)
 
 
 def latent_layer(parts: LayerParts, rank: int, split: float) -> LayerMla:
     """The joint latent of ``rank`` dims with key rows weighted ``split`` times more than value rows."""
     n_nope = parts.q_nope.shape[-1]
-    root = torch.block_diag(parts.key_root * split**0.5, parts.value_root) if n_nope else parts.value_root
+    root = torch.block_diag(parts.key_root * (split * parts.balance)**0.5, parts.value_root) if n_nope else \
+        parts.value_root
     root_inv = torch.linalg.pinv(root, hermitian=True)
     lowrank = weighted_lowrank(parts.target, parts.chol, root, root_inv)
     down, up = lowrank.truncate(rank)
@@ -122,12 +192,40 @@ def latent_layer(parts: LayerParts, rank: int, split: float) -> LayerMla:
         up = torch.cat([up, up.new_zeros(pad, up.shape[1])], dim=0)
     energy = lowrank.s.square()
     kept = float(energy[:rank].sum() / energy.sum().clamp_min(1e-300))
-    kv_heads = (parts.target.shape[1] - n_nope) // parts.q_rope.shape[-1]
+    value_dim = parts.o.shape[1] // parts.q_nope.shape[0]  # the original head width
+    kv_heads = (parts.target.shape[1] - n_nope) // value_dim
     up_v = up[:, n_nope:].reshape(rank, kv_heads, -1).permute(1, 0, 2)
-    return LayerMla(parts.q_nope, parts.q_rope, parts.k_rope, down, up[:, :n_nope], up_v, parts.o, kept,
+    o = parts.o if parts.mixed is None else refit_o(parts, down, up_v)
+    return LayerMla(parts.q_nope, parts.q_rope, parts.k_rope, down, up[:, :n_nope], up_v, o, kept,
                     parts.rope_energy)
 
 
-def full_rank(kv_heads: int, head_dim: int) -> int:
+def refit_o(parts: LayerParts, down: torch.Tensor, up_v: torch.Tensor) -> torch.Tensor:
+    """Per head, the O block that best maps the head's latent value ``x down up_v`` to what the head wrote before,
+    ``x W_V W_O,h``, in least squares over the attention-mixed inputs ``P_h x`` (the values attention really
+    averages): the latent is fixed, only its read-out into the residual stream adapts (as ``latent`` does)."""
+    heads, kv_heads = parts.q_nope.shape[0], up_v.shape[0]
+    value_dim = parts.o.shape[1] // heads
+    group = heads // kv_heads
+    v = parts.target[:, parts.target.shape[1] - kv_heads * value_dim:]  # (D, G d): the original values
+    blocks = []
+    for h in range(heads):
+        g = h // group
+        u = down @ up_v[g]  # (D, d): the head's value map through the latent
+        c = parts.mixed[h].to(u.dtype)
+        gram = u.mT @ c @ u
+        gram = gram + 1e-9 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(value_dim, dtype=u.dtype)
+        o_h = parts.o[:, h * value_dim:(h + 1) * value_dim]  # (D_out, d)
+        target = u.mT @ c @ v[:, g * value_dim:(g + 1) * value_dim] @ o_h.mT  # (d, D_out)
+        blocks.append(torch.linalg.solve(gram, target).mT)
+    return torch.cat(blocks, dim=1)
+
+
+def full_rank(kv_heads: int, head_dim: int, rope_dims: int | None = None) -> int:
     """Latent dims that hold a layer exactly (up to the lost rotation): unrotated key components and values."""
-    return (kv_heads - 1) * head_dim + kv_heads * head_dim
+    return nope_dims(kv_heads, head_dim, rope_dims) + kv_heads * head_dim
+
+
+def nope_dims(kv_heads: int, head_dim: int, rope_dims: int | None = None) -> int:
+    """Unrotated key dims: every component of every frequency but the shared key's kept ones."""
+    return kv_heads * head_dim - (rope_dims or head_dim)

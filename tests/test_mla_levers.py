@@ -1,0 +1,179 @@
+"""The MLA conversion's rotary levers (issue 23): which component is the shared rotated key, what the unrotated
+components keep, partial RoPE, TransMLA's balanced latent. Every setting must still give a stock DeepSeek-V3 model
+that computes clover's reference of the converted function; the attention statistics and the refit are checked
+against their definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from clover.errors import CloverError
+from clover.mla import MlaConfig, to_mla
+from clover.mla.attention import distance_phase, original_attention
+from clover.mla.solve import nope_dims
+
+CALIB = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+INPUTS = {"input_ids": torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1)), "use_cache": False}
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    return tiny_llama(vocab_size=300, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(rope_key="pca"), dict(rope_key="attention"), dict(unrotated="expected"), dict(unrotated="refit"),
+    dict(rope_key="attention", unrotated="refit", rope_dims=8), dict(rope_dims=4, kv_ratio=0.5),
+    dict(rope_key="pca", latent_weights="bkv", split=1.0, kv_ratio=0.5),
+    dict(rope_key="pca", latent_weights="bkv", split=1.0, freqfold=2), dict(freqfold=4, kv_ratio=0.5),
+    dict(unrotated="refit", o_refit=True, kv_ratio=0.5),
+])
+def test_every_lever_gives_the_stock_model_of_its_function(gqa, fields):
+    mla, report = to_mla(gqa, MlaConfig(calibration=CALIB, progress=False, **fields))
+    assert report.check["passed"]  # to_mla raises if the stock model left clover's reference; the report says so
+    rope = fields.get("rope_dims", 16)
+    assert mla.config.qk_rope_head_dim == report.qk_rope_head_dim == rope
+    assert report.qk_nope_head_dim == nope_dims(2, 16, rope) == 2 * 16 - rope
+    assert report.kv_bytes_per_token_after == 2 * (report.kv_lora_rank + rope) * 4  # 2 layers, float32
+    assert (report.rope_key, report.unrotated) == (fields.get("rope_key", "query"), fields.get("unrotated", "nope"))
+
+
+def test_the_format_holding_the_model_stays_exact_whatever_the_levers():
+    """One KV head and every frequency rotated: nothing is unrotated, so no lever may change the function."""
+    mqa = tiny_llama(vocab_size=300, num_key_value_heads=1)
+    from clover.verify import model_outputs
+
+    want = model_outputs(mqa, INPUTS)
+    for fields in (dict(rope_key="attention", unrotated="refit"), dict(rope_key="pca", unrotated="expected")):
+        mla, _ = to_mla(mqa, MlaConfig(calibration=CALIB, split=1.0, progress=False, **fields))
+        got = model_outputs(mla, INPUTS)
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_freqfold_turns_mixed_frequencies_at_one_and_so_is_not_exact():
+    """TransMLA's FreqFold mixes neighbouring frequencies in one rotated component: even where the format could
+    hold the model exactly (one KV head), its output moves. The peer row measures that cost."""
+    mqa = tiny_llama(vocab_size=300, num_key_value_heads=1)
+    from clover.verify import model_outputs
+
+    want = model_outputs(mqa, INPUTS)
+    mla, _ = to_mla(mqa, MlaConfig(calibration=CALIB, split=1.0, rope_key="pca", freqfold=2, progress=False))
+    assert float((model_outputs(mla, INPUTS) - want).abs().max() / want.abs().max()) > 1e-4
+
+
+def test_partial_rope_with_one_kv_head_leaves_only_the_dropped_frequencies_unrotated():
+    mqa = tiny_llama(vocab_size=300, num_key_value_heads=1)
+    _, report = to_mla(mqa, MlaConfig(calibration=CALIB, split=1.0, rope_dims=8, progress=False))
+    assert report.qk_nope_head_dim == 8 and report.full_rank == 8 + 16
+    assert all(0 < layer.rope_energy < 1 for layer in report.layers)
+
+
+def test_expected_phase_is_the_attention_weighted_mean_rotation():
+    g = torch.Generator().manual_seed(3)
+    t, heads = 7, 2
+    attn = torch.rand(heads, t, t, generator=g, dtype=torch.float64).tril()
+    attn = attn / attn.sum(-1, keepdim=True)
+    inv_freq = torch.tensor([1.0, 0.3, 0.01], dtype=torch.float64)
+    want = torch.zeros(heads, 3, dtype=torch.complex128)
+    for m in range(t):
+        for n in range(m + 1):
+            want += attn[:, m, n, None] * torch.exp(1j * inv_freq * (m - n))
+    assert torch.allclose(distance_phase(attn, inv_freq), want, atol=1e-12)
+
+
+def test_original_attention_matches_the_model():
+    """The statistics read the original attention: it must be the model's own (rotate-half RoPE, 1/sqrt(d))."""
+    model = tiny_llama(vocab_size=300, num_key_value_heads=2)
+    captured = {}
+    attn_module = model.model.layers[0].self_attn
+    def keep(module, args):
+        captured["x"] = args[0][0].double()
+
+    handle = attn_module.q_proj.register_forward_pre_hook(keep)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model(INPUTS["input_ids"][:1], output_attentions=True, use_cache=False)
+    handle.remove()
+    q, k = attn_module.q_proj.weight.double().T, attn_module.k_proj.weight.double().T
+    inv_freq = model.model.rotary_emb.inv_freq.double()
+    got = original_attention(captured["x"], q, k, 4, 2, 16, inv_freq)
+    assert torch.allclose(got, out.attentions[0][0].double(), atol=1e-5)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(rope_dims=6), "must divide the head width"),
+    (dict(rope_dims=3), "positive even number"),
+    (dict(rope_key="random"), "unknown --rope-key"),
+    (dict(unrotated="zero"), "unknown --unrotated"),
+    (dict(layout="gqa", rope_dims=8), "--layout gqa sets the cache"),
+    (dict(kv_ratio=0.9, rope_dims=16), "no more than the shared rotated key"),
+    (dict(freqfold=3), "must divide the head's 8 rotary frequencies"),
+    (dict(freqfold=2, unrotated="refit"), "TransMLA's recipe"),
+])
+def test_bad_lever_settings_are_refused(gqa, fields, message):
+    with pytest.raises(CloverError, match=message):
+        config = MlaConfig(calibration=CALIB, progress=False, **fields)
+        config.check()
+        config.check_against(gqa.config)
+
+
+def test_the_refit_scores_closer_to_the_original_than_nope_or_expected(gqa):
+    """On the windows it is fitted to, the least-squares factor has the smallest weighted score error of the three
+    (it minimises that error; the ridge towards 1 is a 1e-6 relative nudge)."""
+    from clover import calibrate
+    from clover.adapters import adapter_for
+    from clover.mla import attention, rotation
+    from clover.mla.solve import RotarySettings, rotary_maps
+
+    adapter = adapter_for(gqa)
+    site = adapter.sites(gqa)[1]
+    inv_freq = gqa.model.rotary_emb.inv_freq.double()
+    seen = attention.collect(gqa, adapter, [site], CALIB, inv_freq, keep=2, progress=False)[0]
+    cov = calibrate.collect(gqa, adapter, [site], CALIB, progress=False).sites[site.name].q_input[:-1, :-1].double()
+    w = adapter.read(site)
+    q, k = w.q.weight.double().T, w.k.weight.double().T
+    _, p, c, rotated = rotary_maps(q, k, cov, 4, 2, 16, RotarySettings(rope_dims=8), seen)
+    fit = rotation.score_fit(seen, q, k, p, c, ~rotated, 4, 2, 16, inv_freq)
+    errors = {name: rotation.score_error(fit, alpha) for name, alpha in (
+        ("nope", torch.ones(4, 8, dtype=torch.complex128)), ("expected", seen.phase),
+        ("refit", rotation.refit(fit)))}
+    scale = fit[2]  # the weighted energy of the unrotated score terms
+    assert (errors["refit"] <= errors["nope"] + 1e-6 * scale).all()
+    assert (errors["refit"] <= errors["expected"] + 1e-6 * scale).all()
+    assert (errors["refit"] < 0.999 * errors["nope"]).any()  # and it does move: the fit is not the identity
+
+
+def test_o_refit_changes_nothing_where_the_latent_holds_the_values(gqa):
+    """At full rank the latent's values are the original's, so the least-squares O is the original O."""
+    from clover.verify import model_outputs
+
+    plain, _ = to_mla(gqa, MlaConfig(calibration=CALIB, split=1.0, progress=False))
+    refit, _ = to_mla(gqa, MlaConfig(calibration=CALIB, split=1.0, o_refit=True, progress=False))
+    want = model_outputs(plain, INPUTS)
+    assert float((model_outputs(refit, INPUTS) - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
+    import json
+
+    from tiny_tokenizer import tiny_tokenizer
+    from typer.testing import CliRunner
+
+    from clover.cli import app
+
+    runner = CliRunner()
+    folder = tmp_path / "llama"
+    tiny_llama(vocab_size=300, num_key_value_heads=2).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "out"), "--kv-ratio", "0.5",
+                                 "--rope-key", "attention", "--unrotated", "refit", "--rope-dims", "8", "--o-refit",
+                                 "--calib-samples", "6", "--calib-seqlen", "32", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["rope_key"], report["unrotated"], report["qk_rope_head_dim"]) == ("attention", "refit", 8)
+    assert report["kv_lora_rank"] == 32 - 8  # half of 2 x 2 x 16, less the 8 rotated dims
+    result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "x"), "--freqfold", "2",
+                                 "--unrotated", "expected"])
+    assert result.exit_code == 2 and "TransMLA's recipe" in result.output and not (tmp_path / "x").exists()
