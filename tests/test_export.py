@@ -43,12 +43,13 @@ def models(tmp_path_factory):
         save_model(model, tiny_tokenizer(), root / f"llama{kv}")
         found[f"llama{kv}"] = (model, root / f"llama{kv}")
         ratio = 0.5 if kv == 2 else 0.0
-        mla, _ = to_mla(model, MlaConfig(kv_ratio=ratio, calibration=CALIB, split=1.0, progress=False))
+        mla, _ = to_mla(model, MlaConfig(kv_ratio=ratio, calibration=CALIB, split=1.0, unrotated="nope",
+                                         o_refit=False, progress=False))  # the rotary split alone
         save_model(mla, tiny_tokenizer(), root / f"mla{kv}")
         found[f"mla{kv}"] = (mla, root / f"mla{kv}")
     partial, _ = to_mla(found["llama2"][0], MlaConfig(kv_ratio=0.5, rope_dims=4, unrotated="refit", o_refit=True,
                                                       calibration=CALIB, split=1.0, progress=False))
-    save_model(partial, tiny_tokenizer(), root / "mla2-rope4")  # partial RoPE: the engine's own frequencies
+    save_model(partial, tiny_tokenizer(), root / "mla2-rope4")  # every lever, partial RoPE on the engine's frequencies
     found["mla2-rope4"] = (partial, root / "mla2-rope4")
     gqa, _ = to_mla(found["llama2"][0], MlaConfig(layout="gqa", kv_heads=1, calibration=CALIB, progress=False))
     save_model(gqa, tiny_tokenizer(), root / "gqa1")

@@ -85,7 +85,10 @@ def test_the_latent_norm_acts_linearly_for_any_input(mqa, mqa_mla):
 
 def test_saved_checkpoint_loads_without_clover(tmp_path):
     model = tiny_llama(vocab_size=300, num_key_value_heads=2)
-    mla, report = to_mla(model, MlaConfig(kv_ratio=0.5, calibration=CALIB, progress=False))
+    # unrotated "nope", no O refit: _layers re-solves without the attention statistics (every lever is checked against the
+    # reference inside to_mla, tests/test_mla_levers.py)
+    mla, report = to_mla(model, MlaConfig(kv_ratio=0.5, calibration=CALIB, unrotated="nope", o_refit=False,
+                                          progress=False))
     save_model(mla, tiny_tokenizer(), tmp_path / "mla", report=report.to_dict())
     config = json.loads((tmp_path / "mla" / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and "auto_map" not in config

@@ -27,7 +27,8 @@ def gqa():
     dict(rope_key="pca"), dict(rope_key="attention"), dict(unrotated="expected"), dict(unrotated="refit"),
     dict(rope_key="attention", unrotated="refit", rope_dims=8), dict(rope_dims=4, kv_ratio=0.5),
     dict(rope_key="pca", latent_weights="bkv", split=1.0, kv_ratio=0.5),
-    dict(rope_key="pca", latent_weights="bkv", split=1.0, freqfold=2), dict(freqfold=4, kv_ratio=0.5),
+    dict(rope_key="pca", latent_weights="bkv", split=1.0, freqfold=2, unrotated="nope"),
+    dict(freqfold=4, kv_ratio=0.5, unrotated="nope"), dict(unrotated="nope"),
     dict(unrotated="refit", o_refit=True, kv_ratio=0.5),
 ])
 def test_every_lever_gives_the_stock_model_of_its_function(gqa, fields):
@@ -37,7 +38,7 @@ def test_every_lever_gives_the_stock_model_of_its_function(gqa, fields):
     assert mla.config.qk_rope_head_dim == report.qk_rope_head_dim == rope
     assert report.qk_nope_head_dim == nope_dims(2, 16, rope) == 2 * 16 - rope
     assert report.kv_bytes_per_token_after == 2 * (report.kv_lora_rank + rope) * 4  # 2 layers, float32
-    assert (report.rope_key, report.unrotated) == (fields.get("rope_key", "query"), fields.get("unrotated", "nope"))
+    assert (report.rope_key, report.unrotated) == (fields.get("rope_key", "query"), fields.get("unrotated", "refit"))
 
 
 def test_the_format_holding_the_model_stays_exact_whatever_the_levers():
@@ -59,7 +60,8 @@ def test_freqfold_turns_mixed_frequencies_at_one_and_so_is_not_exact():
     from clover.verify import model_outputs
 
     want = model_outputs(mqa, INPUTS)
-    mla, _ = to_mla(mqa, MlaConfig(calibration=CALIB, split=1.0, rope_key="pca", freqfold=2, progress=False))
+    mla, _ = to_mla(mqa, MlaConfig(calibration=CALIB, split=1.0, rope_key="pca", freqfold=2, unrotated="nope",
+                                   progress=False))
     assert float((model_outputs(mla, INPUTS) - want).abs().max() / want.abs().max()) > 1e-4
 
 
@@ -109,8 +111,8 @@ def test_original_attention_matches_the_model():
     (dict(unrotated="zero"), "unknown --unrotated"),
     (dict(layout="gqa", rope_dims=8), "--layout gqa sets the cache"),
     (dict(kv_ratio=0.9, rope_dims=16), "no more than the shared rotated key"),
-    (dict(freqfold=3), "must divide the head's 8 rotary frequencies"),
-    (dict(freqfold=2, unrotated="refit"), "TransMLA's recipe"),
+    (dict(freqfold=3, unrotated="nope"), "must divide the head's 8 rotary frequencies"),
+    (dict(freqfold=2), "TransMLA's recipe"),
 ])
 def test_bad_lever_settings_are_refused(gqa, fields, message):
     with pytest.raises(CloverError, match=message):
@@ -149,7 +151,7 @@ def test_o_refit_changes_nothing_where_the_latent_holds_the_values(gqa):
     """At full rank the latent's values are the original's, so the least-squares O is the original O."""
     from clover.verify import model_outputs
 
-    plain, _ = to_mla(gqa, MlaConfig(calibration=CALIB, split=1.0, progress=False))
+    plain, _ = to_mla(gqa, MlaConfig(calibration=CALIB, split=1.0, o_refit=False, progress=False))
     refit, _ = to_mla(gqa, MlaConfig(calibration=CALIB, split=1.0, o_refit=True, progress=False))
     want = model_outputs(plain, INPUTS)
     assert float((model_outputs(refit, INPUTS) - want).abs().max() / want.abs().max()) < 1e-5

@@ -39,7 +39,7 @@ def mla(
     unrotated: Annotated[str, typer.Option(help="What the key components without a rotated place keep: nope (no "
                                                 "rotation), expected (the rotation's mean under the original "
                                                 "attention), refit (least squares to the original scores).")]
-    = "nope",
+    = "refit",
     rope_dims: Annotated[Optional[int], typer.Option(help="Rotated dims of the shared key (dividing the head width; "
                                                           "default all): fewer leave room for caches below one "
                                                           "full key.")] = None,
@@ -48,7 +48,7 @@ def mla(
     freqfold: Annotated[int, typer.Option(help="TransMLA's FreqFold: this many neighbouring frequencies share one "
                                                "PCA (1: none; with --unrotated nope).")] = 1,
     o_refit: Annotated[bool, typer.Option(help="Refit each head's O block to the latent's values on "
-                                               "attention-mixed calibration inputs.")] = False,
+                                               "attention-mixed calibration inputs.")] = True,
     calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
     calib_seqlen: CalibSeqlenOpt = 512,

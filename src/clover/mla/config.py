@@ -53,11 +53,11 @@ class MlaConfig:
     calibration: torch.Tensor | None = None
     holdout: int = 4
     rope_key: str = "query"
-    unrotated: str = "nope"
+    unrotated: str = "refit"
     rope_dims: int | None = None
     latent_weights: str = "clover"
     freqfold: int = 1
-    o_refit: bool = False
+    o_refit: bool = True
     refit_windows: int = 2
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
