@@ -5,7 +5,9 @@ one KV budget, and perplexity through llama.cpp next to transformers' on the sam
     python benchmarks/engine_decode.py --render benchmarks/results/engine_decode.json   # tables from a saved run
 
 Models (all exported as f16 GGUFs by `clover export`'s writer): the original; `clover mla` at full rank (the cache
-of the original: what remains is the rotation the format cannot hold), KV 50% and 25%
+of the original: what remains is the rotation the format cannot hold), KV 50% and 25%, converted with the rotary
+split alone (`--unrotated nope --no-o-refit`, as first measured; the default levers change weights, not speed:
+their quality is in mla_quality)
 (deepseek2 with MLA metadata: the cache holds the latent and the rotated key); `--layout gqa --kv-heads 1` (plain
 llama, a third of the cache); the original and MLA 50% with llama.cpp's q8_0 KV cache (the peer a llama.cpp user
 reaches for). V-O-pruned models are not exportable (llama.cpp's llama graph asserts value length == key length).
@@ -44,12 +46,13 @@ def build(lm, calib, wanted: set[str]) -> dict[str, dict]:
     from clover.mla import MlaConfig, to_mla
 
     WORK.mkdir(parents=True, exist_ok=True)
+    # the rotary split alone, as this table was first measured: the quality levers (refit, O refit; mla_quality)
+    # change weights, not shapes, so speed and cache size are theirs too
+    plain = dict(unrotated="nope", o_refit=False, calibration=calib, progress=False)
     models = {"original": (lambda: lm.model),
-              "MLA full rank": (lambda: to_mla(lm.model, MlaConfig(kv_ratio=0.0, calibration=calib,
-                                                                   progress=False))[0]),
-              "MLA KV 50%": (lambda: to_mla(lm.model, MlaConfig(kv_ratio=0.5, calibration=calib, progress=False))[0]),
-              "MLA KV 25%": (lambda: to_mla(lm.model, MlaConfig(kv_ratio=0.75, calibration=calib,
-                                                                progress=False))[0]),
+              "MLA full rank": (lambda: to_mla(lm.model, MlaConfig(kv_ratio=0.0, **plain))[0]),
+              "MLA KV 50%": (lambda: to_mla(lm.model, MlaConfig(kv_ratio=0.5, **plain))[0]),
+              "MLA KV 25%": (lambda: to_mla(lm.model, MlaConfig(kv_ratio=0.75, **plain))[0]),
               "fewer KV heads (1 of 3)": (lambda: to_mla(lm.model, MlaConfig(layout="gqa", kv_heads=1,
                                                                            calibration=calib, progress=False))[0])}
     built = {}
@@ -196,6 +199,12 @@ def main() -> None:
         rows = [r for r in saved["rows"] if not selected(r["model"], r["cache"], only)]
         runs = saved.get("runs", [saved["machine"]]) + [info]
         info = saved["machine"]
+        table_depths = sorted(set(saved["depths"]) | set(depths))  # a finishing run may measure fewer depths
+        not_run = [line for line in saved.get("not_run", []) if not any(n in line for n in only)] + \
+            [f"{name}/{'q8_0' if cache else 'f16'} at depth {d}: not measured by the run that finished this row"
+             for name, cache in configs for d in table_depths if d not in depths]
+    else:
+        table_depths, not_run = depths, []
     built = build(lm, calib, {name for name, _ in configs})
     for name, cache in configs:
         entry = built[name]
@@ -215,7 +224,8 @@ def main() -> None:
             row["decode"][str(depth)] = {**measured, "bytes_read_per_token": row["weights_bytes"] + depth * per_token}
             print(f"{name} ({row['cache']} cache) depth {depth}: {measured}", flush=True)
         rows.append(row)
-        payload = {"machine": info, "threads": args.threads, "flash_attn": args.flash_attn, "depths": depths,
+        payload = {"machine": info, "threads": args.threads, "flash_attn": args.flash_attn, "depths": table_depths,
+                   "not_run": not_run,
                    "sequences": args.sequences,
                    "new_tokens": args.new_tokens, "ppl_windows": args.ppl_windows, "rows": rows,
                    "runs": runs, "loadavg_end": os.getloadavg()[0], "command": "python benchmarks/engine_decode.py " +
@@ -230,6 +240,7 @@ def goals_of(payload: dict) -> list[str]:
     deepest = str(max(payload["depths"]))
     lines = []
     fast = [r for r in rows if r is not base and r["kv_bytes_per_token"] <= base["kv_bytes_per_token"] / 2
+            and deepest in r["decode"]
             and r["decode"][deepest]["tokens_per_s"] >= 1.3 * base["decode"][deepest]["tokens_per_s"]
             and r["ppl_llama_cpp"] <= 1.3 * base["ppl_llama_cpp"]]
     lines.append(f"at depth {deepest}, an export with at most half the cache decoding >= 1.3x the original at <= 1.3x "
@@ -243,7 +254,7 @@ def goals_of(payload: dict) -> list[str]:
     lines.append(f"llama.cpp perplexity equals transformers' for every export (f16 weights and cache): worst "
                  f"{worst:.2%} -> {'MET' if worst < 0.01 else 'NOT MET'}")
     parallel = f"tokens_per_s_{payload['sequences']}_sequences"
-    faster = [r["model"] + f" ({r['cache']})" for r in rows if r is not base
+    faster = [r["model"] + f" ({r['cache']})" for r in rows if r is not base and deepest in r["decode"]
               and r["decode"][deepest][parallel] > base["decode"][deepest][parallel]]
     lines.append(f"with {payload['sequences']} parallel sequences at depth {deepest}, faster than the original: "
                  + (", ".join(faster) if faster else "none"))
@@ -304,7 +315,9 @@ def render(payload: dict) -> None:
     md = (f"Command: `{payload['command']}`\n\nMachine: {machines}; load average at the end "
           f"{payload['loadavg_end']:.2f}\n\n{title}. Perplexity: WikiText-2 test, {payload['ppl_windows']} x 512, the "
           "same windows in both engines. `MB read/token` is the bound decode speed has to beat: the weights plus "
-          "the cache at that depth, read once per token.\n\n" + markdown_table(columns, table)
+          "the cache at that depth, read once per token. MLA rows: the rotary split alone (`--unrotated nope "
+          "--no-o-refit`); the default levers change weights, not shapes or speed, and their perplexity is in "
+          "mla_quality.\n\n" + markdown_table(columns, table)
           + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
           + "".join(f"\n- NOT RUN: {line}" for line in payload.get("not_run", [])))
     update_benchmarks_md("engine_decode", md)

@@ -100,6 +100,11 @@ def verdicts_of(payload: dict) -> list[str]:
         if len(spread) == 2:
             lines.append(f"{name}, flash attention off: relative sd 1 thread {spread[1]:.1%}, 2 threads "
                          f"{spread[2]:.1%} ({'1' if spread[1] < spread[2] else '2'} thread(s) steadier)")
+    best = {name: max(statistics.mean(r["tokens_per_s_runs"]) for r in payload["rows"] if r["model"] == name)
+            for name in dict.fromkeys(r["model"] for r in payload["rows"])}
+    if len(best) == 2:
+        (a, fast_a), (b, fast_b) = best.items()
+        lines.append(f"{b} at its best setting over {a} at its best: {fast_b / fast_a:.2f}x")
     return lines
 
 

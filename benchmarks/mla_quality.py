@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -107,10 +108,13 @@ def main() -> None:
     kept_list = [float(k) for k in args.kept.split(",")] if args.kept else None
     rows = []
     runs = [info]
+    command = "python benchmarks/mla_quality.py " + shlex.join(sys.argv[1:])
+    commands = [command]
     saved = json.loads(RESULTS.read_text()) if args.rows and RESULTS.is_file() else None
     if saved and saved["windows"] == args.windows:
         rows = [r for r in saved["rows"] if not (r["name"] in names and r["kept"] in (kept_list or SIZES[r["name"]]))]
         runs = saved["runs"] + [info]
+        commands = saved.get("commands", []) + [command] if saved.get("commands") else []
     base = ppl(lm.model)
     for name in names:
         for kept in kept_list or SIZES[name]:
@@ -129,8 +133,8 @@ def main() -> None:
             rows.append(row)
             del model
             print(row, flush=True)
-            payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows,
-                       "command": "python benchmarks/mla_quality.py " + " ".join(sys.argv[1:])}
+            payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "command": command,
+                       "commands": commands}
             write_json(RESULTS, payload)
     render(payload)
 
@@ -180,7 +184,9 @@ def render(payload: dict) -> None:
     for line in goals:
         print("goal:", line)
     machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(payload["runs"]))
-    md = (f"Command: `{payload['command']}`\n\nMachine: {machines}\n\n{title}. Calibration: 16 x 512 validation "
+    commands = "; ".join(f"run {i}: `{c}`" for i, c in enumerate(payload.get("commands", []))) or \
+        f"`{payload['command']}` (the last run; each row names its run in the JSON)"
+    md = (f"Command: {commands}\n\nMachine: {machines}\n\n{title}. Calibration: 16 x 512 validation "
           "tokens. KV 12.5% rows keep 16 rotated dims (a 32-dim latent). The TransMLA recipe rows are RoRoPE + "
           "NoPE + BKV (+ FreqFold) re-implemented from the paper's description.\n\n" + markdown_table(columns, table)
           + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals))
