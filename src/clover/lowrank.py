@@ -6,6 +6,8 @@ the output side by ``R`` (what an output error costs downstream), i.e. ``E ||x~ 
 rank-r ``W'`` is then a truncated SVD of ``L^T W R`` mapped back, and the dropped squared singular values are the
 error, so every candidate dimension has a price in the same units as its kind's other dimensions.
 
+Read-out refit: the O block that best follows a fixed narrower value map, per head, on attention-mixed inputs.
+
 Rotary components: RoPE turns channel pair ``(f, f + d/2)`` of every KV head by the same phase, i.e. multiplies
 the complex channel ``z_g,f = k_g[f] + i k_g[f + d/2]`` by ``e^{i theta_f t}``. A complex mix across heads within
 one frequency commutes with that, so a per-frequency PCA of ``z_.,f`` (weighted by the query energy each head
@@ -100,3 +102,13 @@ def rotary_components(keys: torch.Tensor, cov: torch.Tensor, weight: torch.Tenso
     encode = vectors.conj().mT * w[:, None, :]
     decode = vectors / w[:, :, None]
     return RotaryComponents(values.clamp_min(0), encode, decode)
+
+
+def refit_readout(u: torch.Tensor, moment: torch.Tensor, target: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+    """The read-out that best follows a fixed narrower map: ``x u R'`` against ``x target readout^T`` in least
+    squares over inputs with second moment ``moment``. ``u``: (inputs, k) the new map, ``target``: (inputs, d) the
+    old one, ``readout``: (outputs, d) what read it. Returns (outputs, k); a 1e-9 relative ridge keeps directions the
+    inputs never excite at zero. Used per head for O blocks over attention-mixed inputs (latent KV, MLA)."""
+    gram = u.mT @ moment @ u
+    gram = gram + 1e-9 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return readout @ torch.linalg.solve(gram, u.mT @ moment @ target).mT

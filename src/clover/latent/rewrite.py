@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .analysis import LayerAnalysis
-from ..lowrank import complex_channels, real_channels, weighted_lowrank
+from ..lowrank import complex_channels, real_channels, refit_readout, weighted_lowrank
 
 
 @dataclass
@@ -100,9 +100,6 @@ def refit_o(an: LayerAnalysis, v_down: torch.Tensor) -> torch.Tensor:
     H, d, r = an.heads, an.head_dim, an.group
     blocks = []
     for h in range(H):
-        moment = an.mixed[h]
-        gram = v_down.mT @ moment @ v_down
-        gram = gram + 1e-9 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(gram.shape[0], dtype=gram.dtype)
-        cross = v_down.mT @ moment @ an.v[:, (h // r) * d:(h // r + 1) * d]  # (v_rank, d)
-        blocks.append(an.o[:, h * d:(h + 1) * d] @ torch.linalg.solve(gram, cross).mT)
+        blocks.append(refit_readout(v_down, an.mixed[h], an.v[:, (h // r) * d:(h // r + 1) * d],
+                                    an.o[:, h * d:(h + 1) * d]))
     return torch.cat(blocks, dim=1)

@@ -38,6 +38,12 @@ class LayerAttention:
     mixed: torch.Tensor | None = None  # (H, D, D): E[(P_h x)(P_h x)^T], the attention-mixed inputs (O refit)
 
 
+def phases(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``exp(i theta_f p)`` for every position (or distance) p: shape ``positions.shape + (F,)``, complex."""
+    angles = positions[..., None] * inv_freq.to(positions.dtype)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
 def original_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, heads: int, kv_heads: int,
                        head_dim: int, inv_freq: torch.Tensor) -> torch.Tensor:
     """(H, T, T) causal attention probabilities of one window ``x`` (T, D) under the original q/k maps (D, H d) /
@@ -45,8 +51,7 @@ def original_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, heads:
     t = x.shape[0]
     qz = complex_channels(x @ q, heads, head_dim)  # (T, H, F)
     kz = complex_channels(x @ k, kv_heads, head_dim)
-    turn = torch.polar(torch.ones(t, len(inv_freq), dtype=x.dtype),
-                       torch.arange(t, dtype=x.dtype)[:, None] * inv_freq.to(x.dtype))  # (T, F)
+    turn = phases(torch.arange(t, dtype=x.dtype), inv_freq)  # (T, F)
     qz, kz = qz * turn[:, None], kz * turn[:, None]
     kz = kz.repeat_interleave(heads // kv_heads, dim=1)
     scores = torch.einsum("mhf,nhf->hmn", qz, kz.conj()).real * head_dim**-0.5
@@ -60,8 +65,7 @@ def distance_phase(attn: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     distance = (torch.arange(t)[:, None] - torch.arange(t)[None]).clamp_min(0)  # causal: m >= n
     by_distance = attn.new_zeros(heads, t).scatter_add_(1, distance.flatten()[None].expand(heads, -1),
                                                         attn.reshape(heads, -1))  # attention mass per distance
-    turn = torch.polar(torch.ones(t, len(inv_freq), dtype=attn.dtype),
-                       torch.arange(t, dtype=attn.dtype)[:, None] * inv_freq.to(attn.dtype))  # (distance, F)
+    turn = phases(torch.arange(t, dtype=attn.dtype), inv_freq)  # (distance, F)
     return by_distance.to(turn.dtype) @ turn
 
 

@@ -8,7 +8,7 @@ the stock model (``deepseek``) -> checked against clover's reference of the same
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -85,8 +85,7 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     inv_freq = rotary_frequencies(model)
     seen = attention.collect(model, adapter, sites, statistics, inv_freq, config.refit_windows, config.progress,
                              mixed=config.o_refit) if config.needs_attention() else [None] * len(sites)
-    settings = RotarySettings(config.rope_key, config.unrotated, config.rope_dims, config.latent_weights,
-                              config.freqfold, config.o_refit)
+    settings = RotarySettings(**{f.name: getattr(config, f.name) for f in fields(RotarySettings)})
     parts = [_layer_parts(adapter, site, stats.sites[site.name].q_input, config.compute_dtype, settings, layer_seen,
                           inv_freq)
              for site, layer_seen in tqdm(list(zip(sites, seen, strict=True)), desc="rotary split", unit="layer",

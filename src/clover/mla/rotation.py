@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import LayerAttention, original_attention
+from .attention import LayerAttention, original_attention, phases
 
 ALPHAS = ("nope", "expected", "refit")
 
@@ -43,8 +43,7 @@ def score_fit(attention: LayerAttention, q: torch.Tensor, k: torch.Tensor, p: to
         attn = original_attention(x, q, k, heads, kv_heads, head_dim, inv_freq)
         rows = torch.arange(0, t, query_stride)
         weight = 0.5 * attn[:, rows] + 0.5 * torch.ones(t, t, dtype=x.dtype).tril()[rows] / (rows[:, None] + 1)
-        distance = (rows[:, None] - torch.arange(t)[None]).to(x.dtype)
-        turn = torch.polar(torch.ones_like(distance)[..., None], distance[..., None] * inv_freq.to(x.dtype))
+        turn = phases((rows[:, None] - torch.arange(t)[None]).to(x.dtype), inv_freq)  # (m, T, F)
         keys = torch.einsum("td,djf->tjf", x.to(c.dtype), c)  # (T, J, F)
         for h in range(heads):
             queries = torch.einsum("td,djf->tjf", x[rows].to(p.dtype), p[:, h]) * mask  # (m, J, F)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lowrank import channel_energy, complex_channels, rotary_components, sym_sqrt, weighted_lowrank
+from ..lowrank import channel_energy, complex_channels, refit_readout, rotary_components, sym_sqrt, \
+    weighted_lowrank
 from . import rotation
 from .attention import LayerAttention
 from .freqfold import folded_maps
@@ -114,8 +115,7 @@ def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     rope_dims = settings.rope_dims or head_dim
     stride = head_dim // rope_dims
     if settings.freqfold > 1:  # TransMLA's FreqFold (NoPE, every frequency rotated): the peer row
-        weight = torch.ones(kv_heads, head_dim // 2, dtype=q.dtype) if settings.rope_key == "pca" else \
-            key_weight(q, cov, heads, kv_heads, head_dim)
+        weight = component_weight(settings.rope_key, q, cov, heads, kv_heads, head_dim)
         q_rot, k_rot, p_nope, c_nope, rope_energy = folded_maps(q, k, cov, heads, kv_heads, head_dim, weight,
                                                                 settings.freqfold)
     else:
@@ -153,10 +153,7 @@ def rotary_maps(q: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, heads: int,
     format rotates (component 0 of every kept frequency)."""
     qz = complex_channels(q, heads, head_dim)  # (D, H, F)
     kz = complex_channels(k, kv_heads, head_dim)  # (D, G, F)
-    if settings.rope_key == "pca":  # TransMLA's RoRoPE: the keys' own principal components
-        weight = torch.ones(kv_heads, head_dim // 2, dtype=q.dtype)
-    else:
-        weight = key_weight(q, cov, heads, kv_heads, head_dim)
+    weight = component_weight(settings.rope_key, q, cov, heads, kv_heads, head_dim)
     moment = attention.key_moment if settings.rope_key == "attention" else None
     comps = rotary_components(kz, cov, weight, moment)
     c = torch.einsum("fjg,ngf->njf", comps.encode, kz)  # (D, G comps, F)
@@ -166,6 +163,15 @@ def rotary_maps(q: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, heads: int,
     # the engine's rope frequencies theta^(-2i / rope_dims) are every (d / rope_dims)-th original one
     rotated[0, ::head_dim // (settings.rope_dims or head_dim)] = True
     return comps, p, c, rotated
+
+
+def component_weight(rope_key: str, q: torch.Tensor, cov: torch.Tensor, heads: int, kv_heads: int,
+                     head_dim: int) -> torch.Tensor:
+    """(G, F) weights of the rotary PCA: ones for ``pca`` (TransMLA's RoRoPE: the keys' own principal components),
+    else the query energy each KV head's frequency serves."""
+    if rope_key == "pca":
+        return torch.ones(kv_heads, head_dim // 2, dtype=q.dtype)
+    return key_weight(q, cov, heads, kv_heads, head_dim)
 
 
 def unrotated_factor(kind: str, attention, q, k, p, c, unrotated, heads, kv_heads, head_dim, inv_freq):
@@ -212,12 +218,8 @@ def refit_o(parts: LayerParts, down: torch.Tensor, up_v: torch.Tensor) -> torch.
     for h in range(heads):
         g = h // group
         u = down @ up_v[g]  # (D, d): the head's value map through the latent
-        c = parts.mixed[h].to(u.dtype)
-        gram = u.mT @ c @ u
-        gram = gram + 1e-9 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(value_dim, dtype=u.dtype)
-        o_h = parts.o[:, h * value_dim:(h + 1) * value_dim]  # (D_out, d)
-        target = u.mT @ c @ v[:, g * value_dim:(g + 1) * value_dim] @ o_h.mT  # (d, D_out)
-        blocks.append(torch.linalg.solve(gram, target).mT)
+        blocks.append(refit_readout(u, parts.mixed[h].to(u.dtype), v[:, g * value_dim:(g + 1) * value_dim],
+                                    parts.o[:, h * value_dim:(h + 1) * value_dim]))
     return torch.cat(blocks, dim=1)
 
 
