@@ -82,7 +82,8 @@ def test_expected_phase_is_the_attention_weighted_mean_rotation():
     for m in range(t):
         for n in range(m + 1):
             want += attn[:, m, n, None] * torch.exp(1j * inv_freq * (m - n))
-    assert torch.allclose(distance_phase(attn, inv_freq), want, atol=1e-12)
+    got = distance_phase(attn, inv_freq)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-12
 
 
 def test_original_attention_matches_the_model():
@@ -101,7 +102,8 @@ def test_original_attention_matches_the_model():
     q, k = attn_module.q_proj.weight.double().T, attn_module.k_proj.weight.double().T
     inv_freq = model.model.rotary_emb.inv_freq.double()
     got = original_attention(captured["x"], q, k, 4, 2, 16, inv_freq)
-    assert torch.allclose(got, out.attentions[0][0].double(), atol=1e-5)
+    want = out.attentions[0][0].double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5  # float32 model against float64 statistics
 
 
 @pytest.mark.parametrize("fields,message", [
