@@ -21,6 +21,12 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
 
+Healing (``--heal``): the KV 25% conversion with the strongest lever, tuned toward the original by KL distillation
+of its next-token distribution on WikiText-2 validation windows (``clover heal``): CLOVER, LoRA and PiSSA at
+matched trainable parameters, the same steps, data and learning rate, over seeds; the control is the original model
+tuned the same way toward itself (its objective starts at zero, so it shows what tuning alone does to the test
+perplexity). Runs already in the JSON with the same settings are kept, so an interrupted ``--heal`` resumes.
+
 Writes ``benchmarks/results/mla_quality.json`` and the ``mla_quality`` section of BENCHMARKS.md; the goals are
 checked and printed, met or not.
 """
@@ -54,6 +60,9 @@ LEVERS = {  # name -> MlaConfig fields
                                          freqfold=4),
 }
 LATENT = "latent --rope latent (no engine runs it)"
+HEAL_LEVER, HEAL_KEPT = "rope key query, refit, O refit", 0.25
+HEAL_METHODS, HEAL_SEEDS, CONTROL_SEEDS = ("clover", "lora", "pissa"), (0, 1, 2), (0,)
+HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of validation text per run
 # the levers at full rank, KV 50% and 25%; KV 12.5% for the strongest and the peer; the run's length (about four
 # minutes a row on two cores) keeps the rest to the sizes that decide
 SIZES = {name: (1.0, 0.5, 0.25) for name in LEVERS}
@@ -83,6 +92,14 @@ def main() -> None:
     parser.add_argument("--kept", default=None, help="Fractions of the cache kept (comma-separated); default: each "
                         "row's sizes (SIZES)")
     parser.add_argument("--render", type=Path, default=None)
+    parser.add_argument("--heal", action="store_true", help="Run the healing rows (and their controls) instead of "
+                        "the training-free ones, adding to the saved run.")
+    parser.add_argument("--heal-methods", default=",".join(HEAL_METHODS))
+    parser.add_argument("--heal-seeds", default=",".join(str(s) for s in HEAL_SEEDS))
+    parser.add_argument("--heal-steps", type=int, default=HEAL["steps"], help="Other than the default: a longer "
+                        "run, reported beside the side-by-side comparison.")
+    parser.add_argument("--heal-lr", type=float, default=HEAL["lr"], help="Other than the default: a method at "
+                        "its own learning rate, reported beside the comparison.")
     args = parser.parse_args()
     if args.render:
         render(json.loads(args.render.read_text()))
@@ -110,12 +127,28 @@ def main() -> None:
     runs = [info]
     command = "python benchmarks/mla_quality.py " + shlex.join(sys.argv[1:])
     commands = [command]
-    saved = json.loads(RESULTS.read_text()) if args.rows and RESULTS.is_file() else None
+    saved = json.loads(RESULTS.read_text()) if (args.rows or args.heal) and RESULTS.is_file() else None
+    healed = []
     if saved and saved["windows"] == args.windows:
         rows = [r for r in saved["rows"] if not (r["name"] in names and r["kept"] in (kept_list or SIZES[r["name"]]))]
+        if args.heal:
+            rows = saved["rows"]
+        healed = saved.get("heal", [])
         runs = saved["runs"] + [info]
         commands = saved.get("commands", []) + [command] if saved.get("commands") else []
     base = ppl(lm.model)
+    if args.heal:
+        methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
+        seeds = [int(x) for x in args.heal_seeds.split(",") if x.strip()]
+        settings = dict(HEAL, steps=args.heal_steps, lr=args.heal_lr)
+        for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, settings):
+            healed.append(row)
+            print(row, flush=True)
+            payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed,
+                       "command": command, "commands": commands}
+            write_json(RESULTS, payload)
+        render(json.loads(RESULTS.read_text()))
+        return
     for name in names:
         for kept in kept_list or SIZES[name]:
             if name == LATENT and kept == 1.0:
@@ -133,10 +166,138 @@ def main() -> None:
             rows.append(row)
             del model
             print(row, flush=True)
-            payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "command": command,
-                       "commands": commands}
+            payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed,
+                       "command": command, "commands": commands}
             write_json(RESULTS, payload)
     render(payload)
+
+
+def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings):
+    """Healed conversions and controls not yet in ``done`` (same settings): one row per method, seed and kind."""
+    import copy
+    import tempfile
+
+    from clover.data import load_rows
+    from clover.finetune.data import token_windows
+    from clover.heal import HealConfig, distill, heal
+
+    windows = token_windows(lm.tokenizer, ["\n\n".join(load_rows(split="validation"))], settings["seqlen"])
+    have = {(r["kind"], r["method"], r["seed"]) for r in done if r["settings"] == settings}
+    converted = None
+    plan = [("healed", m, s) for m in methods for s in seeds] + \
+        [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds]
+    for kind, method, seed in plan:
+        if (kind, method, seed) in have:
+            continue
+        if kind == "healed" and converted is None:
+            converted, _ = convert(HEAL_LEVER, HEAL_KEPT, lm, calib)
+        student = copy.deepcopy(converted if kind == "healed" else lm.model)
+        targets = ("qk", "vo", "up") if kind == "healed" else ("k", "vo", "up")  # the original is rotary: K's QR form
+        config = HealConfig(method=method, targets=targets, seed=seed, progress=False, **settings)
+        with tempfile.TemporaryDirectory() as folder:
+            start = time.perf_counter()
+            tuned, report = (heal if kind == "healed" else distill)(student, lm.model, lm.tokenizer, windows, config,
+                                                                    folder, log=lambda *_: None)
+            seconds = time.perf_counter() - start
+        yield {"kind": kind, "method": method, "seed": seed, "ppl": ppl(tuned), "trainable": report.trainable,
+               "lora_r": report.lora_r, "train_kl": report.train_kl, "seconds": round(seconds, 1),
+               "settings": dict(settings), "run": run}
+        del tuned, student
+
+
+def heal_settings(payload: dict) -> list[dict]:
+    """Every distinct setting the healing rows were run with: the comparison's (HEAL) first."""
+    found = [HEAL]
+    for row in payload.get("heal", []):
+        if row["settings"] not in found:
+            found.append(row["settings"])
+    return found
+
+
+def settings_label(settings: dict) -> str:
+    """What differs from the comparison's settings (HEAL), e.g. ``lr 0.0001`` or ``steps 200``."""
+    return ", ".join(f"{key} {value:g}" for key, value in settings.items() if HEAL.get(key) != value)
+
+
+def heal_summary(payload: dict, settings: dict | None = None) -> dict:
+    """Per (kind, method): ppl over seeds (mean, sd, n) and the run's trainable count / LoRA rank, for the rows
+    run with ``settings`` (default: the comparison's)."""
+    import statistics
+
+    out = {}
+    for row in payload.get("heal", []):
+        if row["settings"] == (settings or HEAL):
+            out.setdefault((row["kind"], row["method"]), []).append(row)
+    summary = {}
+    for key, rows in out.items():
+        values = [r["ppl"] for r in rows]
+        summary[key] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "n": len(values), "trainable": rows[0]["trainable"], "lora_r": rows[0]["lora_r"],
+                        "seconds": statistics.fmean(r["seconds"] for r in rows)}
+    return summary
+
+
+def render_heal(payload: dict) -> str:
+    if not payload.get("heal"):
+        return ""
+    base = payload["base_ppl"]
+    unhealed = next((r["ppl"] for r in payload["rows"] if r["name"] == HEAL_LEVER and r["kept"] == HEAL_KEPT), None)
+    columns = ["method", "trainable (LoRA rank)", "ppl, mean +- sd (seeds)", "x base", "control ppl (seeds)",
+               "x control", "train s / run"]
+    table = []
+    for settings in heal_settings(payload):
+        summary = heal_summary(payload, settings)
+        label = settings_label(settings)
+        for method in HEAL_METHODS:
+            h, c = summary.get(("healed", method)), summary.get(("control", method))
+            if h is None and c is None:
+                continue
+            h = h or c
+            name = method + (f", {label}" if label else "") + ("" if summary.get(("healed", method)) else
+                                                               ", control only")
+            rank = "" if h["lora_r"] is None else f" (r={h['lora_r']})"
+            table.append([name, f"{h['trainable']:,}{rank}", f"{h['mean']:.2f} +- {h['sd']:.2f} ({h['n']})",
+                          f"{h['mean'] / base:.3f}", "-" if c is None else f"{c['mean']:.2f} ({c['n']})",
+                          "-" if c is None else f"{h['mean'] / c['mean']:.3f}", f"{h['seconds']:.0f}"])
+    title = (f"Healed at KV {HEAL_KEPT:.0%} ({HEAL_LEVER}; training-free "
+             f"{'-' if unhealed is None else f'{unhealed:.2f}'}, base {base:.2f}): KL distillation from the original "
+             f"on WikiText-2 validation, {HEAL['steps']} steps x {HEAL['batch_size']} x {HEAL['seqlen']} tokens, lr "
+             f"{HEAL['lr']:g} unless the row says otherwise")
+    print_table(title, columns, table)
+    return (f"\n\n{title}. LoRA / PiSSA ranks are matched to CLOVER's trainable count on the same modules; the "
+            "control is the original tuned the same way toward itself (same method, settings and data; its objective "
+            "starts at zero).\n\n" + markdown_table(columns, table))
+
+
+def heal_goals(payload: dict) -> list[str]:
+    import math
+
+    lines = []
+    groups = [(settings, heal_summary(payload, settings)) for settings in heal_settings(payload)]
+    for settings, summary in groups:
+        done = {m: v for (kind, m), v in summary.items() if kind == "healed"}
+        best = min(done, key=lambda m: done[m]["mean"]) if done else None
+        control = summary.get(("control", best))
+        if control:
+            ratio = done[best]["mean"] / control["mean"]
+            label = settings_label(settings) or "the comparison's settings"
+            lines.append(f"healed KV {HEAL_KEPT:.0%} within 1.10x of the identically tuned base ({label}): "
+                         f"{ratio:.3f}x ({best}) -> {'MET' if ratio <= 1.10 else 'NOT MET'}")
+    clover = heal_summary(payload).get(("healed", "clover"))
+    for peer in ("lora", "pissa"):  # each peer at its best learning rate among the runs with the same budget
+        runs = [(s, summary[("healed", peer)]) for s, summary in groups if ("healed", peer) in summary
+                and {k: v for k, v in s.items() if k != "lr"} == {k: v for k, v in HEAL.items() if k != "lr"}
+                and summary[("healed", peer)]["n"] >= 2]
+        if not (clover and clover["n"] >= 2 and runs):
+            continue
+        settings, other = min(runs, key=lambda run: run[1]["mean"])
+        gap = other["mean"] - clover["mean"]
+        se = math.sqrt(clover["sd"] ** 2 / clover["n"] + other["sd"] ** 2 / other["n"])
+        verdict = "ahead" if gap > 2 * se else ("behind" if -gap > 2 * se else "not separated")
+        lines.append(f"CLOVER healing vs {peer} (its best lr tried, {settings['lr']:g}): {clover['mean']:.2f} vs "
+                     f"{other['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} -> ahead beyond the spread: "
+                     f"{'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}")
+    return lines
 
 
 def goals_of(payload: dict) -> list[str]:
@@ -161,7 +322,7 @@ def goals_of(payload: dict) -> list[str]:
         if b and t:
             lines.append(f"KV {kept:.1%}: best clover lever {b['ppl']:.2f} ({b['name']}) vs the best TransMLA-recipe "
                          f"row {t['ppl']:.2f} ({t['name']}) -> {'ahead' if b['ppl'] < t['ppl'] else 'NOT ahead'}")
-    return lines
+    return lines + heal_goals(payload)
 
 
 def render(payload: dict) -> None:
@@ -186,10 +347,11 @@ def render(payload: dict) -> None:
     machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(payload["runs"]))
     commands = "; ".join(f"run {i}: `{c}`" for i, c in enumerate(payload.get("commands", []))) or \
         f"`{payload['command']}` (the last run; each row names its run in the JSON)"
+    heal_md = render_heal(payload)
     md = (f"Command: {commands}\n\nMachine: {machines}\n\n{title}. Calibration: 16 x 512 validation "
           "tokens. KV 12.5% rows keep 16 rotated dims (a 32-dim latent). The TransMLA recipe rows are RoRoPE + "
           "NoPE + BKV (+ FreqFold) re-implemented from the paper's description.\n\n" + markdown_table(columns, table)
-          + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals))
+          + heal_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals))
     update_benchmarks_md("mla_quality", md)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -15,6 +16,8 @@ import clover  # noqa: F401
 from clover.cli import app
 from clover.errors import CloverError
 from clover.export import GgufConfig, engine, export_gguf
+from clover.finetune.data import TokenWindows
+from clover.heal import HealConfig, heal
 from clover.mla import MlaConfig, to_mla
 from clover.save import save_model
 from clover.verify import model_outputs
@@ -51,13 +54,17 @@ def models(tmp_path_factory):
                                                       calibration=CALIB, split=1.0, progress=False))
     save_model(partial, tiny_tokenizer(), root / "mla2-rope4")  # every lever, partial RoPE on the engine's frequencies
     found["mla2-rope4"] = (partial, root / "mla2-rope4")
+    healed, _ = heal(copy.deepcopy(partial), found["llama2"][0], None, TokenWindows(CALIB),
+                     HealConfig(steps=4, lr=1e-2, seqlen=32, progress=False), root / "heal-run", log=lambda *_: None)
+    save_model(healed, tiny_tokenizer(), root / "mla2-healed")  # per-head keys and values no longer shared
+    found["mla2-healed"] = (healed, root / "mla2-healed")
     gqa, _ = to_mla(found["llama2"][0], MlaConfig(layout="gqa", kv_heads=1, calibration=CALIB, progress=False))
     save_model(gqa, tiny_tokenizer(), root / "gqa1")
     found["gqa1"] = (gqa, root / "gqa1")
     return found
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama1", "mla2", "mla1", "mla2-rope4", "gqa1"])
+@pytest.mark.parametrize("name", ["llama2", "llama1", "mla2", "mla1", "mla2-rope4", "mla2-healed", "gqa1"])
 def test_llama_cpp_computes_what_transformers_computes(models, name, tmp_path):
     model, folder = models[name]
     report = export_gguf(model, str(folder), folder, tmp_path / "m.gguf", GgufConfig(type="f32"))

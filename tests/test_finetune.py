@@ -284,7 +284,7 @@ def _other_families():
     from test_mllama import tiny_mllama
     from test_unet import tiny_unet
     from test_whisper import tiny_whisper
-    return [("whisper", tiny_whisper, ("qk", "vo")), ("deepseek_v2", tiny_deepseek, ("qk", "vo")),
+    return [("whisper", tiny_whisper, ("qk", "vo")), ("deepseek_v2", tiny_deepseek, ("qk", "vo", "up")),
             ("mllama", tiny_mllama, ("k", "vo")), ("unet", tiny_unet, ("qk", "vo"))]
 
 

@@ -99,6 +99,15 @@ def factors(w: AttentionWeights, kind: PairKind) -> tuple[torch.Tensor, torch.Te
     return qk_factors(w) if kind == "qk" else vo_factors(w)
 
 
+def pair_width(w: AttentionWeights, kind: PairKind) -> int:
+    """The most directions the pair's product can have: its head dim, unless a side has fewer rows (an MLA value
+    read from a 32-dim latent has at most 32 directions, whatever ``v_head_dim`` is). From shapes alone."""
+    if kind == "qk":
+        left = w.group_size * (w.q.weight.shape[1] + (w.q.bias is not None))
+        return min(w.qk_dim, left, w.k.weight.shape[1] + (w.k.bias is not None))
+    return min(w.vo_dim, w.group_size * w.o.weight.shape[0], w.v.weight.shape[1] + (w.v.bias is not None))
+
+
 def with_factors(w: AttentionWeights, kind: PairKind, left: torch.Tensor, right: torch.Tensor) -> AttentionWeights:
     """New weights with the pair replaced; the head dim becomes ``left.shape[-1]`` (smaller when pruned)."""
     d = left.shape[-1]

@@ -1,4 +1,5 @@
-"""DeepSeek-V2 (transformers' ``DeepseekV2ForCausalLM``): multi-head latent attention (MLA).
+"""DeepSeek-V2 and V3 (transformers' ``DeepseekV2ForCausalLM`` / ``DeepseekV3ForCausalLM``): multi-head latent
+attention (MLA). The two classes hold the same attention (V3 is what ``clover mla`` writes), so one adapter reads both.
 
 Per head h, the query is ``q_proj`` (or ``q_b_proj(norm(q_a_proj(x)))`` when ``q_lora_rank`` is set), rows
 ``[nope (qk_nope_head_dim) | rope (qk_rope_head_dim)]``; keys and values come from a shared latent
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from ..errors import CloverError
 from ..modeling.deepseek_v2 import build_pruned, query_fold, query_projection
@@ -34,13 +36,13 @@ from ..pairs import AttentionWeights, Projection
 from .base import Adapter, AttentionSite, linear_projection, set_parameter, write_linear
 from .residual import NormSite, Port, ResidualLayout
 
-SUPPORTED = ("transformers' DeepseekV2Attention (q_proj, or q_a_proj -> q_b_proj; kv_a_proj_with_mqa -> kv_b_proj; "
+SUPPORTED = ("transformers' DeepseekV2Attention / DeepseekV3Attention (q_proj, or q_a_proj -> q_b_proj; kv_a_proj_with_mqa -> kv_b_proj; "
              "o_proj) with num_key_value_heads == num_attention_heads and qk_nope_head_dim > 0")
 
 
 class DeepseekV2Adapter(Adapter):
     name = "deepseek_v2"
-    model_types = ("deepseek_v2",)
+    model_types = ("deepseek_v2", "deepseek_v3")
     uniform_head_dims = True
     prune_notes = (
         "DeepSeek-V2: only the non-rotary dims were pruned (qk_nope_head_dim, v_head_dim); the rotary dims and the "
@@ -63,11 +65,11 @@ class DeepseekV2Adapter(Adapter):
         found = [(name, m) for name, m in model.named_modules()
                  if name.endswith("self_attn") or hasattr(m, "kv_b_proj")]
         for name, m in found:
-            if not isinstance(m, DeepseekV2Attention):
-                raise CloverError(f"{name} is a {type(m).__module__}.{type(m).__name__}: the deepseek_v2 adapter "
+            if not isinstance(m, (DeepseekV2Attention, DeepseekV3Attention)):
+                raise CloverError(f"{name} is a {type(m).__module__}.{type(m).__name__}: the deepseek adapter "
                                   f"supports {SUPPORTED}; load the model without trust_remote_code")
         if kv_heads != heads:
-            raise CloverError(f"this deepseek_v2 config has num_key_value_heads={kv_heads} but "
+            raise CloverError(f"this {cfg.model_type} config has num_key_value_heads={kv_heads} but "
                               f"num_attention_heads={heads}: the adapter supports {SUPPORTED}")
         if cfg.qk_nope_head_dim < 1:
             raise CloverError(f"qk_nope_head_dim is {cfg.qk_nope_head_dim}: every query/key dim is rotary, so there "
@@ -88,6 +90,12 @@ class DeepseekV2Adapter(Adapter):
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
         m = site.module
         return {"q": query_projection(m), "k": m.kv_b_proj, "v": m.kv_b_proj, "o": m.o_proj}
+
+    def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The dense layers' up projections (``first_k_dense_replace``; every layer of a ``clover mla`` output).
+        MoE layers are left out: their routed experts are one fused 3-D tensor, not a linear module."""
+        return [(f"{name}.up_proj", m.up_proj) for name, m in model.named_modules()
+                if name.endswith("mlp") and isinstance(getattr(m, "up_proj", None), nn.Linear)]
 
     def write(self, site: AttentionSite, weights: AttentionWeights) -> None:
         """Splice the nope/k/v rows back; rope rows stay. Dims must match the module (``prune`` builds it so)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from . import evaluate, export, finetune, inspect, latent, mla, orthogonalize, prune, slice, sweep
+from . import evaluate, export, finetune, heal, inspect, latent, mla, orthogonalize, prune, slice, sweep
 from .common import fails_cleanly
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,6 +25,7 @@ app.command()(fails_cleanly(mla.mla))
 app.command()(fails_cleanly(export.export))
 app.command()(fails_cleanly(sweep.sweep))
 app.command()(fails_cleanly(finetune.finetune))
+app.command()(fails_cleanly(heal.heal))
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -29,7 +29,7 @@ from ..adapters import Adapter, AttentionSite
 from ..adapters.base import capture_writes
 from ..decompose import decompose
 from ..errors import CloverError
-from ..pairs import Projection, check_finite, factors, with_factors
+from ..pairs import Projection, check_finite, factors, pair_width, with_factors
 
 TUNER_NAME = "clover_tune"
 
@@ -162,7 +162,9 @@ def _add_bias(p: Projection, delta: torch.Tensor | None) -> Projection:
 class SiteTuner(Tuner):
     """One attention block: cross-layer cores for ``qk`` / ``vo`` and the intra-layer QR core ``k``.
 
-    ``qk`` / ``vo``: per KV group, ``left = P C`` and ``right = Q`` with C initialised to ``diag(s)``.
+    ``qk`` / ``vo``: per KV group, ``left = P C`` and ``right = Q`` with C initialised to ``diag(s)``. C is only as
+    wide as the product's rank can be (``pairs.pair_width``): where K or V reads a latent narrower than the head,
+    wider cores would hold entries no gradient reaches; the factors are zero-padded back to the head dim.
     ``k`` (rotary models, where Q-K is not exact): the homogeneous K of each KV group is ``Q_k R_k`` (thin QR);
     ``R_k`` is the trainable core, a d x d map applied before the rotary embedding.
     With ``train_bias``, every bias of the block gets a trainable offset (the paper's CLOVER-dagger).
@@ -189,12 +191,13 @@ class SiteTuner(Tuner):
                 self.register_buffer("k_right", basis.to(dtype=dtype, device=device).contiguous())
                 self.register_parameter("k_core", nn.Parameter(core.to(dtype=dtype, device=device)))
                 continue
+            width = pair_width(w, kind)
             if initialise:
                 p, q, s = _orthonormal_factors(left, right)
-                core = torch.diag_embed(s)
+                p, q, core = p[..., :width], q[..., :width], torch.diag_embed(s[..., :width])
             else:
-                p, q = torch.zeros(left.shape), torch.zeros(right.shape)
-                core = torch.zeros(left.shape[0], left.shape[-1], left.shape[-1])
+                p, q = torch.zeros(*left.shape[:-1], width), torch.zeros(*right.shape[:-1], width)
+                core = torch.zeros(left.shape[0], width, width)
             self.register_buffer(f"{kind}_left", p.to(dtype=dtype, device=device).contiguous())
             self.register_buffer(f"{kind}_right", q.to(dtype=dtype, device=device).contiguous())
             self.register_parameter(f"{kind}_core", nn.Parameter(core.to(dtype=dtype, device=device)))
@@ -219,7 +222,10 @@ class SiteTuner(Tuner):
                 left, _ = factors(w, "qk")
                 w = with_factors(w, "qk", left, self.k_right @ core)
             else:
-                w = with_factors(w, kind, getattr(self, f"{kind}_left") @ core, getattr(self, f"{kind}_right"))
+                dim = w.qk_dim if kind == "qk" else w.vo_dim
+                pad = (0, dim - core.shape[-1])  # zero directions beyond the product's rank (pair_width)
+                w = with_factors(w, kind, F.pad(getattr(self, f"{kind}_left") @ core, pad),
+                                 F.pad(getattr(self, f"{kind}_right"), pad))
         if self.bias_names:
             w = replace(w, **{n: _add_bias(getattr(w, n), getattr(self, f"{n}_bias")) for n in self.bias_names})
         with self.reading(), capture_writes() as captured:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..adapters import Adapter, AttentionSite, adapter_for
 from ..errors import CloverError
+from ..pairs import pair_width
 
 TARGETS = ("qk", "k", "vo", "up")
 ROTARY_QK = ("target 'qk' needs a model without rotary embeddings (rotary embeddings sit between Q and K, so the "
@@ -100,16 +101,17 @@ def target_modules(model: nn.Module, targets) -> list[str]:
 
 
 def clover_parameter_count(model: nn.Module, targets, train_bias: bool = False) -> int:
-    """Trainable parameters CLOVER adds for ``targets``: d x d per KV group per pair, d x d per MLP block."""
+    """Trainable parameters CLOVER adds for ``targets``: d x d per KV group per pair (d no wider than the pair's
+    rank can be, ``pairs.pair_width``), d x d per MLP block."""
     adapter, sites, targets = resolve_targets(model, targets)
     total = 0
     for site in sites:
         w = adapter.read(site)
         for t in targets:
-            if t in ("qk", "k"):
+            if t == "k":
                 total += w.num_kv_heads * w.qk_dim ** 2
-            elif t == "vo":
-                total += w.num_kv_heads * w.vo_dim ** 2
+            elif t in ("qk", "vo"):
+                total += w.num_kv_heads * pair_width(w, t) ** 2
         if train_bias and any(t != "up" for t in targets):
             total += sum(p.bias.numel() for p in (w.q, w.k, w.v, w.o) if p.bias is not None)
     if "up" in targets:

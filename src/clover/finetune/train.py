@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,7 @@ class FinetuneConfig:
     seed: int = 0
     resume: bool = True
     data: str | None = None  # the training data's fingerprint (path and content hash), part of the run's identity
+    teacher: str | None = None  # distillation (``clover heal``): the teacher the loss matches, part of the identity
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -104,12 +107,33 @@ def prepare(model: nn.Module, config: FinetuneConfig, progress: bool = True) -> 
                              bias="lora_only" if config.train_bias else "none")
     import warnings
 
-    with warnings.catch_warnings():  # peft warns that GPT-2's Conv1D needs fan_in_fan_out, then sets it itself
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings(), _named_modules_only(model):
+        warnings.simplefilter("ignore", UserWarning)  # GPT-2's Conv1D needs fan_in_fan_out: peft warns, then sets it
         wrapped = get_peft_model(model, lora_config)
     details = {"lora_r": config.lora_r, "target_modules": len(modules),
                "lora_formula": lora_parameter_count(model, modules, config.lora_r)}
     return MethodSetup(wrapped, config.method, trainable_parameters(wrapped), details)
+
+
+@contextmanager
+def _named_modules_only(model: nn.Module):
+    """peft 0.21 rewrites the targets of model types whose MoE experts transformers v5 fuses (DeepSeek-V3 among
+    them): any name ending in ``up_proj`` is taken for half of a fused expert and refused alone, even a dense MLP's
+    ``nn.Linear``. clover passes the exact names of existing modules, so the rewrite is never wanted: the model
+    type is hidden from peft while it wraps the model (and restored, so the saved config is the stock one)."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "model_type", None):
+        yield
+        return
+    own = vars(config).get("model_type")  # set on the instance by some loaders, else the class attribute
+    config.model_type = f"clover-peft-{config.model_type}"
+    try:
+        yield
+    finally:
+        if own is None:
+            del config.model_type
+        else:
+            config.model_type = own
 
 
 def merged(setup: MethodSetup) -> nn.Module:
@@ -136,7 +160,7 @@ def weights_digest(model: nn.Module) -> str:
 
 # What makes two runs the same run: a checkpoint may only be resumed by a run that agrees on all of these.
 RUN_IDENTITY = ("method", "targets", "lora_r", "match_lora_r", "train_bias", "dropout", "seqlen", "batch_size",
-                "grad_accum", "lr", "steps", "lr_scheduler", "warmup_steps", "seed", "data")
+                "grad_accum", "lr", "steps", "lr_scheduler", "warmup_steps", "seed", "data", "teacher")
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:
@@ -221,8 +245,12 @@ class FinetuneResult:
 
 
 def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir: str | os.PathLike,
-          model_name: str = "model", progress: bool = True, log=print) -> tuple[nn.Module, FinetuneResult]:
-    """Train with the Trainer, resuming from the last complete checkpoint in ``run_dir``; return the merged model."""
+          model_name: str = "model", progress: bool = True, log=print,
+          loss: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> tuple[nn.Module, FinetuneResult]:
+    """Train with the Trainer, resuming from the last complete checkpoint in ``run_dir``; return the merged model.
+
+    ``loss(model, batch)`` replaces the causal-LM loss (``clover heal`` passes a distillation loss); everything
+    else (checkpoints, resume, merging) is the same run."""
     import time
 
     from transformers import Trainer, TrainingArguments, default_data_collator
@@ -251,8 +279,9 @@ def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir:
         report_to=[], seed=config.seed, data_seed=config.seed, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=not progress, ddp_find_unused_parameters=False,
     )
-    trainer = Trainer(model=setup.model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-                      callbacks=[_commit_callback(settings)])
+    trainer_class = Trainer if loss is None else _with_loss(Trainer, loss)
+    trainer = trainer_class(model=setup.model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                            callbacks=[_commit_callback(settings)])
     resume_from = None
     if trainer.is_world_process_zero():
         if not config.resume and run_dir.exists():
@@ -277,6 +306,17 @@ def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir:
                             str(trainer.accelerator.distributed_type.value))
     _check_ranks_agree(trainer, run_dir, digest)
     return final, result
+
+
+def _with_loss(trainer_class, loss):
+    class LossTrainer(trainer_class):
+        """The Trainer with another objective; the batch is handed over whole (labels included, unused or not)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            value = loss(model, inputs)
+            return (value, None) if return_outputs else value
+
+    return LossTrainer
 
 
 def _check_ranks_agree(trainer, run_dir: Path, digest: str) -> None:

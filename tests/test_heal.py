@@ -1,0 +1,165 @@
+"""Healing an MLA conversion by KL distillation from the original: CLOVER cores no wider than the pairs' rank,
+LoRA / PiSSA at the matched budget, the format's fixed tensors untouched, and the CLI's refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+from tiny_tokenizer import SAMPLE_TEXT, tiny_tokenizer
+from transformers import DeepseekV3ForCausalLM
+from typer.testing import CliRunner
+
+import clover  # noqa: F401
+from clover.cli import app
+from clover.errors import CloverError
+from clover.finetune import TuneConfig, attach, clover_parameter_count, merge_
+from clover.finetune.data import TokenWindows
+from clover.heal import HealConfig, distill, heal
+from clover.heal.distill import kl_per_token
+from clover.mla import MlaConfig, to_mla
+from clover.save import save_model
+
+CALIB = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+TRAIN = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(2))
+HELD = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(3))
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The original (two KV heads of 16 dims) and its MLA conversion at KV 50% (a 16-dim latent, 16 key dims
+    without rotation)."""
+    teacher = tiny_llama(vocab_size=300, num_key_value_heads=2)
+    mla, report = to_mla(teacher, MlaConfig(kv_ratio=0.5, calibration=CALIB, progress=False))
+    assert (report.kv_lora_rank, report.qk_nope_head_dim) == (16, 16)
+    return teacher, mla
+
+
+def kl(model, teacher) -> float:
+    """The objective on the training windows (random tokens teach nothing that carries to other windows)."""
+    with torch.no_grad():
+        return float(kl_per_token(model(TRAIN).logits, teacher(TRAIN).logits))
+
+
+def quiet(*_):
+    pass
+
+
+def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
+    logits = torch.randn(2, 5, 11)
+    assert float(kl_per_token(logits, logits)) == 0.0
+    assert float(kl_per_token(logits, logits.flip(-1))) > 0.0
+
+
+def test_clover_cores_are_no_wider_than_the_latent_and_every_entry_learns():
+    """A pair reading a latent narrower than the head has at most that many directions: wider cores would hold
+    entries no gradient reaches. Cores are cut to the pair's rank, the count says so, and every entry gets a
+    gradient; the outputs are unchanged when attached and after merging."""
+    teacher = tiny_llama(vocab_size=300, num_key_value_heads=2)
+    mla, report = to_mla(teacher, MlaConfig(kv_ratio=0.75, rope_dims=8, calibration=CALIB, progress=False))
+    rank = report.kv_lora_rank
+    assert rank < report.qk_nope_head_dim and rank < 16  # latent narrower than the nope key and the value
+    before = mla(HELD).logits.detach()
+    budget = clover_parameter_count(mla, ("qk", "vo"))
+    attached = attach(mla, TuneConfig(targets=("qk", "vo"), progress=False))
+    assert attached.check.passed and attached.trainable_parameters == budget
+    tuner = mla.model.layers[0].self_attn.clover_tune
+    assert tuner.qk_core.shape[-1] == tuner.vo_core.shape[-1] == rank
+    mla(HELD).logits.float().pow(2).mean().backward()
+    for name in ("qk_core", "vo_core"):
+        grad = getattr(tuner, name).grad
+        assert bool((grad != 0).all()), name
+    merge_(mla)
+    after = mla(HELD).logits.detach()
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["clover", "lora", "pissa"])
+def test_healing_moves_the_conversion_toward_the_original(pair, method, tmp_path):
+    teacher, mla = pair
+    student = copy.deepcopy(mla)
+    kl_before = kl(student, teacher)
+    shapes = {n: p.shape for n, p in student.named_parameters()}
+    fixed = {n: p.detach().clone() for n, p in student.named_parameters() if "kv_a" in n or "norm" in n}
+    healed, report = heal(student, teacher, None, TokenWindows(TRAIN),
+                          HealConfig(method=method, steps=30, lr=1e-2, seqlen=32, progress=False), tmp_path / "run",
+                          log=quiet)
+    assert isinstance(healed, DeepseekV3ForCausalLM) and healed.config.clover_linear_latent_norm
+    assert {n: p.shape for n, p in healed.named_parameters()} == shapes  # the same stock layout
+    assert all(torch.equal(dict(healed.named_parameters())[n], t) for n, t in fixed.items())
+    assert report.unchanged > len(fixed) and report.steps == 30
+    assert kl(healed, teacher) < 0.9 * kl_before, method
+    if method == "clover":
+        assert report.trainable == report.clover_budget and report.lora_r is None
+    else:  # the rank whose count is closest to CLOVER's: within half a rank's worth
+        per_rank = report.trainable / report.lora_r
+        assert abs(report.trainable - report.clover_budget) <= per_rank / 2 + 1e-9
+
+
+def test_the_control_starts_at_zero_and_stays_near_it(pair, tmp_path):
+    """The benchmark's control, the original tuned toward itself the same way, starts with exactly zero KL (LoRA
+    starts at the original bit for bit); only rounding-level gradients reach it, so it stays far closer to its
+    teacher than any conversion starts."""
+    teacher, mla = pair
+    student = copy.deepcopy(teacher)
+    assert kl(student, teacher) == 0.0
+    out, report = distill(student, teacher, None, TokenWindows(TRAIN),
+                          HealConfig(method="lora", targets=("k", "vo", "up"), steps=3, lr=1e-2, seqlen=32,
+                                     progress=False), tmp_path / "run", log=quiet)
+    assert type(out).__name__ == "LlamaForCausalLM" and report.steps == 3
+    assert kl(out, teacher) < 1e-2 * kl(mla, teacher)
+
+
+def test_heal_refuses_what_is_not_an_mla_conversion(pair, tmp_path):
+    teacher, mla = pair
+    with pytest.raises(CloverError, match="not an MLA conversion"):
+        heal(copy.deepcopy(teacher), teacher, None, TokenWindows(TRAIN), HealConfig(seqlen=32, progress=False),
+             tmp_path / "run", log=quiet)
+    other = tiny_llama(vocab_size=300, num_key_value_heads=2, num_hidden_layers=3)
+    with pytest.raises(CloverError, match="num_hidden_layers 2 but teacher has 3"):
+        heal(copy.deepcopy(mla), other, None, TokenWindows(TRAIN), HealConfig(seqlen=32, progress=False),
+             tmp_path / "run", log=quiet)
+    with pytest.raises(CloverError, match="unknown healing method 'dora'"):
+        HealConfig(method="dora").check()
+
+
+def test_cli_heals_saves_and_refuses(pair, tmp_path):
+    teacher, mla = pair
+    save_model(teacher, tiny_tokenizer(), tmp_path / "llama")
+    save_model(mla, tiny_tokenizer(), tmp_path / "mla")
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT * 10)
+    common = ["--teacher", str(tmp_path / "llama"), "--data", str(tmp_path / "text.txt"), "--seqlen", "32",
+              "--steps", "4", "--save-steps", "2", "--lr", "1e-3"]
+    result = runner.invoke(app, ["heal", str(tmp_path / "mla"), "--out", str(tmp_path / "out"), *common,
+                                 "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["method"] == "clover" and report["steps"] == 4 and report["trainable"] == report["clover_budget"]
+    assert DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out").config.clover_linear_latent_norm
+    # peft on a DeepSeek-V3 loaded from disk: the dense up projections are adapted like any linear module
+    result = runner.invoke(app, ["heal", str(tmp_path / "mla"), "--out", str(tmp_path / "lora"), *common,
+                                 "--method", "lora", "--json", str(tmp_path / "l.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "l.json").read_text())
+    assert report["method"] == "lora" and report["lora_r"] >= 1
+    assert DeepseekV3ForCausalLM.from_pretrained(tmp_path / "lora").config.model_type == "deepseek_v3"
+
+    def refused(args: list[str], message: str, before_loading: bool = True) -> None:
+        got = runner.invoke(app, ["heal", *args])
+        assert got.exit_code == 2 and message in got.output.strip().splitlines()[-1], got.output
+        if before_loading:  # no progress bar: refused from the configs alone
+            assert len(got.output.strip().splitlines()) == 1
+
+    refused([str(tmp_path / "llama"), "--out", str(tmp_path / "o2"), *common], "not an MLA conversion")
+    assert not (tmp_path / "o2").exists()
+    # the same checkpoints with another learning rate: another run
+    refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o3"), "--checkpoints", str(tmp_path / "out.checkpoints"),
+             *common[:-1], "2e-3"], "belong to another run", before_loading=False)
+    assert not (tmp_path / "o3").exists()
+    refused([str(tmp_path / "mla"), "--out", str(tmp_path / "out"), *common], "exists")
+    refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o4"), *common, "--method", "dora"],
+            "unknown healing method")
