@@ -2,13 +2,14 @@
 a TransMLA-recipe row on the same model, data, windows and cache size, and ``latent --rope latent`` (the quality
 ceiling no engine runs).
 
-    CLOVER_DATA=../shared/data python benchmarks/mla_quality.py [--windows 40] [--rows NAME,...]
+    CLOVER_DATA=../shared/data python benchmarks/mla_quality.py [--windows 40] [--rows NAME;...] [--missing]
     python benchmarks/mla_quality.py --render benchmarks/results/mla_quality.json
 
 Perplexity: WikiText-2 test, ``--windows`` x 512. Calibration: 16 WikiText-2 validation windows of 512 tokens (the
 last 4 choose the key/value split where it is searched). KV 100% keeps every latent dim, so the only error left is
 the rotation the format cannot hold; KV 12.5% (48 cached numbers per token) is below one full rotated key (64), so
-every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim latent. Levers (``MlaConfig``):
+every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim latent (the 32-rotated-dims row: 32 and
+16). Levers (``MlaConfig``):
 
 - rope key: which component of each frequency is shared and rotated (``pca``: the keys' own principal
   components, TransMLA's RoRoPE; ``query``: weighted by the query energy reading each KV head; ``attention``: also
@@ -46,31 +47,27 @@ from _report import REPO_ROOT, machine_info, machine_line, markdown_table, print
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "mla_quality.json"
 KEPT = (1.0, 0.5, 0.25, 0.125)
-LEVERS = {  # name -> MlaConfig fields
-    "rope key pca, nope": dict(rope_key="pca", unrotated="nope"),
-    "rope key query, nope": dict(rope_key="query", unrotated="nope"),
-    "rope key attention, nope": dict(rope_key="attention", unrotated="nope"),
-    "rope key query, expected": dict(rope_key="query", unrotated="expected"),
-    "rope key query, refit": dict(rope_key="query", unrotated="refit"),
-    "rope key query, refit, 32 rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32),
+LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's defaults are the best levers found)
+    "rope key pca, nope": dict(rope_key="pca", unrotated="nope", o_refit=False),
+    "rope key query, nope": dict(rope_key="query", unrotated="nope", o_refit=False),
+    "rope key attention, nope": dict(rope_key="attention", unrotated="nope", o_refit=False),
+    "rope key query, expected": dict(rope_key="query", unrotated="expected", o_refit=False),
+    "rope key query, refit": dict(rope_key="query", unrotated="refit", o_refit=False),
+    "rope key query, refit, 32 rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32, o_refit=False),
     "rope key query, refit, O refit": dict(rope_key="query", unrotated="refit", o_refit=True),
     "TransMLA recipe (RoRoPE + NoPE + BKV)": dict(rope_key="pca", unrotated="nope", latent_weights="bkv",
-                                                 split=1.0),
+                                                 split=1.0, o_refit=False),
     "TransMLA recipe + FreqFold 4": dict(rope_key="pca", unrotated="nope", latent_weights="bkv", split=1.0,
-                                         freqfold=4),
+                                         freqfold=4, o_refit=False),
 }
 LATENT = "latent --rope latent (no engine runs it)"
 HEAL_LEVER, HEAL_KEPT = "rope key query, refit, O refit", 0.25
-HEAL_METHODS, HEAL_SEEDS, CONTROL_SEEDS = ("clover", "lora", "pissa"), (0, 1, 2), (0,)
+HEAL_METHODS, HEAL_SEEDS, CONTROL_SEEDS = ("clover", "lora", "pissa"), (0, 1, 2), (0, 1, 2)
 HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of validation text per run
-# the levers at full rank, KV 50% and 25%; KV 12.5% for the strongest and the peer; the run's length (about four
-# minutes a row on two cores) keeps the rest to the sizes that decide
-SIZES = {name: (1.0, 0.5, 0.25) for name in LEVERS}
-SIZES.update({"rope key attention, nope": (1.0,), "rope key query, expected": (1.0, 0.5), "rope key query, refit": KEPT,
-              "rope key query, refit, 32 rotated dims": (0.25,), "rope key query, refit, O refit": (0.5, 0.25),
-              "TransMLA recipe (RoRoPE + NoPE + BKV)": KEPT, "TransMLA recipe + FreqFold 4": (0.5, 0.25),
-              LATENT: (0.5, 0.25)})
-
+# every lever at every size, but for two that cannot be: FreqFold has no 4 neighbours to fold among KV 12.5%'s 16
+# rotated dims, and the latent keeping all of its dims is the original model
+SIZES = {name: KEPT for name in LEVERS}
+SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.25, 0.125)})
 
 def convert(name: str, kept: float, lm, calib):
     from clover.latent import LatentConfig, to_latent
@@ -91,6 +88,8 @@ def main() -> None:
                         "the saved run's other rows.")
     parser.add_argument("--kept", default=None, help="Fractions of the cache kept (comma-separated); default: each "
                         "row's sizes (SIZES)")
+    parser.add_argument("--missing", action="store_true", help="Only the rows and sizes (SIZES) the saved run does "
+                        "not have yet, adding to it (a run cut short resumes).")
     parser.add_argument("--render", type=Path, default=None)
     parser.add_argument("--heal", action="store_true", help="Run the healing rows (and their controls) instead of "
                         "the training-free ones, adding to the saved run.")
@@ -124,18 +123,18 @@ def main() -> None:
         names = wanted
     kept_list = [float(k) for k in args.kept.split(",")] if args.kept else None
     rows = []
-    runs = [info]
     command = "python benchmarks/mla_quality.py " + shlex.join(sys.argv[1:])
-    commands = [command]
-    saved = json.loads(RESULTS.read_text()) if (args.rows or args.heal) and RESULTS.is_file() else None
+    info["command"] = command
+    runs = [info]
+    resume = args.rows or args.heal or args.missing
+    saved = json.loads(RESULTS.read_text()) if resume and RESULTS.is_file() else None
     healed = []
     if saved and saved["windows"] == args.windows:
         rows = [r for r in saved["rows"] if not (r["name"] in names and r["kept"] in (kept_list or SIZES[r["name"]]))]
-        if args.heal:
+        if args.heal or args.missing:
             rows = saved["rows"]
         healed = saved.get("heal", [])
         runs = saved["runs"] + [info]
-        commands = saved.get("commands", []) + [command] if saved.get("commands") else []
     base = ppl(lm.model)
     if args.heal:
         methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
@@ -145,13 +144,14 @@ def main() -> None:
             healed.append(row)
             print(row, flush=True)
             payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed,
-                       "command": command, "commands": commands}
+                       "command": command}
             write_json(RESULTS, payload)
         render(json.loads(RESULTS.read_text()))
         return
+    have = {(r["name"], r["kept"]) for r in rows}
     for name in names:
         for kept in kept_list or SIZES[name]:
-            if name == LATENT and kept == 1.0:
+            if (name == LATENT and kept == 1.0) or (args.missing and (name, kept) in have):
                 continue
             start = time.perf_counter()
             model, report = convert(name, kept, lm, calib)
@@ -167,7 +167,7 @@ def main() -> None:
             del model
             print(row, flush=True)
             payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed,
-                       "command": command, "commands": commands}
+                       "command": command}
             write_json(RESULTS, payload)
     render(payload)
 
@@ -242,8 +242,8 @@ def render_heal(payload: dict) -> str:
         return ""
     base = payload["base_ppl"]
     unhealed = next((r["ppl"] for r in payload["rows"] if r["name"] == HEAL_LEVER and r["kept"] == HEAL_KEPT), None)
-    columns = ["method", "trainable (LoRA rank)", "ppl, mean +- sd (seeds)", "x base", "control ppl (seeds)",
-               "x control", "train s / run"]
+    columns = ["method", "trainable (LoRA rank)", "ppl, mean +- sd (seeds)", "x base",
+               "control ppl, mean +- sd (seeds)", "x control", "train s / run"]
     table = []
     for settings in heal_settings(payload):
         summary = heal_summary(payload, settings)
@@ -256,8 +256,9 @@ def render_heal(payload: dict) -> str:
             name = method + (f", {label}" if label else "") + ("" if summary.get(("healed", method)) else
                                                                ", control only")
             rank = "" if h["lora_r"] is None else f" (r={h['lora_r']})"
+            spread = "-" if c is None else f"{c['mean']:.2f} +- {c['sd']:.2f} ({c['n']})"
             table.append([name, f"{h['trainable']:,}{rank}", f"{h['mean']:.2f} +- {h['sd']:.2f} ({h['n']})",
-                          f"{h['mean'] / base:.3f}", "-" if c is None else f"{c['mean']:.2f} ({c['n']})",
+                          f"{h['mean'] / base:.3f}", spread,
                           "-" if c is None else f"{h['mean'] / c['mean']:.3f}", f"{h['seconds']:.0f}"])
     title = (f"Healed at KV {HEAL_KEPT:.0%} ({HEAL_LEVER}; training-free "
              f"{'-' if unhealed is None else f'{unhealed:.2f}'}, base {base:.2f}): KL distillation from the original "
@@ -345,12 +346,13 @@ def render(payload: dict) -> None:
     for line in goals:
         print("goal:", line)
     machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(payload["runs"]))
-    commands = "; ".join(f"run {i}: `{c}`" for i, c in enumerate(payload.get("commands", []))) or \
-        f"`{payload['command']}` (the last run; each row names its run in the JSON)"
+    commands = "; ".join(f"run {i}: `{m['command']}`" if m.get("command") else f"run {i}: not recorded"
+                         for i, m in enumerate(payload["runs"])) + " (each row names its run in the JSON)"
     heal_md = render_heal(payload)
     md = (f"Command: {commands}\n\nMachine: {machines}\n\n{title}. Calibration: 16 x 512 validation "
-          "tokens. KV 12.5% rows keep 16 rotated dims (a 32-dim latent). The TransMLA recipe rows are RoRoPE + "
-          "NoPE + BKV (+ FreqFold) re-implemented from the paper's description.\n\n" + markdown_table(columns, table)
+          "tokens. KV 12.5% rows keep 16 rotated dims and a 32-dim latent (the 32-rotated-dims row 32 and 16). "
+          "The TransMLA recipe rows are RoRoPE + NoPE + BKV (+ FreqFold) re-implemented from the paper's "
+          "description.\n\n" + markdown_table(columns, table)
           + heal_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals))
     update_benchmarks_md("mla_quality", md)
 

@@ -36,8 +36,9 @@ from ..pairs import AttentionWeights, Projection
 from .base import Adapter, AttentionSite, linear_projection, set_parameter, write_linear
 from .residual import NormSite, Port, ResidualLayout
 
-SUPPORTED = ("transformers' DeepseekV2Attention / DeepseekV3Attention (q_proj, or q_a_proj -> q_b_proj; kv_a_proj_with_mqa -> kv_b_proj; "
-             "o_proj) with num_key_value_heads == num_attention_heads and qk_nope_head_dim > 0")
+SUPPORTED = ("transformers' DeepseekV2Attention / DeepseekV3Attention (q_proj, or q_a_proj -> q_b_proj; "
+             "kv_a_proj_with_mqa -> kv_b_proj; o_proj) with num_key_value_heads == num_attention_heads "
+             "and qk_nope_head_dim > 0")
 
 
 class DeepseekV2Adapter(Adapter):
