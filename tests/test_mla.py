@@ -67,6 +67,33 @@ def test_the_stock_model_computes_the_converted_function(kv_heads, ratio):
     assert mla.config.kv_lora_rank == report.kv_lora_rank and mla.config.first_k_dense_replace == 2
 
 
+def test_float32_rounding_gets_a_float64_second_chance_and_a_wrong_weight_does_not(monkeypatch):
+    """With the float32 tolerance forced to 0, a correct conversion passes on the float64 measure (no further from
+    the exact function than a few times clover's own float32 reference) and a weight off by 1% is still refused."""
+    from clover.mla import convert, deepseek
+    from clover.verify import TOLERANCE
+
+    monkeypatch.setitem(TOLERANCE, torch.float32, 0.0)
+    model = tiny_llama(vocab_size=300, num_key_value_heads=2)
+    config = MlaConfig(kv_ratio=0.5, calibration=CALIB, split=1.0, progress=False)
+    _, report = to_mla(model, config)
+    exact = report.check["float64_reference"]
+    assert report.check["passed"] and 0 < exact["float32_reference_relative_diff"] < 1e-5
+    assert exact["stock_relative_diff"] <= exact["factor"] * exact["float32_reference_relative_diff"]
+
+    build = deepseek.build
+
+    def off_by_one_percent(*args, **kwargs):
+        mla = build(*args, **kwargs)
+        with torch.no_grad():
+            mla.model.layers[0].self_attn.o_proj.weight.mul_(1.01)
+        return mla
+
+    monkeypatch.setattr(convert.deepseek, "build", off_by_one_percent)
+    with pytest.raises(CloverError, match="float64 reference"):
+        to_mla(model, config)
+
+
 def test_the_latent_norm_acts_linearly_for_any_input(mqa, mqa_mla):
     """kv_a_layernorm divides by a constant: the latent is scaled far below its epsilon for every input the layer
     can see (RMS-normalised states times the norm weight; the bound is on the weights, not on data)."""

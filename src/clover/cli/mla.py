@@ -16,6 +16,16 @@ from .prepare import load_calibrated, peek
 from .report import before_after, print_summary
 
 
+def check_cell(check: dict) -> str:
+    """The verification in one cell: the float32 figure, and where float32 rounding alone passed it, the float64 one."""
+    cell = f"{check['relative_diff']:.1e} (tolerance {check['tolerance']:.0e})"
+    exact = check.get("float64_reference")
+    if exact:
+        cell += (f"; vs float64: {exact['stock_relative_diff']:.1e}, clover's float32 reference "
+                 f"{exact['float32_reference_relative_diff']:.1e}")
+    return cell
+
+
 def mla(
     ctx: typer.Context,
     model: ModelArg,
@@ -100,7 +110,7 @@ def mla(
     table.add_row(str(report.kv_heads), rank,
                   f"{report.qk_nope_head_dim} / {report.qk_rope_head_dim} / {report.qk_rope_head_dim}",
                   spread([lr.rope_energy for lr in report.layers]), spread([lr.latent_energy for lr in report.layers]),
-                  "-" if check is None else f"{check['relative_diff']:.1e} (tolerance {check['tolerance']:.0e})")
+                  "-" if check is None else check_cell(check))
     console.print(table)
     print_summary(report, payload)
     save_model(converted, loaded.tokenizer, out, overwrite=overwrite, report=payload)

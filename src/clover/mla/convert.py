@@ -171,6 +171,29 @@ def _to_gqa(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     return rewritten, report
 
 
+def rounding_check(model: nn.Module, mla: nn.Module, layers, head_dim: int, inputs: dict, expected: torch.Tensor,
+                   result: dict) -> dict:
+    """The float32 check's second chance. A conversion that removes much (no rotation kept at KV 25%, say) can be an
+    ill-conditioned function whose float32 rounding alone moves the logits past 1e-4 on some CPUs, whoever computes
+    it. Both float32 models are then measured against the exact function (clover's reference in float64, from the
+    float64 solve): the stock model passes if it is no further from it than ``ROUNDING_FACTOR`` times clover's own
+    float32 reference is. A wrong weight moves it by far more than rounding does."""
+    exact_twin = reference_model(model, layers, head_dim, torch.float64)
+    exact = model_outputs(exact_twin, inputs)
+    del exact_twin
+    scale = exact.abs().max().item() or 1.0
+    own = (expected - exact).abs().max().item() / scale
+    stock = (model_outputs(mla, inputs) - exact).abs().max().item() / scale
+    if stock > max(ROUNDING_FACTOR * own, result["tolerance"]):
+        raise CloverError(f"internal: the DeepSeek-V3 model differs from the converted function by "
+                          f"{result['relative_diff']:.1e} (relative; tolerance {result['tolerance']:.0e}), and from "
+                          f"its float64 reference by {stock:.1e}, more than {ROUNDING_FACTOR}x the {own:.1e} of "
+                          "clover's own float32 reference")
+    return {**result, "passed": True, "float64_reference": {"stock_relative_diff": stock,
+                                                             "float32_reference_relative_diff": own,
+                                                             "factor": ROUNDING_FACTOR}}
+
+
 def rotary_frequencies(model: nn.Module) -> torch.Tensor:
     """The original model's RoPE frequencies (theta_f per complex channel), read from its rotary embedding."""
     return model.model.rotary_emb.inv_freq.detach().double().cpu()
@@ -187,20 +210,26 @@ def _layer_parts(adapter, site, moment: torch.Tensor, dtype: torch.dtype, settin
                        inv_freq)
 
 
+ROUNDING_FACTOR = 4  # how much further than clover's own float32 reference the stock model may be from the exact one
+
+
 def verify(model: nn.Module, mla: nn.Module, layers, head_dim: int, adapter) -> dict:
     """The stock model must compute clover's reference of the converted function (relative to the logit scale)."""
-    inputs = adapter.example_inputs(model)
+    inputs = {**adapter.example_inputs(model), "use_cache": False}
     twin = reference_model(model, layers, head_dim)
-    expected = model_outputs(twin, {**inputs, "use_cache": False})
-    check = compare(expected, mla, {**inputs, "use_cache": False})
+    expected = model_outputs(twin, inputs)
+    del twin
+    check = compare(expected, mla, inputs)
     dtype = next(model.parameters()).dtype
-    if not check.passed:
+    result = check.to_dict()
+    if not check.passed and dtype == torch.float32:
+        result = rounding_check(model, mla, layers, head_dim, inputs, expected, result)
+    elif not check.passed:
         raise CloverError(f"internal: the DeepSeek-V3 model differs from the converted function by "
                           f"{check.relative_diff:.1e} (relative; tolerance {TOLERANCE.get(dtype, 1e-4):.0e})")
-    result = check.to_dict()
     if dtype == torch.float32:  # what serving in bfloat16 costs, next to the float32 proof
         half = copy.deepcopy(mla).to(torch.bfloat16)
-        got = model_outputs(half, {**inputs, "use_cache": False}).float()
+        got = model_outputs(half, inputs).float()
         result["bf16_relative_diff"] = float((got - expected).abs().max() / expected.abs().max())
         del half
     result["rope_layout"] = "interleaved"

@@ -56,10 +56,12 @@ class ReferenceAttention(nn.Module):
         return out @ self.o.T, None
 
 
-def reference_model(model: nn.Module, layers: list[LayerMla], head_dim: int) -> nn.Module:
-    """A copy of ``model`` whose attention blocks compute the converted function (full forwards only, no cache)."""
-    twin = copy.deepcopy(model).eval()
-    dtype = next(model.parameters()).dtype
+def reference_model(model: nn.Module, layers: list[LayerMla], head_dim: int,
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``model`` whose attention blocks compute the converted function (full forwards only, no cache), in
+    the model's dtype or ``dtype`` (float64: the converted function without rounding, from the float64 solve)."""
+    dtype = dtype or next(model.parameters()).dtype
+    twin = copy.deepcopy(model).to(dtype).eval()
     for block, layer in zip(twin.model.layers, layers, strict=True):
         block.self_attn = ReferenceAttention(layer, head_dim**-0.5, dtype)
     return twin
