@@ -201,6 +201,11 @@ def test_cli_converts_saves_and_refuses(tmp_path):
     assert result.exit_code == 2 and "exists" in result.output
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "x"), "--kv-ratio", "0.8"])
     assert result.exit_code == 2 and "no more than the shared rotated key" in result.output
+    too_little = {"held-out calibration windows": ["--calib-samples", "4"],  # all held out, none for statistics
+                  "cannot estimate": ["--calib-samples", "1", "--calib-seqlen", "16", "--split", "1"]}
+    for message, options in too_little.items():
+        result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "x"), "--kv-ratio", "0.5", *options])
+        assert result.exit_code == 2 and message in result.output.strip().splitlines()[-1], result.output
     assert not (tmp_path / "x").exists()
 
 
