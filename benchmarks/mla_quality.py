@@ -349,10 +349,15 @@ def render(payload: dict) -> None:
     commands = "; ".join(f"run {i}: `{m['command']}`" if m.get("command") else f"run {i}: not recorded"
                          for i, m in enumerate(payload["runs"])) + " (each row names its run in the JSON)"
     heal_md = render_heal(payload)
+    have = {(r["name"], r["kept"]) for r in payload["rows"]}
+    missing = [f"{name} at KV {', '.join(f'{k:.1%}' for k in SIZES[name] if (name, k) not in have)}"
+               for name in SIZES if any((name, k) not in have for k in SIZES[name])]
+    not_run = (" Not measured yet (`--missing` measures them): " + "; ".join(missing) + "." if missing else "")
     md = (f"Command: {commands}\n\nMachine: {machines}\n\n{title}. Calibration: 16 x 512 validation "
           "tokens. KV 12.5% rows keep 16 rotated dims and a 32-dim latent (the 32-rotated-dims row 32 and 16). "
           "The TransMLA recipe rows are RoRoPE + NoPE + BKV (+ FreqFold) re-implemented from the paper's "
-          "description.\n\n" + markdown_table(columns, table)
+          "description; FreqFold has no 4 neighbours to fold among 16 rotated dims, so no KV 12.5% row." + not_run
+          + "\n\n" + markdown_table(columns, table)
           + heal_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals))
     update_benchmarks_md("mla_quality", md)
 
