@@ -123,19 +123,25 @@ def main() -> None:
         names = wanted
     kept_list = [float(k) for k in args.kept.split(",")] if args.kept else None
     rows = []
-    command = "python benchmarks/mla_quality.py " + shlex.join(sys.argv[1:])
-    info["command"] = command
+    info["command"] = "python benchmarks/mla_quality.py " + shlex.join(sys.argv[1:])
     runs = [info]
     resume = args.rows or args.heal or args.missing
     saved = json.loads(RESULTS.read_text()) if resume and RESULTS.is_file() else None
     healed = []
     if saved and saved["windows"] == args.windows:
-        rows = [r for r in saved["rows"] if not (r["name"] in names and r["kept"] in (kept_list or SIZES[r["name"]]))]
-        if args.heal or args.missing:
-            rows = saved["rows"]
+        keep_all = args.heal or args.missing  # neither re-measures a saved row
+        rows = [r for r in saved["rows"] if keep_all
+                or not (r["name"] in names and r["kept"] in (kept_list or SIZES[r["name"]]))]
         healed = saved.get("heal", [])
         runs = saved["runs"] + [info]
     base = ppl(lm.model)
+
+    def save() -> dict:
+        """Everything measured so far, written after every row so that a cut run keeps it."""
+        payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed}
+        write_json(RESULTS, payload)
+        return payload
+
     if args.heal:
         methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
         seeds = [int(x) for x in args.heal_seeds.split(",") if x.strip()]
@@ -143,10 +149,8 @@ def main() -> None:
         for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, settings):
             healed.append(row)
             print(row, flush=True)
-            payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed,
-                       "command": command}
-            write_json(RESULTS, payload)
-        render(json.loads(RESULTS.read_text()))
+            save()
+        render(save())
         return
     have = {(r["name"], r["kept"]) for r in rows}
     for name in names:
@@ -166,10 +170,8 @@ def main() -> None:
             rows.append(row)
             del model
             print(row, flush=True)
-            payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed,
-                       "command": command}
-            write_json(RESULTS, payload)
-    render(payload)
+            save()
+    render(save())
 
 
 def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings):

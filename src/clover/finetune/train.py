@@ -146,13 +146,18 @@ def merged(setup: MethodSetup) -> nn.Module:
     return setup.model.merge_and_unload()
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's raw bytes (on the CPU, row-major): what the digests hash, so equal bytes mean equal weights."""
+    return tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 over every tensor of the state dict (names, shapes, bytes): equal digests, equal models."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 

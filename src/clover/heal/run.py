@@ -12,12 +12,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..errors import CloverError
 from ..finetune import clover_parameter_count, lora_parameter_count, target_modules
-from ..finetune.train import train
+from ..finetune.train import tensor_bytes, train
 from .config import HealConfig
 from .distill import kl_loss
 
@@ -78,8 +77,7 @@ def _digests(model: nn.Module, skip: list[str]) -> dict[str, str]:
     for name, tensor in model.state_dict().items():
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        raw = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8)
-        out[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+        out[name] = hashlib.sha256(tensor_bytes(tensor)).hexdigest()
     return out
 
 
