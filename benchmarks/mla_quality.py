@@ -28,6 +28,12 @@ matched trainable parameters, the same steps, data and learning rate, over seeds
 tuned the same way toward itself (its objective starts at zero, so it shows what tuning alone does to the test
 perplexity). Runs already in the JSON with the same settings are kept, so an interrupted ``--heal`` resumes.
 
+Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
+(``clover.tasks.next_sentence_docs``: a context sentence, its true next sentence among three from other
+paragraphs of the same article; the hub's task data is out of reach here), for the base model, the strongest lever
+and the TransMLA recipe at KV 50% and 25%. Written to ``benchmarks/results/mla_quality_tasks.json`` (its own
+file, so it can run beside ``--heal``), resumable the same way.
+
 Writes ``benchmarks/results/mla_quality.json`` and the ``mla_quality`` section of BENCHMARKS.md; the goals are
 checked and printed, met or not.
 """
@@ -46,6 +52,7 @@ from _report import REPO_ROOT, machine_info, machine_line, markdown_table, print
     update_benchmarks_md, write_json  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "mla_quality.json"
+TASK_RESULTS = REPO_ROOT / "benchmarks" / "results" / "mla_quality_tasks.json"
 KEPT = (1.0, 0.5, 0.25, 0.125)
 LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's defaults are the best levers found)
     "rope key pca, nope": dict(rope_key="pca", unrotated="nope", o_refit=False),
@@ -68,6 +75,11 @@ HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of valida
 # rotated dims, and the latent keeping all of its dims is the original model
 SIZES = {name: KEPT for name in LEVERS}
 SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.25, 0.125)})
+BASE = "base (SmolLM2-135M)"
+# the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
+TASK = dict(name="wikitext2_next_sentence", docs=300, choices=4, context=1, max_words=30, seed=0)
+TASK_ROWS, TASK_KEPT = ("rope key query, refit, O refit", "TransMLA recipe (RoRoPE + NoPE + BKV)"), (0.5, 0.25)
+
 
 def convert(name: str, kept: float, lm, calib):
     from clover.latent import LatentConfig, to_latent
@@ -99,6 +111,9 @@ def main() -> None:
                         "run, reported beside the side-by-side comparison.")
     parser.add_argument("--heal-lr", type=float, default=HEAL["lr"], help="Other than the default: a method at "
                         "its own learning rate, reported beside the comparison.")
+    parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
+                        "for the base, the strongest lever and the TransMLA recipe at every size, adding to its own "
+                        "results file.")
     args = parser.parse_args()
     if args.render:
         render(json.loads(args.render.read_text()))
@@ -108,7 +123,12 @@ def main() -> None:
     from clover.evaluate import perplexity
 
     info = machine_info()
+    info["command"] = "python benchmarks/mla_quality.py " + shlex.join(sys.argv[1:])
     lm, calib = smollm2_calibrated()
+    if args.tasks:
+        task_rows(lm, calib, info)
+        render(json.loads(RESULTS.read_text()))
+        return
     text = load_text(split="test")
 
     def ppl(model) -> float:
@@ -123,7 +143,6 @@ def main() -> None:
         names = wanted
     kept_list = [float(k) for k in args.kept.split(",")] if args.kept else None
     rows = []
-    info["command"] = "python benchmarks/mla_quality.py " + shlex.join(sys.argv[1:])
     runs = [info]
     resume = args.rows or args.heal or args.missing
     saved = json.loads(RESULTS.read_text()) if resume and RESULTS.is_file() else None
@@ -172,6 +191,78 @@ def main() -> None:
             print(row, flush=True)
             save()
     render(save())
+
+
+def task_rows(lm, calib, info) -> None:
+    """The second metric: the local task scored by the harness for the base and TASK_ROWS at TASK_KEPT, skipping
+    what the task results already hold (same task); written after every row."""
+    import tempfile
+
+    from clover.data import load_rows
+    from clover.tasks import TaskConfig, evaluate_tasks, next_sentence_docs, write_choice_task
+
+    saved = json.loads(TASK_RESULTS.read_text()) if TASK_RESULTS.is_file() else None
+    payload = saved if saved and saved["task"] == TASK else {"task": TASK, "runs": [], "rows": []}
+    payload["runs"].append(info)
+    have = {(r["name"], r["kept"]) for r in payload["rows"]}
+    plan = [(BASE, 1.0)] + [(name, kept) for kept in TASK_KEPT for name in TASK_ROWS]
+    docs = next_sentence_docs(load_rows(split="test"), TASK["docs"], TASK["choices"], TASK["seed"], TASK["context"],
+                              (5, TASK["max_words"]))
+    with tempfile.TemporaryDirectory() as folder:
+        write_choice_task(folder, TASK["name"], docs, prompt="{{question}}")
+        config = TaskConfig(tasks=[TASK["name"]], task_dir=folder, batch_size=8, progress=False)
+        for name, kept in plan:
+            if (name, kept) in have:
+                continue
+            model = lm.model if name == BASE else convert(name, kept, lm, calib)[0]
+            score = evaluate_tasks(model, lm.tokenizer, config).score(TASK["name"])
+            row = {"name": name, "kept": kept, "acc": score.acc, "acc_stderr": score.acc_stderr,
+                   "acc_norm": score.acc_norm, "acc_norm_stderr": score.acc_norm_stderr,
+                   "documents": score.documents, "run": len(payload["runs"]) - 1}
+            payload["rows"].append(row)
+            print(row, flush=True)
+            write_json(TASK_RESULTS, payload)
+            del model
+    write_json(TASK_RESULTS, payload)
+
+
+def render_tasks() -> tuple[str, list[str]]:
+    """The second metric's table (acc_norm +- the harness's stderr, acc beside it) and, per size, the strongest
+    lever against the TransMLA recipe: ahead only beyond 2 SE."""
+    import math
+
+    if not TASK_RESULTS.is_file():
+        return "", []
+    payload = json.loads(TASK_RESULTS.read_text())
+    got = {(r["name"], r["kept"]): r for r in payload["rows"]}
+    columns = ["model", "KV cache", "acc_norm +- stderr", "acc +- stderr"]
+    table = []
+    for name, kept in [(BASE, 1.0)] + [(name, kept) for kept in TASK_KEPT for name in TASK_ROWS]:
+        row = got.get((name, kept))
+        if row:
+            table.append([name, f"{kept:.0%}", f"{row['acc_norm']:.3f} +- {row['acc_norm_stderr']:.3f}",
+                          f"{row['acc']:.3f} +- {row['acc_stderr']:.3f}"])
+    task = payload["task"]
+    title = (f"Second metric: lm-eval accuracy on a local next-sentence task ({task['docs']} documents from WikiText-2 "
+             f"test, {task['choices']} choices, seed {task['seed']}; chance {1 / task['choices']:.2f})")
+    print_table(title, columns, table)
+    lines = []
+    for kept in TASK_KEPT:
+        mine, peer = got.get((TASK_ROWS[0], kept)), got.get((TASK_ROWS[1], kept))
+        if mine and peer:
+            gap = mine["acc_norm"] - peer["acc_norm"]
+            se = math.sqrt(mine["acc_norm_stderr"] ** 2 + peer["acc_norm_stderr"] ** 2)
+            verdict = "ahead" if gap > 2 * se else ("behind" if -gap > 2 * se else "not separated")
+            lines.append(f"KV {kept:.1%}: {TASK_ROWS[0]} acc_norm {mine['acc_norm']:.3f} vs the "
+                         f"TransMLA recipe {peer['acc_norm']:.3f}, difference {gap:+.3f}, 2 SE {2 * se:.3f} -> "
+                         f"{verdict}")
+    machines = "; ".join(f"run {i}: {machine_line(m)}, `{m['command']}`" for i, m in enumerate(payload["runs"]))
+    md = (f"\n\n{title}. acc_norm (per-byte log-likelihood, the fair one when choices differ in length) +- the "
+          "harness's standard error; the context is one sentence of a paragraph, the choices its true next sentence "
+          "and three from other paragraphs of the same article, 5 to 30 words each (`clover.tasks.next_sentence_docs`"
+          "). "
+          f"Machine and command: {machines}.\n\n" + markdown_table(columns, table))
+    return md, lines
 
 
 def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings):
@@ -286,20 +377,31 @@ def heal_goals(payload: dict) -> list[str]:
             label = settings_label(settings) or "the comparison's settings"
             lines.append(f"healed KV {HEAL_KEPT:.0%} within 1.10x of the identically tuned base ({label}): "
                          f"{ratio:.3f}x ({best}) -> {'MET' if ratio <= 1.10 else 'NOT MET'}")
-    clover = heal_summary(payload).get(("healed", "clover"))
-    for peer in ("lora", "pissa"):  # each peer at its best learning rate among the runs with the same budget
-        runs = [(s, summary[("healed", peer)]) for s, summary in groups if ("healed", peer) in summary
-                and {k: v for k, v in s.items() if k != "lr"} == {k: v for k, v in HEAL.items() if k != "lr"}
-                and summary[("healed", peer)]["n"] >= 2]
-        if not (clover and clover["n"] >= 2 and runs):
-            continue
-        settings, other = min(runs, key=lambda run: run[1]["mean"])
-        gap = other["mean"] - clover["mean"]
-        se = math.sqrt(clover["sd"] ** 2 / clover["n"] + other["sd"] ** 2 / other["n"])
-        verdict = "ahead" if gap > 2 * se else ("behind" if -gap > 2 * se else "not separated")
-        lines.append(f"CLOVER healing vs {peer} (its best lr tried, {settings['lr']:g}): {clover['mean']:.2f} vs "
-                     f"{other['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} -> ahead beyond the spread: "
-                     f"{'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}")
+    budgets = []  # the same steps, batch and data: one comparison each, every method at its best lr tried
+    for settings, _ in groups:
+        budget = {k: v for k, v in settings.items() if k != "lr"}
+        if budget not in budgets:
+            budgets.append(budget)
+    for budget in budgets:
+        def best_of(method):
+            runs = [(s, summary[("healed", method)]) for s, summary in groups if ("healed", method) in summary
+                    and {k: v for k, v in s.items() if k != "lr"} == budget and summary[("healed", method)]["n"] >= 2]
+            return min(runs, key=lambda run: run[1]["mean"]) if runs else None
+
+        mine = best_of("clover")
+        for peer in ("lora", "pissa"):
+            other = best_of(peer)
+            if not (mine and other):
+                continue
+            (own_settings, clover), (settings, theirs) = mine, other
+            gap = theirs["mean"] - clover["mean"]
+            se = math.sqrt(clover["sd"] ** 2 / clover["n"] + theirs["sd"] ** 2 / theirs["n"])
+            verdict = "ahead" if gap > 2 * se else ("behind" if -gap > 2 * se else "not separated")
+            steps = "" if budget["steps"] == HEAL["steps"] else f" at {budget['steps']} steps"
+            lines.append(f"CLOVER healing{steps} (lr {own_settings['lr']:g}, {clover['n']} seeds) vs {peer} (its best "
+                         f"lr tried, {settings['lr']:g}, {theirs['n']} seeds): {clover['mean']:.2f} vs "
+                         f"{theirs['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} -> ahead beyond the "
+                         f"spread: {'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}")
     return lines
 
 
@@ -351,6 +453,9 @@ def render(payload: dict) -> None:
     commands = "; ".join(f"run {i}: `{m['command']}`" if m.get("command") else f"run {i}: not recorded"
                          for i, m in enumerate(payload["runs"])) + " (each row names its run in the JSON)"
     heal_md = render_heal(payload)
+    task_md, task_lines = render_tasks()
+    for line in task_lines:
+        print("second metric:", line)
     have = {(r["name"], r["kept"]) for r in payload["rows"]}
     missing = [f"{name} at KV {', '.join(f'{k:.1%}' for k in SIZES[name] if (name, k) not in have)}"
                for name in SIZES if any((name, k) not in have for k in SIZES[name])]
@@ -360,7 +465,9 @@ def render(payload: dict) -> None:
           "The TransMLA recipe rows are RoRoPE + NoPE + BKV (+ FreqFold) re-implemented from the paper's "
           "description; FreqFold has no 4 neighbours to fold among 16 rotated dims, so no KV 12.5% row." + not_run
           + "\n\n" + markdown_table(columns, table)
-          + heal_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals))
+          + heal_md + task_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
+          + ("\n\nSecond metric, side by side:\n\n" + "\n".join(f"- {line}" for line in task_lines)
+             if task_lines else ""))
     update_benchmarks_md("mla_quality", md)
 
 

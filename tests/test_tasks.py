@@ -16,7 +16,7 @@ pytest.importorskip("lm_eval")
 from clover import LatentConfig, OrthogonalizeConfig, PruneConfig, orthogonalize_, prune, to_latent  # noqa: E402
 from clover.cli import app  # noqa: E402
 from clover.errors import CloverError  # noqa: E402
-from clover.tasks import TaskConfig, evaluate_tasks, write_choice_task  # noqa: E402
+from clover.tasks import TaskConfig, evaluate_tasks, next_sentence_docs, write_choice_task  # noqa: E402
 
 TASK = "clover_tiny_choice"
 QUESTIONS = [  # (question, choices, index of the answer)
@@ -102,6 +102,46 @@ def test_bad_task_requests_fail_with_one_line(task_dir):
         evaluate_tasks(model, tiny_tokenizer(), TaskConfig(tasks=["clover_missing_data"], task_dir=task_dir))
     with pytest.raises(CloverError, match="no tokenizer"):
         evaluate_tasks(model, None, TaskConfig(tasks=[TASK], task_dir=task_dir))
+
+
+ARTICLES = [  # WikiText's raw shape: article and section headings, paragraphs of tokenized sentences
+    "", " = Alpha = \n", "",
+    " Alpha one is a first sentence here . Alpha two follows the first one . Alpha three ends the paragraph now . \n",
+    "", " = = Later = = \n", "",
+    " Alpha four starts a new paragraph . Alpha five is short but long enough . Tiny . \n",
+    " Alpha six opens the third paragraph . Alpha seven closes the third paragraph . \n",
+    "", " = Beta = \n", "",
+    " Beta one is about something else entirely . Beta two goes on about it . \n",
+    " Beta three is its own paragraph here . Beta four comes right after three . \n",
+    " Beta five stands in a third paragraph . Beta six ends this article now . \n",
+]
+
+
+def test_next_sentence_docs_are_true_continuations_against_the_same_article():
+    docs = next_sentence_docs(ARTICLES, 6, choices=3, seed=1)
+    assert docs == next_sentence_docs(ARTICLES, 6, choices=3, seed=1)  # deterministic
+    assert docs != next_sentence_docs(ARTICLES, 6, choices=3, seed=2)
+    for doc in docs:
+        truth = doc["choices"][doc["label"]]
+        last = doc["question"].split(" . ")[-1].split()[:2]  # e.g. ["Alpha", "two"]
+        number = ["one", "two", "three", "four", "five", "six"].index(last[1])
+        assert truth.startswith(f"{last[0]} {['one', 'two', 'three', 'four', 'five', 'six', 'seven'][number + 1]}")
+        assert len(doc["choices"]) == 3 and len(set(doc["choices"])) == 3
+        assert all(c.split()[0] == last[0] for c in doc["choices"])  # distractors from the same article
+        assert all(5 <= len(c.split()) <= 40 and c.endswith(" .") for c in doc["choices"])  # "Tiny ." never
+        paragraph = next(row for row in ARTICLES if doc["question"].split(" . ")[0] in row)
+        assert all(c not in paragraph for i, c in enumerate(doc["choices"]) if i != doc["label"])
+    assert len({d["label"] for d in next_sentence_docs(ARTICLES, 6, choices=3, seed=0)}) > 1
+    with pytest.raises(CloverError, match="has 7 sentences .* fewer than the 8 asked: ask for fewer documents"):
+        next_sentence_docs(ARTICLES, 8, choices=3)
+
+
+def test_continuation_task_is_scored_with_its_own_prompt(tmp_path):
+    folder = write_choice_task(tmp_path, "clover_next", next_sentence_docs(ARTICLES, 6, choices=3), "{{question}}")
+    assert 'doc_to_text: "{{question}}"' in (folder / "clover_next.yaml").read_text()
+    results = evaluate_tasks(tiny_llama(vocab_size=300, max_position_embeddings=256), tiny_tokenizer(),
+                             TaskConfig(tasks=["clover_next"], task_dir=folder, batch_size=4, progress=False))
+    assert results.score("clover_next").documents == 6 and 0 <= results.score("clover_next").acc_norm <= 1
 
 
 def run(*args):

@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,10 +217,13 @@ def evaluate_tasks(model, tokenizer, config: TaskConfig) -> TaskResults:
                        samples=_choice_logliks(out.get("samples", {})) if config.log_samples else {})
 
 
-def write_choice_task(folder: str | os.PathLike, name: str, docs: Sequence[dict]) -> Path:
+def write_choice_task(folder: str | os.PathLike, name: str, docs: Sequence[dict],
+                      prompt: str = "Question: {{question}}\nAnswer:") -> Path:
     """A multiple-choice task in the harness's own format, for data the hub does not serve: ``docs`` (dicts with
     ``question``, ``choices`` and the index ``label`` of the right one) as JSON lines, and a task YAML reading them,
-    scored by acc and acc_norm. Returns the folder, to pass as ``TaskConfig.task_dir`` / ``--task-dir``."""
+    scored by acc and acc_norm. ``prompt`` is the harness's ``doc_to_text`` template (``"{{question}}"`` for a
+    continuation task, whose choices follow the text directly). Returns the folder, to pass as
+    ``TaskConfig.task_dir`` / ``--task-dir``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = (folder / f"{name}.jsonl").resolve()
@@ -229,7 +233,53 @@ def write_choice_task(folder: str | os.PathLike, name: str, docs: Sequence[dict]
                       for m in ("acc", "acc_norm"))
     (folder / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
-        "output_type: multiple_choice\ntest_split: test\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: label\ndoc_to_choice: "{{choices}}"\n'
+        f"output_type: multiple_choice\ntest_split: test\ndoc_to_text: {json.dumps(prompt)}\n"
+        'doc_to_target: label\ndoc_to_choice: "{{choices}}"\n'
         f"metric_list:\n{metrics}metadata:\n  version: 1.0\n", encoding="utf-8")
     return folder
+
+
+_ARTICLE = re.compile(r"^ = [^=].* = $")  # " = Title = "; sections are " = = Title = = "
+_SENTENCE_END = re.compile(r"(?<= \.) ")  # WikiText is tokenized: a sentence ends in " ."
+
+
+def next_sentence_docs(rows: Sequence[str], count: int, choices: int = 4, seed: int = 0, context: int = 2,
+                       words: tuple[int, int] = (5, 40)) -> list[dict]:
+    """A next-sentence choice task built from raw WikiText rows, a downstream score for machines without the hub's
+    task data. Context: up to ``context`` sentences of a paragraph; choices: its true next sentence and ``choices - 1``
+    sentences from other paragraphs of the same article, so the topic's words do not give the answer away and
+    coherence has to. Every choice has ``words`` (min, max) words. Deterministic in ``seed``; ``label`` is where
+    the true sentence landed. Docs for :func:`write_choice_task` with ``prompt="{{question}}"``."""
+    import random
+
+    articles: list[list[list[str]]] = []  # article -> paragraph -> sentences
+    for row in rows:
+        line = row.strip()
+        if _ARTICLE.match(row.rstrip("\n")):
+            articles.append([])
+        elif line and not line.startswith("= ") and articles:
+            articles[-1].append([s.strip() for s in _SENTENCE_END.split(line) if s.strip()])
+
+    def fits(sentence: str) -> bool:
+        return words[0] <= len(sentence.split()) <= words[1]
+
+    candidates = []  # (context, truth, distractor pool)
+    for paragraphs in articles:
+        for p, sentences in enumerate(paragraphs):
+            pool = [s for q, other in enumerate(paragraphs) if q != p for s in other if fits(s)]
+            if len(pool) < choices - 1:
+                continue
+            for i in range(1, len(sentences)):
+                if fits(sentences[i]):
+                    candidates.append((" ".join(sentences[max(0, i - context):i]), sentences[i], pool))
+    if len(candidates) < count:
+        raise CloverError(f"the text has {len(candidates)} sentences with a context and {choices - 1} others from "
+                          f"the same article, fewer than the {count} asked: ask for fewer documents")
+    rng = random.Random(seed)
+    docs = []
+    for context, truth, pool in rng.sample(candidates, count):
+        options = rng.sample([s for s in pool if s != truth], choices - 1)
+        label = rng.randrange(choices)
+        options.insert(label, truth)
+        docs.append({"question": context, "choices": options, "label": label})
+    return docs
