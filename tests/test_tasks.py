@@ -134,6 +134,8 @@ def test_next_sentence_docs_are_true_continuations_against_the_same_article():
     assert len({d["label"] for d in next_sentence_docs(ARTICLES, 6, choices=3, seed=0)}) > 1
     with pytest.raises(CloverError, match="has 7 sentences .* fewer than the 8 asked: ask for fewer documents"):
         next_sentence_docs(ARTICLES, 8, choices=3)
+    with pytest.raises(CloverError, match="choices >= 2"):
+        next_sentence_docs(ARTICLES, 2, choices=1)
 
 
 def test_continuation_task_is_scored_with_its_own_prompt(tmp_path):

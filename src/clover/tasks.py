@@ -252,6 +252,9 @@ def next_sentence_docs(rows: Sequence[str], count: int, choices: int = 4, seed: 
     the true sentence landed. Docs for :func:`write_choice_task` with ``prompt="{{question}}"``."""
     import random
 
+    if count < 1 or choices < 2 or context < 1:
+        raise CloverError(f"a next-sentence task needs count >= 1, choices >= 2 and context >= 1 sentence, got "
+                          f"{count}, {choices} and {context}")
     articles: list[list[list[str]]] = []  # article -> paragraph -> sentences
     for row in rows:
         line = row.strip()
@@ -270,16 +273,16 @@ def next_sentence_docs(rows: Sequence[str], count: int, choices: int = 4, seed: 
             if len(pool) < choices - 1:
                 continue
             for i in range(1, len(sentences)):
-                if fits(sentences[i]):
+                if fits(sentences[i]) and sum(s != sentences[i] for s in pool) >= choices - 1:
                     candidates.append((" ".join(sentences[max(0, i - context):i]), sentences[i], pool))
     if len(candidates) < count:
         raise CloverError(f"the text has {len(candidates)} sentences with a context and {choices - 1} others from "
                           f"the same article, fewer than the {count} asked: ask for fewer documents")
     rng = random.Random(seed)
     docs = []
-    for context, truth, pool in rng.sample(candidates, count):
-        options = rng.sample([s for s in pool if s != truth], choices - 1)
+    for before, truth, pool in rng.sample(candidates, count):
+        options = rng.sample([s for s in pool if s != truth], choices - 1)  # a sentence repeated elsewhere: not twice
         label = rng.randrange(choices)
         options.insert(label, truth)
-        docs.append({"question": context, "choices": options, "label": label})
+        docs.append({"question": before, "choices": options, "label": label})
     return docs
