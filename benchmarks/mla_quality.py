@@ -79,6 +79,12 @@ BASE = "base (SmolLM2-135M)"
 # the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
 TASK = dict(name="wikitext2_next_sentence", docs=300, choices=4, context=1, max_words=30, seed=0)
 TASK_ROWS, TASK_KEPT = ("rope key query, refit, O refit", "TransMLA recipe (RoRoPE + NoPE + BKV)"), (0.5, 0.25)
+TASK_PLAN = [(BASE, 1.0)] + [(name, kept) for kept in TASK_KEPT for name in TASK_ROWS]  # (row, KV kept), in order
+
+
+def separation(gap: float, se: float) -> str:
+    """A difference (positive: ours better) read against its standard error: a verdict only beyond 2 SE."""
+    return "ahead" if gap > 2 * se else ("behind" if -gap > 2 * se else "not separated")
 
 
 def convert(name: str, kept: float, lm, calib):
@@ -112,8 +118,8 @@ def main() -> None:
     parser.add_argument("--heal-lr", type=float, default=HEAL["lr"], help="Other than the default: a method at "
                         "its own learning rate, reported beside the comparison.")
     parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
-                        "for the base, the strongest lever and the TransMLA recipe at every size, adding to its own "
-                        "results file.")
+                        "for the base, the strongest lever and the TransMLA recipe at KV 50%% and 25%% (TASK_PLAN), "
+                        "adding to its own results file.")
     args = parser.parse_args()
     if args.render:
         render(json.loads(args.render.read_text()))
@@ -205,13 +211,12 @@ def task_rows(lm, calib, info) -> None:
     payload = saved if saved and saved["task"] == TASK else {"task": TASK, "runs": [], "rows": []}
     payload["runs"].append(info)
     have = {(r["name"], r["kept"]) for r in payload["rows"]}
-    plan = [(BASE, 1.0)] + [(name, kept) for kept in TASK_KEPT for name in TASK_ROWS]
     docs = next_sentence_docs(load_rows(split="test"), TASK["docs"], TASK["choices"], TASK["seed"], TASK["context"],
                               (5, TASK["max_words"]))
     with tempfile.TemporaryDirectory() as folder:
         write_choice_task(folder, TASK["name"], docs, prompt="{{question}}")
         config = TaskConfig(tasks=[TASK["name"]], task_dir=folder, batch_size=8, progress=False)
-        for name, kept in plan:
+        for name, kept in TASK_PLAN:
             if (name, kept) in have:
                 continue
             model = lm.model if name == BASE else convert(name, kept, lm, calib)[0]
@@ -223,7 +228,6 @@ def task_rows(lm, calib, info) -> None:
             print(row, flush=True)
             write_json(TASK_RESULTS, payload)
             del model
-    write_json(TASK_RESULTS, payload)
 
 
 def render_tasks() -> tuple[str, list[str]]:
@@ -237,7 +241,7 @@ def render_tasks() -> tuple[str, list[str]]:
     got = {(r["name"], r["kept"]): r for r in payload["rows"]}
     columns = ["model", "KV cache", "acc_norm +- stderr", "acc +- stderr"]
     table = []
-    for name, kept in [(BASE, 1.0)] + [(name, kept) for kept in TASK_KEPT for name in TASK_ROWS]:
+    for name, kept in TASK_PLAN:
         row = got.get((name, kept))
         if row:
             table.append([name, f"{kept:.0%}", f"{row['acc_norm']:.3f} +- {row['acc_norm_stderr']:.3f}",
@@ -252,16 +256,14 @@ def render_tasks() -> tuple[str, list[str]]:
         if mine and peer:
             gap = mine["acc_norm"] - peer["acc_norm"]
             se = math.sqrt(mine["acc_norm_stderr"] ** 2 + peer["acc_norm_stderr"] ** 2)
-            verdict = "ahead" if gap > 2 * se else ("behind" if -gap > 2 * se else "not separated")
             lines.append(f"KV {kept:.1%}: {TASK_ROWS[0]} acc_norm {mine['acc_norm']:.3f} vs the "
                          f"TransMLA recipe {peer['acc_norm']:.3f}, difference {gap:+.3f}, 2 SE {2 * se:.3f} -> "
-                         f"{verdict}")
+                         f"{separation(gap, se)}")
     machines = "; ".join(f"run {i}: {machine_line(m)}, `{m['command']}`" for i, m in enumerate(payload["runs"]))
     md = (f"\n\n{title}. acc_norm (per-byte log-likelihood, the fair one when choices differ in length) +- the "
           "harness's standard error; the context is one sentence of a paragraph, the choices its true next sentence "
-          "and three from other paragraphs of the same article, 5 to 30 words each (`clover.tasks.next_sentence_docs`"
-          "). "
-          f"Machine and command: {machines}.\n\n" + markdown_table(columns, table))
+          "and three from other paragraphs of the same article, 5 to 30 words each "
+          f"(`clover.tasks.next_sentence_docs`). Machine and command: {machines}.\n\n" + markdown_table(columns, table))
     return md, lines
 
 
@@ -396,7 +398,7 @@ def heal_goals(payload: dict) -> list[str]:
             (own_settings, clover), (settings, theirs) = mine, other
             gap = theirs["mean"] - clover["mean"]
             se = math.sqrt(clover["sd"] ** 2 / clover["n"] + theirs["sd"] ** 2 / theirs["n"])
-            verdict = "ahead" if gap > 2 * se else ("behind" if -gap > 2 * se else "not separated")
+            verdict = separation(gap, se)
             steps = "" if budget["steps"] == HEAL["steps"] else f" at {budget['steps']} steps"
             lines.append(f"CLOVER healing{steps} (lr {own_settings['lr']:g}, {clover['n']} seeds) vs {peer} (its best "
                          f"lr tried, {settings['lr']:g}, {theirs['n']} seeds): {clover['mean']:.2f} vs "

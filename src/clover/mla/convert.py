@@ -171,6 +171,9 @@ def _to_gqa(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     return rewritten, report
 
 
+ROUNDING_FACTOR = 4  # how much further than clover's own float32 reference the stock model may be from the exact one
+
+
 def rounding_check(model: nn.Module, mla: nn.Module, layers, head_dim: int, inputs: dict, expected: torch.Tensor,
                    result: dict) -> dict:
     """The float32 check's second chance. A conversion that removes much (no rotation kept at KV 25%, say) can be an
@@ -181,9 +184,8 @@ def rounding_check(model: nn.Module, mla: nn.Module, layers, head_dim: int, inpu
     exact_twin = reference_model(model, layers, head_dim, torch.float64)
     exact = model_outputs(exact_twin, inputs)
     del exact_twin
-    scale = exact.abs().max().item() or 1.0
-    own = (expected - exact).abs().max().item() / scale
-    stock = (model_outputs(mla, inputs) - exact).abs().max().item() / scale
+    own = (expected - exact).abs().max().item() / (exact.abs().max().item() or 1.0)
+    stock = compare(exact, mla, inputs).relative_diff  # the same scale: the exact function's largest logit
     if stock > max(ROUNDING_FACTOR * own, result["tolerance"]):
         raise CloverError(f"internal: the DeepSeek-V3 model differs from the converted function by "
                           f"{result['relative_diff']:.1e} (relative; tolerance {result['tolerance']:.0e}), and from "
@@ -208,9 +210,6 @@ def _layer_parts(adapter, site, moment: torch.Tensor, dtype: torch.dtype, settin
     return split_layer(w.q.weight.to(dtype).T, w.k.weight.to(dtype).T, w.v.weight.to(dtype).T,
                        w.o.weight.to(dtype), cov, w.num_heads, w.num_kv_heads, w.qk_dim, chol, settings, seen,
                        inv_freq)
-
-
-ROUNDING_FACTOR = 4  # how much further than clover's own float32 reference the stock model may be from the exact one
 
 
 def verify(model: nn.Module, mla: nn.Module, layers, head_dim: int, adapter) -> dict:
