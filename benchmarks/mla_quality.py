@@ -16,7 +16,11 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
   by the attention each key position receives);
 - unrotated: what the other components keep (``nope``: nothing; ``expected``: the rotation's attention-weighted
   mean folded into the queries; ``refit``: least squares to the original scores);
-- rotated dims: 32 instead of 64 (every other frequency rotated), leaving the latent 32 more dims;
+- rotated dims: 32 instead of 64 (every other frequency rotated), leaving the latent 32 more dims; or 16 to 48
+  rotated dims of the fastest frequencies (``rope_frequencies="fastest"``: the engine's theta raised to
+  ``rope_dims / 64`` turns them exactly), the slow ones, which barely turn within a window, refit unrotated with
+  the rest; rows that do not name their frequencies keep every (64 / rotated dims)-th one (``spread``), as KV 12.5%
+  does for them;
 - O refit: each head's O block refit to the latent's values on attention-mixed inputs (as ``latent`` does);
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
@@ -62,19 +66,35 @@ LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's de
     "rope key query, refit": dict(rope_key="query", unrotated="refit", o_refit=False),
     "rope key query, refit, 32 rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32, o_refit=False),
     "rope key query, refit, O refit": dict(rope_key="query", unrotated="refit", o_refit=True),
+    "rope key query, refit, O refit, 48 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=48,
+                                                                    rope_frequencies="fastest", o_refit=True),
+    "rope key query, refit, O refit, 40 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=40,
+                                                                    rope_frequencies="fastest", o_refit=True),
+    "rope key query, refit, O refit, 32 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32,
+                                                                    rope_frequencies="fastest", o_refit=True),
+    "rope key query, refit, O refit, 24 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=24,
+                                                                    rope_frequencies="fastest", o_refit=True),
+    "rope key query, refit, O refit, 16 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=16,
+                                                                    rope_frequencies="fastest", o_refit=True),
     "TransMLA recipe (RoRoPE + NoPE + BKV)": dict(rope_key="pca", unrotated="nope", latent_weights="bkv",
                                                  split=1.0, o_refit=False),
     "TransMLA recipe + FreqFold 4": dict(rope_key="pca", unrotated="nope", latent_weights="bkv", split=1.0,
                                          freqfold=4, o_refit=False),
 }
 LATENT = "latent --rope latent (no engine runs it)"
-HEAL_LEVER, HEAL_KEPT = "rope key query, refit, O refit", 0.25
+HEAL_LEVER, HEAL_KEPT = "rope key query, refit, O refit", 0.25  # the comparison's conversion (a row may name another)
 HEAL_METHODS, HEAL_SEEDS, CONTROL_SEEDS = ("clover", "lora", "pissa"), (0, 1, 2), (0, 1, 2)
 HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of validation text per run
 # every lever at every size, but for two that cannot be: FreqFold has no 4 neighbours to fold among KV 12.5%'s 16
 # rotated dims, and the latent keeping all of its dims is the original model
 SIZES = {name: KEPT for name in LEVERS}
-SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.25, 0.125)})
+SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.25, 0.125),
+              # the rotated-dims sweep where the latent is short (KV 25% and 12.5%); 32, its best at KV 25%, at
+              # every size; a KV 12.5% cache (48 numbers) has no room for a latent beside 40 or 48 rotated dims
+              "rope key query, refit, O refit, 48 fastest rotated dims": (0.5, 0.25),
+              "rope key query, refit, O refit, 40 fastest rotated dims": (0.25,),
+              "rope key query, refit, O refit, 24 fastest rotated dims": (0.25, 0.125),
+              "rope key query, refit, O refit, 16 fastest rotated dims": (0.25, 0.125)})
 BASE = "base (SmolLM2-135M)"
 # the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
 TASK = dict(name="wikitext2_next_sentence", docs=300, choices=4, context=1, max_words=30, seed=0)
@@ -94,6 +114,7 @@ def convert(name: str, kept: float, lm, calib):
     if name == LATENT:
         return to_latent(lm.model, LatentConfig(kv_ratio=1 - kept, calibration=calib, progress=False))
     fields = dict(LEVERS[name])
+    fields.setdefault("rope_frequencies", "spread")  # what the rows measured before the choice existed keep
     if kept * 2 * 3 * 64 <= fields.get("rope_dims", 64):  # below one full rotated key: partial RoPE
         fields["rope_dims"] = 16
     return to_mla(lm.model, MlaConfig(kv_ratio=1 - kept, calibration=calib, progress=False, **fields))
@@ -117,6 +138,8 @@ def main() -> None:
                         "run, reported beside the side-by-side comparison.")
     parser.add_argument("--heal-lr", type=float, default=HEAL["lr"], help="Other than the default: a method at "
                         "its own learning rate, reported beside the comparison.")
+    parser.add_argument("--heal-lever", default=HEAL_LEVER, help="The KV 25%% conversion healed (a row name); "
+                        "other than the default: reported beside the comparison, against the same controls.")
     parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
                         "for the base, the strongest lever and the TransMLA recipe at KV 50%% and 25%% (TASK_PLAN), "
                         "adding to its own results file.")
@@ -171,7 +194,9 @@ def main() -> None:
         methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
         seeds = [int(x) for x in args.heal_seeds.split(",") if x.strip()]
         settings = dict(HEAL, steps=args.heal_steps, lr=args.heal_lr)
-        for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, settings):
+        if args.heal_lever not in LEVERS:
+            raise SystemExit(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
+        for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, settings, args.heal_lever):
             healed.append(row)
             print(row, flush=True)
             save()
@@ -267,8 +292,9 @@ def render_tasks() -> tuple[str, list[str]]:
     return md, lines
 
 
-def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings):
-    """Healed conversions and controls not yet in ``done`` (same settings): one row per method, seed and kind."""
+def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER):
+    """Healed conversions of ``lever`` and controls not yet in ``done`` (same settings; a control tunes the
+    original, so it serves every lever): one row per method, seed and kind."""
     import copy
     import tempfile
 
@@ -277,7 +303,8 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings):
     from clover.heal import HealConfig, distill, heal
 
     windows = token_windows(lm.tokenizer, ["\n\n".join(load_rows(split="validation"))], settings["seqlen"])
-    have = {(r["kind"], r["method"], r["seed"]) for r in done if r["settings"] == settings}
+    have = {(r["kind"], r["method"], r["seed"]) for r in done if r["settings"] == settings
+            and (r["kind"] == "control" or lever_of(r) == lever)}
     converted = None
     plan = [("healed", m, s) for m in methods for s in seeds] + \
         [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds]
@@ -285,7 +312,7 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings):
         if (kind, method, seed) in have:
             continue
         if kind == "healed" and converted is None:
-            converted, _ = convert(HEAL_LEVER, HEAL_KEPT, lm, calib)
+            converted, _ = convert(lever, HEAL_KEPT, lm, calib)
         student = copy.deepcopy(converted if kind == "healed" else lm.model)
         targets = ("qk", "vo", "up") if kind == "healed" else ("k", "vo", "up")  # the original is rotary: K's QR form
         config = HealConfig(method=method, targets=targets, seed=seed, progress=False, **settings)
@@ -294,34 +321,43 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings):
             tuned, report = (heal if kind == "healed" else distill)(student, lm.model, lm.tokenizer, windows, config,
                                                                     folder, log=lambda *_: None)
             seconds = time.perf_counter() - start
-        yield {"kind": kind, "method": method, "seed": seed, "ppl": ppl(tuned), "trainable": report.trainable,
+        row = {"kind": kind, "method": method, "seed": seed, "ppl": ppl(tuned), "trainable": report.trainable,
                "lora_r": report.lora_r, "train_kl": report.train_kl, "seconds": round(seconds, 1),
                "settings": dict(settings), "run": run}
+        yield row if kind == "control" or lever == HEAL_LEVER else {**row, "lever": lever}
         del tuned, student
 
 
-def heal_settings(payload: dict) -> list[dict]:
-    """Every distinct setting the healing rows were run with: the comparison's (HEAL) first."""
-    found = [HEAL]
+def lever_of(row: dict) -> str:
+    """The conversion a healing row tuned (rows name it only when it is not the comparison's)."""
+    return row.get("lever", HEAL_LEVER)
+
+
+def heal_groups(payload: dict) -> list[tuple[dict, str]]:
+    """Every distinct (settings, conversion) the healing rows were run with: the comparison's (HEAL, HEAL_LEVER)
+    first; controls belong to their settings' group with the comparison's conversion."""
+    found = [(HEAL, HEAL_LEVER)]
     for row in payload.get("heal", []):
-        if row["settings"] not in found:
-            found.append(row["settings"])
+        key = (row["settings"], lever_of(row) if row["kind"] == "healed" else HEAL_LEVER)
+        if key not in found:
+            found.append(key)
     return found
 
 
-def settings_label(settings: dict) -> str:
-    """What differs from the comparison's settings (HEAL), e.g. ``lr 0.0001`` or ``steps 200``."""
-    return ", ".join(f"{key} {value:g}" for key, value in settings.items() if HEAL.get(key) != value)
+def settings_label(settings: dict, lever: str = HEAL_LEVER) -> str:
+    """What differs from the comparison's settings (HEAL) and conversion, e.g. ``lr 0.0001`` or ``steps 200``."""
+    return ", ".join([f"{key} {value:g}" for key, value in settings.items() if HEAL.get(key) != value]
+                     + ([f"from {lever}"] if lever != HEAL_LEVER else []))
 
 
-def heal_summary(payload: dict, settings: dict | None = None) -> dict:
+def heal_summary(payload: dict, settings: dict | None = None, lever: str = HEAL_LEVER) -> dict:
     """Per (kind, method): ppl over seeds (mean, sd, n) and the run's trainable count / LoRA rank, for the rows
-    run with ``settings`` (default: the comparison's)."""
+    run with ``settings`` (default: the comparison's) from ``lever``, and the controls run with those settings."""
     import statistics
 
     out = {}
     for row in payload.get("heal", []):
-        if row["settings"] == (settings or HEAL):
+        if row["settings"] == (settings or HEAL) and (row["kind"] == "control" or lever_of(row) == lever):
             out.setdefault((row["kind"], row["method"]), []).append(row)
     summary = {}
     for key, rows in out.items():
@@ -336,16 +372,16 @@ def render_heal(payload: dict) -> str:
     if not payload.get("heal"):
         return ""
     base = payload["base_ppl"]
-    unhealed = next((r["ppl"] for r in payload["rows"] if r["name"] == HEAL_LEVER and r["kept"] == HEAL_KEPT), None)
+    groups = heal_groups(payload)
     columns = ["method", "trainable (LoRA rank)", "ppl, mean +- sd (seeds)", "x base",
                "control ppl, mean +- sd (seeds)", "x control", "train s / run"]
     table = []
-    for settings in heal_settings(payload):
-        summary = heal_summary(payload, settings)
-        label = settings_label(settings)
+    for settings, lever in groups:
+        summary = heal_summary(payload, settings, lever)
+        label = settings_label(settings, lever)
         for method in HEAL_METHODS:
             h, c = summary.get(("healed", method)), summary.get(("control", method))
-            if h is None and c is None:
+            if (h is None and c is None) or (h is None and lever != HEAL_LEVER):  # a control shows once
                 continue
             h = h or c
             name = method + (f", {label}" if label else "") + ("" if summary.get(("healed", method)) else
@@ -355,39 +391,42 @@ def render_heal(payload: dict) -> str:
             table.append([name, f"{h['trainable']:,}{rank}", f"{h['mean']:.2f} +- {h['sd']:.2f} ({h['n']})",
                           f"{h['mean'] / base:.3f}", spread,
                           "-" if c is None else f"{h['mean'] / c['mean']:.3f}", f"{h['seconds']:.0f}"])
-    title = (f"Healed at KV {HEAL_KEPT:.0%} ({HEAL_LEVER}; training-free "
-             f"{'-' if unhealed is None else f'{unhealed:.2f}'}, base {base:.2f}): KL distillation from the original "
-             f"on WikiText-2 validation, {HEAL['steps']} steps x {HEAL['batch_size']} x {HEAL['seqlen']} tokens, lr "
-             f"{HEAL['lr']:g} unless the row says otherwise")
+    levers = list(dict.fromkeys(lever for _, lever in groups))
+    unhealed = {r["name"]: r["ppl"] for r in payload["rows"] if r["kept"] == HEAL_KEPT}
+    start = "; ".join(f"{lever}: {unhealed[lever]:.2f}" if lever in unhealed else f"{lever}: -" for lever in levers)
+    title = (f"Healed at KV {HEAL_KEPT:.0%} (training-free {start}; base {base:.2f}): KL distillation from the "
+             f"original on WikiText-2 validation, {HEAL['steps']} steps x {HEAL['batch_size']} x {HEAL['seqlen']} "
+             f"tokens, lr {HEAL['lr']:g}, from {HEAL_LEVER} unless the row says otherwise")
     print_table(title, columns, table)
     return (f"\n\n{title}. LoRA / PiSSA ranks are matched to CLOVER's trainable count on the same modules; the "
             "control is the original tuned the same way toward itself (same method, settings and data; its objective "
-            "starts at zero).\n\n" + markdown_table(columns, table))
+            "starts at zero, and it serves every conversion).\n\n" + markdown_table(columns, table))
 
 
 def heal_goals(payload: dict) -> list[str]:
     import math
 
     lines = []
-    groups = [(settings, heal_summary(payload, settings)) for settings in heal_settings(payload)]
-    for settings, summary in groups:
+    groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+    for settings, lever, summary in groups:
         done = {m: v for (kind, m), v in summary.items() if kind == "healed"}
         best = min(done, key=lambda m: done[m]["mean"]) if done else None
         control = summary.get(("control", best))
         if control:
             ratio = done[best]["mean"] / control["mean"]
-            label = settings_label(settings) or "the comparison's settings"
+            label = settings_label(settings, lever) or "the comparison's settings"
             lines.append(f"healed KV {HEAL_KEPT:.0%} within 1.10x of the identically tuned base ({label}): "
                          f"{ratio:.3f}x ({best}) -> {'MET' if ratio <= 1.10 else 'NOT MET'}")
-    budgets = []  # the same steps, batch and data: one comparison each, every method at its best lr tried
-    for settings, _ in groups:
-        budget = {k: v for k, v in settings.items() if k != "lr"}
+    budgets = []  # the same conversion, steps, batch and data: one comparison each, every method at its best lr
+    for settings, lever, _ in groups:
+        budget = ({k: v for k, v in settings.items() if k != "lr"}, lever)
         if budget not in budgets:
             budgets.append(budget)
     for budget in budgets:
         def best_of(method):
-            runs = [(s, summary[("healed", method)]) for s, summary in groups if ("healed", method) in summary
-                    and {k: v for k, v in s.items() if k != "lr"} == budget and summary[("healed", method)]["n"] >= 2]
+            runs = [(s, summary[("healed", method)]) for s, lever, summary in groups
+                    if ("healed", method) in summary and ({k: v for k, v in s.items() if k != "lr"}, lever) == budget
+                    and summary[("healed", method)]["n"] >= 2]
             return min(runs, key=lambda run: run[1]["mean"]) if runs else None
 
         mine = best_of("clover")
@@ -399,9 +438,10 @@ def heal_goals(payload: dict) -> list[str]:
             gap = theirs["mean"] - clover["mean"]
             se = math.sqrt(clover["sd"] ** 2 / clover["n"] + theirs["sd"] ** 2 / theirs["n"])
             verdict = separation(gap, se)
-            steps = "" if budget["steps"] == HEAL["steps"] else f" at {budget['steps']} steps"
-            lines.append(f"CLOVER healing{steps} (lr {own_settings['lr']:g}, {clover['n']} seeds) vs {peer} (its best "
-                         f"lr tried, {settings['lr']:g}, {theirs['n']} seeds): {clover['mean']:.2f} vs "
+            steps = "" if budget[0]["steps"] == HEAL["steps"] else f" at {budget[0]['steps']} steps"
+            source = "" if budget[1] == HEAL_LEVER else f" from {budget[1]}"
+            lines.append(f"CLOVER healing{steps}{source} (lr {own_settings['lr']:g}, {clover['n']} seeds) vs {peer} "
+                         f"(its best lr tried, {settings['lr']:g}, {theirs['n']} seeds): {clover['mean']:.2f} vs "
                          f"{theirs['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} -> ahead beyond the "
                          f"spread: {'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}")
     return lines
@@ -463,7 +503,9 @@ def render(payload: dict) -> None:
                for name in SIZES if any((name, k) not in have for k in SIZES[name])]
     not_run = (" Not measured yet (`--missing` measures them): " + "; ".join(missing) + "." if missing else "")
     md = (f"Command: {commands}\n\nMachine: {machines}\n\n{title}. Calibration: 16 x 512 validation "
-          "tokens. KV 12.5% rows keep 16 rotated dims and a 32-dim latent (the 32-rotated-dims row 32 and 16). "
+          "tokens. The latent holds what the rotated key leaves of the cache (KV 25%: 96 numbers per token, 64 of them "
+          "rotated unless the row names fewer); at KV 12.5% the rows that name no rotated dims keep 16 (every 4th "
+          "frequency) and a 32-dim latent. "
           "The TransMLA recipe rows are RoRoPE + NoPE + BKV (+ FreqFold) re-implemented from the paper's "
           "description; FreqFold has no 4 neighbours to fold among 16 rotated dims, so no KV 12.5% row." + not_run
           + "\n\n" + markdown_table(columns, table)

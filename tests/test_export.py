@@ -52,8 +52,12 @@ def models(tmp_path_factory):
         found[f"mla{kv}"] = (mla, root / f"mla{kv}")
     partial, _ = to_mla(found["llama2"][0], MlaConfig(kv_ratio=0.5, rope_dims=4, unrotated="refit", o_refit=True,
                                                       calibration=CALIB, split=1.0, progress=False))
-    save_model(partial, tiny_tokenizer(), root / "mla2-rope4")  # every lever, partial RoPE on the engine's frequencies
-    found["mla2-rope4"] = (partial, root / "mla2-rope4")
+    save_model(partial, tiny_tokenizer(), root / "mla2-rope4")  # every lever, partial RoPE: the fastest frequencies
+    found["mla2-rope4"] = (partial, root / "mla2-rope4")  # (a theta of their own, which the engine must read)
+    spread, _ = to_mla(found["llama2"][0], MlaConfig(kv_ratio=0.5, rope_dims=4, rope_frequencies="spread",
+                                                     calibration=CALIB, split=1.0, progress=False))
+    save_model(spread, tiny_tokenizer(), root / "mla2-rope4-spread")  # every 4th frequency, the original theta
+    found["mla2-rope4-spread"] = (spread, root / "mla2-rope4-spread")
     healed, _ = heal(copy.deepcopy(partial), found["llama2"][0], None, TokenWindows(CALIB),
                      HealConfig(steps=4, lr=1e-2, seqlen=32, progress=False), root / "heal-run", log=lambda *_: None)
     save_model(healed, tiny_tokenizer(), root / "mla2-healed")  # per-head keys and values no longer shared
@@ -64,7 +68,8 @@ def models(tmp_path_factory):
     return found
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama1", "mla2", "mla1", "mla2-rope4", "mla2-healed", "gqa1"])
+@pytest.mark.parametrize("name", ["llama2", "llama1", "mla2", "mla1", "mla2-rope4", "mla2-rope4-spread", "mla2-healed",
+                                  "gqa1"])
 def test_llama_cpp_computes_what_transformers_computes(models, name, tmp_path):
     model, folder = models[name]
     report = export_gguf(model, str(folder), folder, tmp_path / "m.gguf", GgufConfig(type="f32"))

@@ -26,6 +26,7 @@ def gqa():
 @pytest.mark.parametrize("fields", [
     dict(rope_key="pca"), dict(rope_key="attention"), dict(unrotated="expected"), dict(unrotated="refit"),
     dict(rope_key="attention", unrotated="refit", rope_dims=8), dict(rope_dims=4, kv_ratio=0.5),
+    dict(rope_dims=6, kv_ratio=0.5), dict(rope_dims=8, rope_frequencies="spread", kv_ratio=0.5),
     dict(rope_key="pca", latent_weights="bkv", split=1.0, kv_ratio=0.5),
     dict(rope_key="pca", latent_weights="bkv", split=1.0, freqfold=2, unrotated="nope"),
     dict(freqfold=4, kv_ratio=0.5, unrotated="nope"), dict(unrotated="nope"),
@@ -72,6 +73,24 @@ def test_partial_rope_with_one_kv_head_leaves_only_the_dropped_frequencies_unrot
     assert all(0 < layer.rope_energy < 1 for layer in report.layers)
 
 
+@pytest.mark.parametrize("how,kept", [("fastest", [0, 1, 2]), ("spread", [0, 2, 4, 6]), ("spread", [0, 4]),
+                                      ("fastest", list(range(8)))])
+def test_the_stock_rotary_embedding_turns_exactly_the_kept_original_frequencies(gqa, how, kept):
+    """The format rotates its rope dims by its own theta: the conversion writes the theta under which those are the
+    original frequencies it kept rotated (the fastest ones, or every (d / rope_dims)-th), so the engine computes
+    them, not neighbours of them."""
+    from clover.mla.solve import engine_theta, rotated_frequencies
+
+    mla, _ = to_mla(gqa, MlaConfig(calibration=CALIB, rope_dims=2 * len(kept), rope_frequencies=how, split=1.0,
+                                   progress=False))
+    assert rotated_frequencies(16, 2 * len(kept), how).tolist() == kept
+    want = gqa.model.rotary_emb.inv_freq.double()[kept]
+    got = mla.model.rotary_emb.inv_freq.double()
+    assert float((got - want).abs().max() / want.max()) < 1e-6
+    with pytest.raises(ValueError, match="do not step evenly"):
+        engine_theta(1e4, torch.tensor([0, 1, 3]), 16)
+
+
 def test_expected_phase_is_the_attention_weighted_mean_rotation():
     g = torch.Generator().manual_seed(3)
     t, heads = 7, 2
@@ -107,7 +126,9 @@ def test_original_attention_matches_the_model():
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(rope_dims=6), "must divide the head width"),
+    (dict(rope_dims=6, rope_frequencies="spread"), "must divide the head width"),
+    (dict(rope_dims=20), "wider than the head"),
+    (dict(rope_frequencies="slowest"), "unknown --rope-frequencies"),
     (dict(rope_dims=3), "positive even number"),
     (dict(rope_key="random"), "unknown --rope-key"),
     (dict(unrotated="zero"), "unknown --unrotated"),

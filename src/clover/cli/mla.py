@@ -50,9 +50,12 @@ def mla(
                                                 "rotation), expected (the rotation's mean under the original "
                                                 "attention), refit (least squares to the original scores).")]
     = "refit",
-    rope_dims: Annotated[Optional[int], typer.Option(help="Rotated dims of the shared key (dividing the head width; "
-                                                          "default all): fewer leave room for caches below one "
-                                                          "full key.")] = None,
+    rope_dims: Annotated[Optional[int], typer.Option(help="Rotated dims of the shared key (even, default all): fewer "
+                                                          "leave more of the cache to the latent.")] = None,
+    rope_frequencies: Annotated[str, typer.Option(help="With --rope-dims below the head width, which frequencies "
+                                                       "stay rotated: fastest (theta rescaled so the engine computes "
+                                                       "them exactly) or spread (every (head_dim / rope_dims)-th, "
+                                                       "the same theta).")] = "fastest",
     latent_weights: Annotated[str, typer.Option(help="clover (query- and O-weighted joint latent) or bkv "
                                                      "(TransMLA's balanced plain PCA).")] = "clover",
     freqfold: Annotated[int, typer.Option(help="TransMLA's FreqFold: this many neighbouring frequencies share one "
@@ -83,8 +86,9 @@ def mla(
     except ValueError:
         raise CloverError(f"--split {split!r}: use auto or a positive number") from None
     config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset, layout=layout, kv_heads=kv_heads,
-                       rope_key=rope_key, unrotated=unrotated, rope_dims=rope_dims, latent_weights=latent_weights,
-                       freqfold=freqfold, o_refit=o_refit)
+                       rope_key=rope_key, unrotated=unrotated, rope_dims=rope_dims,
+                       rope_frequencies=rope_frequencies, latent_weights=latent_weights, freqfold=freqfold,
+                       o_refit=o_refit)
     config.check()
     peeked = peek(ctx, model, "MLA conversion", calib_seqlen, eval_ppl, seqlen, lambda c, _: config.check_against(c))
     loaded, config.calibration, text, calib_note = load_calibrated(
@@ -108,7 +112,8 @@ def mla(
     check = report.check
     rank = f"{report.kv_lora_rank} ({report.full_rank})" if report.layout == "mla" else "-"
     table.add_row(str(report.kv_heads), rank,
-                  f"{report.qk_nope_head_dim} / {report.qk_rope_head_dim} / {report.qk_rope_head_dim}",
+                  f"{report.qk_nope_head_dim} / {report.qk_rope_head_dim} / "
+                  f"{getattr(converted.config, 'v_head_dim', report.qk_rope_head_dim)}",
                   spread([lr.rope_energy for lr in report.layers]), spread([lr.latent_energy for lr in report.layers]),
                   "-" if check is None else check_cell(check))
     console.print(table)

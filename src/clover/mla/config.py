@@ -14,6 +14,7 @@ PRESETS = ("vllm",)
 LAYOUTS = ("mla", "gqa")
 ROPE_KEYS = ("pca", "query", "attention")
 UNROTATED = ("nope", "expected", "refit")
+ROPE_FREQUENCIES = ("fastest", "spread")
 LATENT_WEIGHTS = ("clover", "bkv")
 
 
@@ -34,8 +35,11 @@ class MlaConfig:
     reads each KV head; ``attention``: also by the attention each key position receives); ``unrotated`` says what
     the other components keep (``nope``: no rotation; ``expected``: the rotation's mean under the original
     attention, folded into the queries; ``refit``: a least-squares fit to the original scores); ``rope_dims``
-    below the head width keeps every (head_dim / rope_dims)-th frequency rotated (partial RoPE, for caches smaller
-    than one full rotated key); ``latent_weights="bkv"``: TransMLA's joint latent (plain PCA of keys and values
+    below the head width keeps ``rope_dims / 2`` frequencies rotated (partial RoPE, for caches smaller than one full
+    rotated key): ``rope_frequencies="fastest"`` the fastest ones (the engine's rotary embedding computes them
+    exactly with theta raised to ``rope_dims / head_dim``; the slowest barely turn within a context, so their
+    unrotated refit loses little), ``"spread"`` every (head_dim / rope_dims)-th one (the same theta);
+    ``latent_weights="bkv"``: TransMLA's joint latent (plain PCA of keys and values
     with their energies balanced) instead of clover's query- and O-weighted one; ``freqfold``: TransMLA's FreqFold
     (``freqfold`` neighbouring frequencies share one PCA, ``freqfold.py``); ``o_refit``: each head's O block
     refit to the latent's values on the attention-mixed inputs (as ``latent`` does).
@@ -55,6 +59,7 @@ class MlaConfig:
     rope_key: str = "query"
     unrotated: str = "refit"
     rope_dims: int | None = None
+    rope_frequencies: str = "fastest"
     latent_weights: str = "clover"
     freqfold: int = 1
     o_refit: bool = True
@@ -78,7 +83,8 @@ class MlaConfig:
             raise CloverError(f"unknown --preset {self.preset!r}: use {', '.join(PRESETS)} (or none)")
         for name, value, allowed in (("--rope-key", self.rope_key, ROPE_KEYS), ("--unrotated", self.unrotated,
                                                                                     UNROTATED),
-                                     ("--latent-weights", self.latent_weights, LATENT_WEIGHTS)):
+                                     ("--latent-weights", self.latent_weights, LATENT_WEIGHTS),
+                                     ("--rope-frequencies", self.rope_frequencies, ROPE_FREQUENCIES)):
             if value not in allowed:
                 raise CloverError(f"unknown {name} {value!r}: use {', '.join(allowed)}")
         if self.rope_dims is not None and (self.rope_dims < 2 or self.rope_dims % 2):
@@ -133,9 +139,12 @@ class MlaConfig:
                                   f"{', '.join(str(n) for n in range(1, kv_heads + 1) if kv_heads % n == 0)}")
             return 0
         rope = self.rope_dims or head_dim
-        if rope > head_dim or head_dim % rope:
-            raise CloverError(f"--rope-dims {rope} must divide the head width {head_dim} (the engine's rotary "
-                              f"frequencies with the same theta are every (head_dim / rope_dims)-th original one)")
+        if rope > head_dim:
+            raise CloverError(f"--rope-dims {rope} is wider than the head ({head_dim}): use at most {head_dim}")
+        if self.rope_frequencies == "spread" and head_dim % rope:
+            raise CloverError(f"--rope-dims {rope} must divide the head width {head_dim} with --rope-frequencies "
+                              "spread (the engine's rotary frequencies with the same theta are every (head_dim / "
+                              "rope_dims)-th original one): use a divisor or --rope-frequencies fastest")
         if (head_dim // 2) % self.freqfold:
             raise CloverError(f"--freqfold {self.freqfold} must divide the head's {head_dim // 2} rotary frequencies")
         rank = self.kv_lora_rank(kv_heads, head_dim)

@@ -8,8 +8,8 @@ data: the attention input is RMS-normalised, so ``||x||^2 <= D max(w_norm^2)``),
 itself. Every other tensor (embeddings, norms, MLPs, head) is the original's, copied by name; all layers are dense
 (``first_k_dense_replace`` = layers), the query needs no LoRA in transformers (``q_lora_rank=None``), and the
 softmax scale ``1 / sqrt(qk_nope + qk_rope)`` of the format is turned back into ``1 / sqrt(d)`` in the query rows.
-With ``qk_rope_head_dim`` r below d, the format's rotary embedding (same theta) turns its pairs by every (d / r)-th
-original frequency, the ones the conversion kept rotated.
+With ``qk_rope_head_dim`` r below d, the format's rotary embedding turns its pairs by the original frequencies the
+conversion kept rotated: its theta is the one that computes exactly those (``solve.engine_theta``).
 """
 
 from __future__ import annotations
@@ -21,15 +21,18 @@ from torch import nn
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from ..rebuild import copy_matching
-from .solve import LayerMla
+from .solve import LayerMla, engine_theta
 
 NORM_MARGIN = 1e-10  # latent mean square / norm epsilon, at most, for any input
 KV_NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default, which kv_a_layernorm always uses
 
 
-def mla_config(model: nn.Module, rank: int, nope: int, head_dim: int, rope: int) -> DeepseekV3Config:
+def mla_config(model: nn.Module, rank: int, nope: int, head_dim: int, rope: int,
+               freqs: torch.Tensor | None = None) -> DeepseekV3Config:
+    """``freqs``: the original frequencies the ``rope`` rotated dims turn by (None: every one)."""
     base = model.config
     theta = (getattr(base, "rope_parameters", None) or {}).get("rope_theta", getattr(base, "rope_theta", 10000.0))
+    theta = engine_theta(theta, torch.arange(rope // 2) if freqs is None else freqs, head_dim)
     layers = base.num_hidden_layers
     config = DeepseekV3Config(
         vocab_size=base.vocab_size, hidden_size=base.hidden_size, intermediate_size=base.intermediate_size,
@@ -59,7 +62,7 @@ def latent_scale(layer: LayerMla, norm: nn.Module) -> float:
 def build(model: nn.Module, layers: list[LayerMla], rank: int, head_dim: int) -> DeepseekV3ForCausalLM:
     """The stock model holding ``layers``; ``model`` (the original) gives every tensor the conversion leaves."""
     nope, rope = layers[0].q_nope.shape[-1], layers[0].q_rope.shape[-1]
-    config = mla_config(model, rank, nope, head_dim, rope)
+    config = mla_config(model, rank, nope, head_dim, rope, layers[0].rope_freqs)
     reference = next(model.parameters())
     config.dtype = reference.dtype
     mla = DeepseekV3ForCausalLM(config).to(device=reference.device, dtype=reference.dtype).eval()

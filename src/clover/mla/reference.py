@@ -18,12 +18,13 @@ from torch import nn
 from .solve import LayerMla
 
 
-def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Pairs (2j, 2j+1) turned by angle j; ``cos``/``sin`` in HF's rotate-half form (B, T, d): first half used,
-    every (d / x's width)-th frequency when x has fewer rotary dims than the model's heads (partial RoPE)."""
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Pairs (2j, 2j+1) turned by the original frequency ``freqs[j]`` (default: j); ``cos``/``sin`` in HF's
+    rotate-half form (B, T, d), of which the first half holds one angle per frequency."""
     half = cos.shape[-1] // 2
-    stride = cos.shape[-1] // x.shape[-1]
-    cos, sin = cos[..., :half:stride], sin[..., :half:stride]
+    freqs = torch.arange(half, device=cos.device) if freqs is None else freqs.to(cos.device)
+    cos, sin = cos[..., :half][..., freqs], sin[..., :half][..., freqs]
     if x.dim() == 4:  # (B, H, T, d)
         cos, sin = cos[:, None], sin[:, None]
     even, odd = x[..., 0::2], x[..., 1::2]
@@ -37,12 +38,13 @@ class ReferenceAttention(nn.Module):
             self.register_buffer(name, getattr(layer, name).to(dtype), persistent=False)
         self.scaling = scaling
         self.group = layer.group
+        self.freqs = layer.rope_freqs
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
         x = hidden_states
         cos, sin = position_embeddings
-        q_rope = rotate_interleaved(torch.einsum("btd,hde->bhte", x, self.q_rope), cos, sin)
-        k_rope = rotate_interleaved(x @ self.k_rope, cos, sin)  # (B, T, d): one key for every head
+        q_rope = rotate_interleaved(torch.einsum("btd,hde->bhte", x, self.q_rope), cos, sin, self.freqs)
+        k_rope = rotate_interleaved(x @ self.k_rope, cos, sin, self.freqs)  # (B, T, d): one key for every head
         q_nope = torch.einsum("btd,hde->bhte", x, self.q_nope)
         z = x @ self.down  # the joint latent: what the cache holds besides the rotated key
         k_nope = z @ self.up_k

@@ -9,15 +9,15 @@ so any complex mix of the G channels commutes with it. A query-weighted PCA of t
     p_h,j,f = q~_h,f conj(decode[f, g, j]).
 
 The MLA format has one rotated key shared by all heads: component 0 of every kept frequency is that key (exact
-under RoPE; ``rope_dims`` below ``d`` keeps every (d / rope_dims)-th frequency, the ones the engine's own rotary
-embedding computes with the same theta). The other components have no rotated place: they attend without rotation
-(the only error at full rank; ``rotation.py`` chooses the complex factor folded into their queries) and join the
-values in one joint latent ``z`` (whitened by the attention inputs, key rows weighted by the query energy that
-reads them, value rows by the O blocks that read them, ``split`` trading one against the other), decoded per head
-by ``kv_b``. Which component is shared is the ``rope_key`` lever: the keys' own PCA (TransMLA), weighted by the
-query energy reading each KV head, or additionally by the attention each key position receives. Ranks:
-``qk_nope_head_dim = 2 (G F - F_kept)`` (every head reads every unrotated component), full latent that plus
-``G d``; the cache holds ``kv_lora_rank + rope_dims`` numbers per token against ``2 G d``.
+under RoPE; ``rope_dims`` below ``d`` keeps ``rope_dims / 2`` frequencies, evenly stepped from the fastest, which
+the engine's own rotary embedding computes with one theta, ``engine_theta``). The other components have no rotated
+place: they attend without rotation (the only error at full rank; ``rotation.py`` chooses the complex factor folded
+into their queries) and join the values in one joint latent ``z`` (whitened by the attention inputs, key rows
+weighted by the query energy that reads them, value rows by the O blocks that read them, ``split`` trading one
+against the other), decoded per head by ``kv_b``. Which component is shared is the ``rope_key`` lever: the keys'
+own PCA (TransMLA), weighted by the query energy reading each KV head, or additionally by the attention each key
+position receives. Ranks: ``qk_nope_head_dim = 2 (G F - F_kept)`` (every head reads every unrotated component),
+full latent that plus ``G d``; the cache holds ``kv_lora_rank + rope_dims`` numbers per token against ``2 G d``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class LayerMla:
     o: torch.Tensor
     kept_energy: float  # share of the joint latent's weighted energy kept at this rank
     rope_energy: float  # share of the key energy (query-weighted) in the shared rotated component
+    rope_freqs: torch.Tensor | None = None  # the original frequencies the shared key turns by (None: all)
 
     @property
     def group(self) -> int:
@@ -71,6 +72,7 @@ class LayerParts:
     rope_energy: float
     balance: float = 1.0  # per-layer factor on the key rows' weight (BKV's key/value energy balance; 1 otherwise)
     mixed: torch.Tensor | None = None  # (H, D, D) attention-mixed input moments: refit O to the latent's values
+    rope_freqs: torch.Tensor | None = None  # the original frequencies the shared key turns by (None: all)
 
 
 def interleave(z: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,8 @@ class RotarySettings:
 
     rope_key: str = "query"  # pca | query | attention: how each frequency's shared rotated component is chosen
     unrotated: str = "nope"  # nope | expected | refit: what the components without a rotated place keep
-    rope_dims: int | None = None  # rotated dims of the shared key (None: head_dim); every (d / rope_dims)-th frequency
+    rope_dims: int | None = None  # rotated dims of the shared key (None: head_dim)
+    rope_frequencies: str = "fastest"  # fastest | spread: which rope_dims / 2 frequencies (``rotated_frequencies``)
     latent_weights: str = "clover"  # clover (query / O weighted) | bkv (plain, key and value energy balanced)
     freqfold: int = 1  # neighbouring frequencies sharing one PCA (TransMLA's FreqFold; 1: none)
     o_refit: bool = False  # refit each head's O block to the latent's values on attention-mixed inputs
@@ -112,8 +115,7 @@ def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     ``attention`` (the original attention's statistics) and ``inv_freq`` are needed by the attention-reading levers."""
     settings = settings or RotarySettings()
     group = heads // kv_heads
-    rope_dims = settings.rope_dims or head_dim
-    stride = head_dim // rope_dims
+    freqs = rotated_frequencies(head_dim, settings.rope_dims, settings.rope_frequencies)
     if settings.freqfold > 1:  # TransMLA's FreqFold (NoPE, every frequency rotated): the peer row
         weight = component_weight(settings.rope_key, q, cov, heads, kv_heads, head_dim)
         q_rot, k_rot, p_nope, c_nope, rope_energy = folded_maps(q, k, cov, heads, kv_heads, head_dim, weight,
@@ -125,7 +127,7 @@ def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
         comp, freq = (~rotated).nonzero(as_tuple=True)
         p_nope = p[:, :, comp, freq] * alpha[:, freq][None]  # (D, H, N)
         c_nope = c[:, comp, freq]  # (D, N)
-        q_rot, k_rot = p[:, :, 0, ::stride], c[:, 0, ::stride]
+        q_rot, k_rot = p[:, :, 0, freqs], c[:, 0, freqs]
         energy = comps.energy.T  # (G comps, F)
         rope_energy = float(energy[rotated].sum() / energy.sum().clamp_min(1e-300))
     q_rope = interleave(q_rot).permute(1, 0, 2)  # (H, D, rope_dims)
@@ -143,7 +145,28 @@ def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
         balance = 1.0
     mixed = attention.mixed if settings.o_refit and attention is not None else None
     return LayerParts(q_nope, q_rope, k_rope, torch.cat([k_nope, v], dim=1), chol, key_root, values, o,
-                      rope_energy, balance, mixed)
+                      rope_energy, balance, mixed, freqs)
+
+
+def rotated_frequencies(head_dim: int, rope_dims: int | None, how: str = "fastest") -> torch.Tensor:
+    """Indices of the original frequencies the shared key keeps rotated, fastest first: with ``rope_dims`` below
+    the head width, the ``rope_dims / 2`` fastest (``fastest``) or every (d / rope_dims)-th (``spread``). Either
+    set steps evenly from frequency 0, so the engine's rotary embedding over ``rope_dims`` dims reproduces it with
+    one theta (``engine_theta``)."""
+    count = (rope_dims or head_dim) // 2
+    step = 1 if how == "fastest" else head_dim // (2 * count)
+    return torch.arange(count) * step
+
+
+def engine_theta(theta: float, freqs: torch.Tensor, head_dim: int) -> float:
+    """The rope theta under which a format's ``2 len(freqs)`` rotary dims turn by exactly the original frequencies
+    ``freqs`` (``theta^(-2 f / d)``): the engine's i-th is ``theta'^(-i / n)``, so ``theta' = theta^(2 n step / d)``
+    (the original theta when the frequencies are every (d / rope_dims)-th)."""
+    count = len(freqs)
+    step = int(freqs[1] - freqs[0]) if count > 1 else 1
+    if not torch.equal(freqs.cpu(), torch.arange(count) * step):
+        raise ValueError(f"rotated frequencies {freqs.tolist()} do not step evenly from 0: no one theta turns them")
+    return float(theta) ** (2 * count * step / head_dim)
 
 
 def rotary_maps(q: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
@@ -160,8 +183,7 @@ def rotary_maps(q: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, heads: int,
     owner = torch.arange(heads) // (heads // kv_heads)
     p = qz[:, :, None, :] * comps.decode.conj()[:, owner, :].permute(1, 2, 0)[None]  # (D, H, G comps, F)
     rotated = torch.zeros(kv_heads, head_dim // 2, dtype=torch.bool)
-    # the engine's rope frequencies theta^(-2i / rope_dims) are every (d / rope_dims)-th original one
-    rotated[0, ::head_dim // (settings.rope_dims or head_dim)] = True
+    rotated[0, rotated_frequencies(head_dim, settings.rope_dims, settings.rope_frequencies)] = True
     return comps, p, c, rotated
 
 
@@ -203,7 +225,7 @@ def latent_layer(parts: LayerParts, rank: int, split: float) -> LayerMla:
     up_v = up[:, n_nope:].reshape(rank, kv_heads, -1).permute(1, 0, 2)
     o = parts.o if parts.mixed is None else refit_o(parts, down, up_v)
     return LayerMla(parts.q_nope, parts.q_rope, parts.k_rope, down, up[:, :n_nope], up_v, o, kept,
-                    parts.rope_energy)
+                    parts.rope_energy, parts.rope_freqs)
 
 
 def refit_o(parts: LayerParts, down: torch.Tensor, up_v: torch.Tensor) -> torch.Tensor:
