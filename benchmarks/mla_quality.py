@@ -30,7 +30,10 @@ Healing (``--heal``): the KV 25% conversion with the strongest lever, tuned towa
 of its next-token distribution on WikiText-2 validation windows (``clover heal``): CLOVER, LoRA and PiSSA at
 matched trainable parameters, the same steps, data and learning rate, over seeds; the control is the original model
 tuned the same way toward itself (its objective starts at zero, so it shows what tuning alone does to the test
-perplexity). Runs already in the JSON with the same settings are kept, so an interrupted ``--heal`` resumes.
+perplexity; it tunes the original, so it serves every conversion). ``--heal-lever`` heals another row's KV 25%
+conversion beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another learning rate). A
+peer that leaves the model worse than the training-free conversion gets no verdict. Runs already in the JSON with
+the same settings are kept, so an interrupted ``--heal`` resumes.
 
 Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
 (``clover.tasks.next_sentence_docs``: a context sentence, its true next sentence among three from other
@@ -138,6 +141,8 @@ def main() -> None:
                         "run, reported beside the side-by-side comparison.")
     parser.add_argument("--heal-lr", type=float, default=HEAL["lr"], help="Other than the default: a method at "
                         "its own learning rate, reported beside the comparison.")
+    parser.add_argument("--no-heal-controls", action="store_true", help="Skip the controls: for a peer at another "
+                        "learning rate, which only the CLOVER-vs-peer verdict reads.")
     parser.add_argument("--heal-lever", default=HEAL_LEVER, help="The KV 25%% conversion healed (a row name); "
                         "other than the default: reported beside the comparison, against the same controls.")
     parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
@@ -196,7 +201,8 @@ def main() -> None:
         settings = dict(HEAL, steps=args.heal_steps, lr=args.heal_lr)
         if args.heal_lever not in LEVERS:
             raise SystemExit(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
-        for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, settings, args.heal_lever):
+        for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, settings, args.heal_lever,
+                             controls=not args.no_heal_controls):
             healed.append(row)
             print(row, flush=True)
             save()
@@ -292,9 +298,9 @@ def render_tasks() -> tuple[str, list[str]]:
     return md, lines
 
 
-def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER):
-    """Healed conversions of ``lever`` and controls not yet in ``done`` (same settings; a control tunes the
-    original, so it serves every lever): one row per method, seed and kind."""
+def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER, controls=True):
+    """Healed conversions of ``lever`` and (``controls``) controls not yet in ``done`` (same settings; a control
+    tunes the original, so it serves every lever): one row per method, seed and kind."""
     import copy
     import tempfile
 
@@ -307,7 +313,7 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
             and (r["kind"] == "control" or lever_of(r) == lever)}
     converted = None
     plan = [("healed", m, s) for m in methods for s in seeds] + \
-        [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds]
+        [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds and controls]
     for kind, method, seed in plan:
         if (kind, method, seed) in have:
             continue
@@ -408,6 +414,7 @@ def heal_goals(payload: dict) -> list[str]:
 
     lines = []
     groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+    unhealed = {r["name"]: r["ppl"] for r in payload["rows"] if r["kept"] == HEAL_KEPT}
     for settings, lever, summary in groups:
         done = {m: v for (kind, m), v in summary.items() if kind == "healed"}
         best = min(done, key=lambda m: done[m]["mean"]) if done else None
@@ -435,11 +442,17 @@ def heal_goals(payload: dict) -> list[str]:
             if not (mine and other):
                 continue
             (own_settings, clover), (settings, theirs) = mine, other
+            steps = "" if budget[0]["steps"] == HEAL["steps"] else f" at {budget[0]['steps']} steps"
+            source = "" if budget[1] == HEAL_LEVER else f" from {budget[1]}"
+            start = unhealed.get(budget[1], math.inf)
+            if theirs["mean"] > start:  # a peer that left the model worse than it found it was not compared
+                lines.append(f"CLOVER healing{steps}{source} vs {peer}: {peer} did not heal at any lr tried (best "
+                             f"{theirs['mean']:.2f} ppl at lr {settings['lr']:g}, above the training-free "
+                             f"{start:.2f}) -> no verdict")
+                continue
             gap = theirs["mean"] - clover["mean"]
             se = math.sqrt(clover["sd"] ** 2 / clover["n"] + theirs["sd"] ** 2 / theirs["n"])
             verdict = separation(gap, se)
-            steps = "" if budget[0]["steps"] == HEAL["steps"] else f" at {budget[0]['steps']} steps"
-            source = "" if budget[1] == HEAL_LEVER else f" from {budget[1]}"
             lines.append(f"CLOVER healing{steps}{source} (lr {own_settings['lr']:g}, {clover['n']} seeds) vs {peer} "
                          f"(its best lr tried, {settings['lr']:g}, {theirs['n']} seeds): {clover['mean']:.2f} vs "
                          f"{theirs['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} -> ahead beyond the "
