@@ -28,11 +28,11 @@ KV_NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default, which kv_a_layern
 
 
 def mla_config(model: nn.Module, rank: int, nope: int, head_dim: int, rope: int,
-               freqs: torch.Tensor | None = None) -> DeepseekV3Config:
-    """``freqs``: the original frequencies the ``rope`` rotated dims turn by (None: every one)."""
+               freqs: torch.Tensor) -> DeepseekV3Config:
+    """``freqs``: the original frequencies the ``rope`` rotated dims turn by."""
     base = model.config
     theta = (getattr(base, "rope_parameters", None) or {}).get("rope_theta", getattr(base, "rope_theta", 10000.0))
-    theta = engine_theta(theta, torch.arange(rope // 2) if freqs is None else freqs, head_dim)
+    theta = engine_theta(theta, freqs, head_dim)
     layers = base.num_hidden_layers
     config = DeepseekV3Config(
         vocab_size=base.vocab_size, hidden_size=base.hidden_size, intermediate_size=base.intermediate_size,

@@ -18,12 +18,11 @@ from torch import nn
 from .solve import LayerMla
 
 
-def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       freqs: torch.Tensor | None = None) -> torch.Tensor:
-    """Pairs (2j, 2j+1) turned by the original frequency ``freqs[j]`` (default: j); ``cos``/``sin`` in HF's
-    rotate-half form (B, T, d), of which the first half holds one angle per frequency."""
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Pairs (2j, 2j+1) turned by the original frequency ``freqs[j]``; ``cos``/``sin`` in HF's rotate-half form
+    (B, T, d), of which the first half holds one angle per frequency."""
     half = cos.shape[-1] // 2
-    freqs = torch.arange(half, device=cos.device) if freqs is None else freqs.to(cos.device)
+    freqs = freqs.to(cos.device)
     cos, sin = cos[..., :half][..., freqs], sin[..., :half][..., freqs]
     if x.dim() == 4:  # (B, H, T, d)
         cos, sin = cos[:, None], sin[:, None]

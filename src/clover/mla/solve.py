@@ -50,7 +50,7 @@ class LayerMla:
     o: torch.Tensor
     kept_energy: float  # share of the joint latent's weighted energy kept at this rank
     rope_energy: float  # share of the key energy (query-weighted) in the shared rotated component
-    rope_freqs: torch.Tensor | None = None  # the original frequencies the shared key turns by (None: all)
+    rope_freqs: torch.Tensor  # the original frequencies the shared key turns by (``rotated_frequencies``)
 
     @property
     def group(self) -> int:
@@ -70,9 +70,9 @@ class LayerParts:
     value_root: torch.Tensor  # (G d, G d) block diagonal: sqrt of each group's O Gram
     o: torch.Tensor
     rope_energy: float
+    rope_freqs: torch.Tensor  # the original frequencies the shared key turns by (``rotated_frequencies``)
     balance: float = 1.0  # per-layer factor on the key rows' weight (BKV's key/value energy balance; 1 otherwise)
     mixed: torch.Tensor | None = None  # (H, D, D) attention-mixed input moments: refit O to the latent's values
-    rope_freqs: torch.Tensor | None = None  # the original frequencies the shared key turns by (None: all)
 
 
 def interleave(z: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
         balance = 1.0
     mixed = attention.mixed if settings.o_refit and attention is not None else None
     return LayerParts(q_nope, q_rope, k_rope, torch.cat([k_nope, v], dim=1), chol, key_root, values, o,
-                      rope_energy, balance, mixed, freqs)
+                      rope_energy, freqs, balance, mixed)
 
 
 def rotated_frequencies(head_dim: int, rope_dims: int | None, how: str = "fastest") -> torch.Tensor:
