@@ -61,6 +61,13 @@ from _report import REPO_ROOT, machine_info, machine_line, markdown_table, print
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "mla_quality.json"
 TASK_RESULTS = REPO_ROOT / "benchmarks" / "results" / "mla_quality_tasks.json"
 KEPT = (1.0, 0.5, 0.25, 0.125)
+
+
+def fastest(dims: int) -> str:
+    """The row of the strongest lever keeping ``dims`` rotated dims of the fastest frequencies."""
+    return f"rope key query, refit, O refit, {dims} fastest rotated dims"
+
+
 LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's defaults are the best levers found)
     "rope key pca, nope": dict(rope_key="pca", unrotated="nope", o_refit=False),
     "rope key query, nope": dict(rope_key="query", unrotated="nope", o_refit=False),
@@ -69,16 +76,8 @@ LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's de
     "rope key query, refit": dict(rope_key="query", unrotated="refit", o_refit=False),
     "rope key query, refit, 32 rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32, o_refit=False),
     "rope key query, refit, O refit": dict(rope_key="query", unrotated="refit", o_refit=True),
-    "rope key query, refit, O refit, 48 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=48,
-                                                                    rope_frequencies="fastest", o_refit=True),
-    "rope key query, refit, O refit, 40 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=40,
-                                                                    rope_frequencies="fastest", o_refit=True),
-    "rope key query, refit, O refit, 32 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32,
-                                                                    rope_frequencies="fastest", o_refit=True),
-    "rope key query, refit, O refit, 24 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=24,
-                                                                    rope_frequencies="fastest", o_refit=True),
-    "rope key query, refit, O refit, 16 fastest rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=16,
-                                                                    rope_frequencies="fastest", o_refit=True),
+    **{fastest(dims): dict(rope_key="query", unrotated="refit", rope_dims=dims, rope_frequencies="fastest",
+                           o_refit=True) for dims in (48, 40, 32, 24, 16)},
     "TransMLA recipe (RoRoPE + NoPE + BKV)": dict(rope_key="pca", unrotated="nope", latent_weights="bkv",
                                                  split=1.0, o_refit=False),
     "TransMLA recipe + FreqFold 4": dict(rope_key="pca", unrotated="nope", latent_weights="bkv", split=1.0,
@@ -94,10 +93,8 @@ SIZES = {name: KEPT for name in LEVERS}
 SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.25, 0.125),
               # the rotated-dims sweep where the latent is short (KV 25% and 12.5%); 32, its best at KV 25%, at
               # every size; a KV 12.5% cache (48 numbers) has no room for a latent beside 40 or 48 rotated dims
-              "rope key query, refit, O refit, 48 fastest rotated dims": (0.5, 0.25),
-              "rope key query, refit, O refit, 40 fastest rotated dims": (0.25,),
-              "rope key query, refit, O refit, 24 fastest rotated dims": (0.25, 0.125),
-              "rope key query, refit, O refit, 16 fastest rotated dims": (0.25, 0.125)})
+              fastest(48): (0.5, 0.25), fastest(40): (0.25,), fastest(24): (0.25, 0.125),
+              fastest(16): (0.25, 0.125)})
 BASE = "base (SmolLM2-135M)"
 # the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
 TASK = dict(name="wikitext2_next_sentence", docs=300, choices=4, context=1, max_words=30, seed=0)
@@ -309,8 +306,7 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
     from clover.heal import HealConfig, distill, heal
 
     windows = token_windows(lm.tokenizer, ["\n\n".join(load_rows(split="validation"))], settings["seqlen"])
-    have = {(r["kind"], r["method"], r["seed"]) for r in done if r["settings"] == settings
-            and (r["kind"] == "control" or lever_of(r) == lever)}
+    have = {(r["kind"], r["method"], r["seed"]) for r in done if in_group(r, settings, lever)}
     converted = None
     plan = [("healed", m, s) for m in methods for s in seeds] + \
         [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds and controls]
@@ -339,6 +335,17 @@ def lever_of(row: dict) -> str:
     return row.get("lever", HEAL_LEVER)
 
 
+def in_group(row: dict, settings: dict, lever: str) -> bool:
+    """Whether a healing row belongs to the (settings, conversion) group: its settings, and its conversion unless it
+    is a control (a control tunes the original, so it serves every conversion)."""
+    return row["settings"] == settings and (row["kind"] == "control" or lever_of(row) == lever)
+
+
+def training_free(payload: dict) -> dict[str, float]:
+    """Each row's ppl at the healed cache size: where every healing run starts."""
+    return {r["name"]: r["ppl"] for r in payload["rows"] if r["kept"] == HEAL_KEPT}
+
+
 def heal_groups(payload: dict) -> list[tuple[dict, str]]:
     """Every distinct (settings, conversion) the healing rows were run with: the comparison's (HEAL, HEAL_LEVER)
     first; controls belong to their settings' group with the comparison's conversion."""
@@ -363,7 +370,7 @@ def heal_summary(payload: dict, settings: dict | None = None, lever: str = HEAL_
 
     out = {}
     for row in payload.get("heal", []):
-        if row["settings"] == (settings or HEAL) and (row["kind"] == "control" or lever_of(row) == lever):
+        if in_group(row, settings or HEAL, lever):
             out.setdefault((row["kind"], row["method"]), []).append(row)
     summary = {}
     for key, rows in out.items():
@@ -398,7 +405,7 @@ def render_heal(payload: dict) -> str:
                           f"{h['mean'] / base:.3f}", spread,
                           "-" if c is None else f"{h['mean'] / c['mean']:.3f}", f"{h['seconds']:.0f}"])
     levers = list(dict.fromkeys(lever for _, lever in groups))
-    unhealed = {r["name"]: r["ppl"] for r in payload["rows"] if r["kept"] == HEAL_KEPT}
+    unhealed = training_free(payload)
     start = "; ".join(f"{lever}: {unhealed[lever]:.2f}" if lever in unhealed else f"{lever}: -" for lever in levers)
     title = (f"Healed at KV {HEAL_KEPT:.0%} (training-free {start}; base {base:.2f}): KL distillation from the "
              f"original on WikiText-2 validation, {HEAL['steps']} steps x {HEAL['batch_size']} x {HEAL['seqlen']} "
@@ -414,7 +421,7 @@ def heal_goals(payload: dict) -> list[str]:
 
     lines = []
     groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
-    unhealed = {r["name"]: r["ppl"] for r in payload["rows"] if r["kept"] == HEAL_KEPT}
+    unhealed = training_free(payload)
     for settings, lever, summary in groups:
         done = {m: v for (kind, m), v in summary.items() if kind == "healed"}
         best = min(done, key=lambda m: done[m]["mean"]) if done else None
