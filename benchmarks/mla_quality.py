@@ -85,6 +85,7 @@ LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's de
 }
 LATENT = "latent --rope latent (no engine runs it)"
 HEAL_LEVER, HEAL_KEPT = "rope key query, refit, O refit", 0.25  # the comparison's conversion (a row may name another)
+AS_SOLVED = " (pairs as solved, before balancing)"  # how a conversion is named for rows run before balance_pairs
 HEAL_METHODS, HEAL_SEEDS, CONTROL_SEEDS = ("clover", "lora", "pissa"), (0, 1, 2), (0, 1, 2)
 HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of validation text per run
 # every lever at every size, but for two that cannot be: FreqFold has no 4 neighbours to fold among KV 12.5%'s 16
@@ -326,13 +327,24 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
         row = {"kind": kind, "method": method, "seed": seed, "ppl": ppl(tuned), "trainable": report.trainable,
                "lora_r": report.lora_r, "train_kl": report.train_kl, "seconds": round(seconds, 1),
                "settings": dict(settings), "run": run}
+        row["balanced"] = True  # every conversion now leaves its pairs in CLOVER's form (mla/deepseek.py)
         yield row if kind == "control" or lever == HEAL_LEVER else {**row, "lever": lever}
         del tuned, student
 
 
 def lever_of(row: dict) -> str:
-    """The conversion a healing row tuned (rows name it only when it is not the comparison's)."""
-    return row.get("lever", HEAL_LEVER)
+    """The conversion a healing row tuned (rows name it only when it is not the comparison's). LoRA / PiSSA rows
+    measured before conversions were written in CLOVER's balanced form (``balance_pairs``) tuned the same function
+    with each pair's scale split as the solve left it, a different start for them: their conversion is named apart.
+    CLOVER's own first step rewrites the pairs into that form (the SVD of each product), so its rows are the same
+    whichever split they started from."""
+    lever = row.get("lever", HEAL_LEVER)
+    return lever + AS_SOLVED if row["method"] != "clover" and not row.get("balanced") else lever
+
+
+def function_of(lever: str) -> str:
+    """The training-free row a conversion computes: the same for both splits of a pair's scale."""
+    return lever.removesuffix(AS_SOLVED)
 
 
 def in_group(row: dict, settings: dict, lever: str) -> bool:
@@ -406,7 +418,8 @@ def render_heal(payload: dict) -> str:
                           "-" if c is None else f"{h['mean'] / c['mean']:.3f}", f"{h['seconds']:.0f}"])
     levers = list(dict.fromkeys(lever for _, lever in groups))
     unhealed = training_free(payload)
-    start = "; ".join(f"{lever}: {unhealed[lever]:.2f}" if lever in unhealed else f"{lever}: -" for lever in levers)
+    start = "; ".join(f"{function_of(lever)}: {unhealed[function_of(lever)]:.2f}" if function_of(lever) in unhealed
+                      else f"{lever}: -" for lever in dict.fromkeys(map(function_of, levers)))
     title = (f"Healed at KV {HEAL_KEPT:.0%} (training-free {start}; base {base:.2f}): KL distillation from the "
              f"original on WikiText-2 validation, {HEAL['steps']} steps x {HEAL['batch_size']} x {HEAL['seqlen']} "
              f"tokens, lr {HEAL['lr']:g}, from {HEAL_LEVER} unless the row says otherwise")
@@ -437,21 +450,21 @@ def heal_goals(payload: dict) -> list[str]:
         if budget not in budgets:
             budgets.append(budget)
     for budget in budgets:
-        def best_of(method):
+        def best_of(method, conversion):
             runs = [(s, summary[("healed", method)]) for s, lever, summary in groups
-                    if ("healed", method) in summary and ({k: v for k, v in s.items() if k != "lr"}, lever) == budget
-                    and summary[("healed", method)]["n"] >= 2]
+                    if ("healed", method) in summary and {k: v for k, v in s.items() if k != "lr"} == budget[0]
+                    and lever == conversion and summary[("healed", method)]["n"] >= 2]
             return min(runs, key=lambda run: run[1]["mean"]) if runs else None
 
-        mine = best_of("clover")
+        mine = best_of("clover", function_of(budget[1]))  # CLOVER's rows serve either split (lever_of)
         for peer in ("lora", "pissa"):
-            other = best_of(peer)
+            other = best_of(peer, budget[1])
             if not (mine and other):
                 continue
             (own_settings, clover), (settings, theirs) = mine, other
             steps = "" if budget[0]["steps"] == HEAL["steps"] else f" at {budget[0]['steps']} steps"
             source = "" if budget[1] == HEAL_LEVER else f" from {budget[1]}"
-            start = unhealed.get(budget[1], math.inf)
+            start = unhealed.get(function_of(budget[1]), math.inf)
             if theirs["mean"] > start:  # a peer that left the model worse than it found it was not compared
                 lines.append(f"CLOVER healing{steps}{source} vs {peer}: {peer} did not heal at any lr tried (best "
                              f"{theirs['mean']:.2f} ppl at lr {settings['lr']:g}, above the training-free "

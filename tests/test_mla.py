@@ -110,6 +110,28 @@ def test_the_latent_norm_acts_linearly_for_any_input(mqa, mqa_mla):
             assert relative(attn.kv_a_layernorm(latent), linear) < 1e-6
 
 
+def test_every_exact_pair_is_written_in_clovers_balanced_form():
+    """Each head's unrotated Q-K pair and its V-O pair leave the conversion as ``U sqrt(S)`` | ``V sqrt(S)``: both
+    sides' Gram matrices are the same diagonal (the singular values), relative to their scale. The O refit alone
+    leaves the scale split wherever least squares put it."""
+    from clover.adapters import adapter_for
+    from clover.pairs import factors
+
+    model = tiny_llama(vocab_size=300, num_key_value_heads=2)
+    mla, report = to_mla(model, MlaConfig(kv_ratio=0.5, calibration=CALIB, split=1.0, progress=False))
+    assert report.check["passed"]
+    adapter = adapter_for(mla)
+    for site in adapter.sites(mla):
+        weights = adapter.read(site)
+        for kind in ("qk", "vo"):
+            left, right = (f.double() for f in factors(weights, kind))
+            gram_left, gram_right = left.mT @ left, right.mT @ right
+            scale = gram_left.abs().amax()
+            assert float((gram_left - gram_right).abs().amax() / scale) < 1e-5
+            off_diagonal = gram_left - torch.diag_embed(torch.diagonal(gram_left, dim1=-2, dim2=-1))
+            assert float(off_diagonal.abs().amax() / scale) < 1e-5
+
+
 def test_saved_checkpoint_loads_without_clover(tmp_path):
     model = tiny_llama(vocab_size=300, num_key_value_heads=2)
     # unrotated "nope", no O refit: _layers re-solves without the attention statistics (every lever is checked against the

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
-import clover.orthogonalize as orth
+import clover.pairs as pairs
 from clover.adapters import adapter_for
 from clover.errors import CloverError
 from clover.orthogonalize import OrthogonalizeConfig, orthogonalize_
@@ -79,14 +79,14 @@ def test_cross_attention_blocks_are_rewritten_exactly():
 
 def test_broken_rewrite_is_caught(monkeypatch):
     """Negative control: drop the weakest direction of every pair and the lossless check must fail."""
-    real = orth.decompose
+    real = pairs.decompose
 
     def lossy(left, right, **kw):
         out = real(left, right, **kw)
         out.left[..., -1] = 0
         return out
 
-    monkeypatch.setattr(orth, "decompose", lossy)
+    monkeypatch.setattr(pairs, "decompose", lossy)
     with pytest.raises(CloverError, match="lossless check failed"):
         orthogonalize_(tiny_gpt2(), QUIET)
 

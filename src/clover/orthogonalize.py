@@ -14,9 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, AttentionSite, adapter_for, model_type
-from .decompose import decompose
 from .errors import CloverError
-from .pairs import PairKind, cast_like, check_finite, factors, with_factors
+from .pairs import PairKind, balanced, cast_like, check_finite, factors
 from .verify import Check, compare, model_outputs
 
 ROTARY_QK_REASON = (
@@ -99,10 +98,8 @@ def orthogonalize_site(adapter: Adapter, site: AttentionSite, config: Orthogonal
             continue
         left, right = factors(new, kind)
         products[kind] = (left.clone(), right.clone())  # views of the weights, which the write overwrites
-        out = decompose(left, right, compute_dtype=config.compute_dtype)
-        new = with_factors(new, kind, out.left, out.right)
-        results.append(PairResult(site.name, site.layer, site.role, kind, "rewritten",
-                                  singular_values=out.s.tolist()))
+        new, s = balanced(new, kind, config.compute_dtype)
+        results.append(PairResult(site.name, site.layer, site.role, kind, "rewritten", singular_values=s.tolist()))
     adapter.write(site, cast_like(new, weights))
     return results, products
 

@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from .decompose import decompose
+
 PairKind = Literal["qk", "vo"]
 
 
@@ -121,6 +123,15 @@ def with_factors(w: AttentionWeights, kind: PairKind, left: torch.Tensor, right:
     o = Projection(o_heads.permute(1, 0, 2).reshape(d_out, w.num_heads * d), w.o.bias)
     v = _split_homogeneous(right, w.v.bias is not None)
     return replace(w, o=o, v=v)
+
+
+def balanced(w: AttentionWeights, kind: PairKind, compute_dtype: torch.dtype = torch.float64
+             ) -> tuple[AttentionWeights, torch.Tensor]:
+    """The pair in CLOVER's form (``U sqrt(S)`` on one side, ``V sqrt(S)`` on the other) and its singular values:
+    the same product, so the same function, with each side holding an even share of the scale."""
+    left, right = factors(w, kind)
+    out = decompose(left, right, compute_dtype=compute_dtype)
+    return with_factors(w, kind, out.left, out.right), out.s
 
 
 def cast_like(new: AttentionWeights, ref: AttentionWeights) -> AttentionWeights:

@@ -10,6 +10,14 @@ itself. Every other tensor (embeddings, norms, MLPs, head) is the original's, co
 softmax scale ``1 / sqrt(qk_nope + qk_rope)`` of the format is turned back into ``1 / sqrt(d)`` in the query rows.
 With ``qk_rope_head_dim`` r below d, the format's rotary embedding turns its pairs by the original frequencies the
 conversion kept rotated: its theta is the one that computes exactly those (``solve.engine_theta``).
+
+Last, every exact pair of the stock layout (each head's unrotated query against its key rows of ``kv_b_proj``, its
+value rows against its block of ``o_proj``) is written in CLOVER's form, ``U sqrt(S)`` | ``V sqrt(S)``
+(``balance_pairs``). The solve fixes only each pair's product and leaves the split of scale between the two sides
+wherever it fell: a least-squares O refit over a latent can put norms of 1e4 into ``o_proj`` against values of RMS
+30. The function is the same either way, but a tuner that steps by about the same size in every weight (LoRA
+under Adam) reaches the output through the other side: a step on the small side is multiplied by the large one.
+From the raw split, LoRA healing diverged within its first steps; from the balanced one it heals.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import torch
 from torch import nn
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+from ..adapters import adapter_for
+from ..pairs import balanced, cast_like
 from ..rebuild import copy_matching
 from .solve import LayerMla, engine_theta
 
@@ -80,4 +90,20 @@ def build(model: nn.Module, layers: list[LayerMla], rank: int, head_dim: int) ->
             kv = kv.repeat_interleave(layer.group, dim=0)  # every head of a group reads its group's values
             attn.kv_b_proj.weight.copy_(kv.permute(0, 2, 1).reshape(-1, rank))
             attn.o_proj.weight.copy_(layer.o)
+    balance_pairs(mla)
     return mla
+
+
+def balance_pairs(mla: DeepseekV3ForCausalLM) -> None:
+    """Rewrite every head's Q-K (unrotated) and V-O pair of ``mla`` in CLOVER's form, in place; exact. A conversion
+    with no unrotated dims (one KV head, every key dim rotated) is left as solved: clover's DeepSeek adapter reads
+    only models that have a Q-K pair."""
+    if mla.config.qk_nope_head_dim < 1:
+        return
+    adapter = adapter_for(mla)
+    for site in adapter.sites(mla):
+        weights = adapter.read(site)
+        new = weights
+        for kind in ("qk", "vo"):
+            new, _ = balanced(new, kind)
+        adapter.write(site, cast_like(new, weights))
