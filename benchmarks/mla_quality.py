@@ -426,7 +426,10 @@ def render_heal(payload: dict) -> str:
     print_table(title, columns, table)
     return (f"\n\n{title}. LoRA / PiSSA ranks are matched to CLOVER's trainable count on the same modules; the "
             "control is the original tuned the same way toward itself (same method, settings and data; its objective "
-            "starts at zero, and it serves every conversion).\n\n" + markdown_table(columns, table))
+            f"starts at zero, and it serves every conversion). Rows from a conversion named '...{AS_SOLVED}' ran "
+            "before `clover mla` wrote each exact pair in CLOVER's form (`mla/deepseek.py`, `balance_pairs`): the same "
+            "function and training-free ppl, with each pair's scale split wherever the solve left it; CLOVER's rows "
+            "serve both, since its first step is that rewrite.\n\n" + markdown_table(columns, table))
 
 
 def heal_goals(payload: dict) -> list[str]:

@@ -19,9 +19,10 @@ class HealConfig:
     the query/key pairs without rotation and the value/output pairs over the latent are exact pairs) and per
     head-sized block of the MLP up projection; ``lora`` / ``pissa`` (peft) adapt the same modules. ``lora_r`` None
     matches LoRA's trainable count to what CLOVER trains on the same targets (the closest rank), so the methods
-    compare at equal budgets. ``targets`` are CLOVER's names (``finetune.targets``); the rotated query rows and
-    the latent's down projection are never trained, so the format's shared rotated key and its linear latent norm
-    stay as converted.
+    compare at equal budgets. ``targets`` are CLOVER's names (``finetune.targets``). The latent's down projection
+    and every norm are never trained, so the format's shared rotated key and its linear latent norm stay as
+    converted; CLOVER's Q-K cores act on the unrotated pairs only, while LoRA / PiSSA adapt ``q_proj`` whole, its
+    rotated query rows included (peft adapts modules, not rows).
 
     The objective is the KL divergence from the teacher's next-token distribution to the student's, per token, on
     windows of calibration text: no labels are read.
