@@ -110,6 +110,7 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         split = float(config.split_grid[0])
     layers = [latent_layer(p, rank, split) for p in parts]
     mla = deepseek.build(model, layers, rank, head_dim)
+    deepseek.balance_pairs(mla)
     check = verify(model, mla, layers, head_dim, adapter)
     size = next(model.parameters()).element_size()
     report = MlaReport(

@@ -11,13 +11,14 @@ softmax scale ``1 / sqrt(qk_nope + qk_rope)`` of the format is turned back into 
 With ``qk_rope_head_dim`` r below d, the format's rotary embedding turns its pairs by the original frequencies the
 conversion kept rotated: its theta is the one that computes exactly those (``solve.engine_theta``).
 
-Last, every exact pair of the stock layout (each head's unrotated query against its key rows of ``kv_b_proj``, its
-value rows against its block of ``o_proj``) is written in CLOVER's form, ``U sqrt(S)`` | ``V sqrt(S)``
-(``balance_pairs``). The solve fixes only each pair's product and leaves the split of scale between the two sides
-wherever it fell: a least-squares O refit over a latent can put norms of 1e4 into ``o_proj`` against values of RMS
-30. The function is the same either way, but a tuner that steps by about the same size in every weight (LoRA
-under Adam) reaches the output through the other side: a step on the small side is multiplied by the large one.
-From the raw split, LoRA healing diverged within its first steps; from the balanced one it heals.
+In the model a conversion returns, every exact pair of the stock layout (each head's unrotated query against its key
+rows of ``kv_b_proj``, its value rows against its block of ``o_proj``) is written in CLOVER's form, ``U sqrt(S)`` |
+``V sqrt(S)`` (``balance_pairs``; the held-out split trials, which only read the function, skip it). The solve fixes
+only each pair's product and leaves the split of scale between the two sides wherever it fell: a least-squares O
+refit over a latent can put norms of 1e4 into ``o_proj`` against values of RMS 30. The function is the same either
+way, but a tuner that steps by about the same size in every weight (LoRA under Adam) reaches the output through the
+other side: a step on the small side is multiplied by the large one. From the raw split, LoRA healing diverged
+within its first steps; from the balanced one it heals.
 """
 
 from __future__ import annotations
@@ -90,7 +91,6 @@ def build(model: nn.Module, layers: list[LayerMla], rank: int, head_dim: int) ->
             kv = kv.repeat_interleave(layer.group, dim=0)  # every head of a group reads its group's values
             attn.kv_b_proj.weight.copy_(kv.permute(0, 2, 1).reshape(-1, rank))
             attn.o_proj.weight.copy_(layer.o)
-    balance_pairs(mla)
     return mla
 
 
