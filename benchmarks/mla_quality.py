@@ -31,7 +31,9 @@ of its next-token distribution on WikiText-2 validation windows (``clover heal``
 matched trainable parameters, the same steps, data and learning rate, over seeds; the control is the original model
 tuned the same way toward itself (its objective starts at zero, so it shows what tuning alone does to the test
 perplexity; it tunes the original, so it serves every conversion). ``--heal-lever`` heals another row's KV 25%
-conversion beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another learning rate). A
+conversion beside the comparison; ``--heal-targets`` trains other targets (``rope``: the rotated query rows, which
+only LoRA / PiSSA reached before; the peers' rank is matched again) and ``--heal-warmup`` warms the learning rate
+up, both reported beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another lr). A
 peer that leaves the model worse than the training-free conversion gets no verdict. Runs already in the JSON with
 the same settings are kept, so an interrupted ``--heal`` resumes.
 
@@ -88,6 +90,7 @@ HEAL_LEVER, HEAL_KEPT = "rope key query, refit, O refit", 0.25  # the comparison
 AS_SOLVED = " (pairs as solved, before balancing)"  # how a conversion is named for rows run before balance_pairs
 HEAL_METHODS, HEAL_SEEDS, CONTROL_SEEDS = ("clover", "lora", "pissa"), (0, 1, 2), (0, 1, 2)
 HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of validation text per run
+HEAL_TARGETS = "qk,vo,up"  # what the comparison trains; a run with others records them in its settings
 # every lever at every size, but for two that cannot be: FreqFold has no 4 neighbours to fold among KV 12.5%'s 16
 # rotated dims, and the latent keeping all of its dims is the original model
 SIZES = {name: KEPT for name in LEVERS}
@@ -139,6 +142,11 @@ def main() -> None:
                         "run, reported beside the side-by-side comparison.")
     parser.add_argument("--heal-lr", type=float, default=HEAL["lr"], help="Other than the default: a method at "
                         "its own learning rate, reported beside the comparison.")
+    parser.add_argument("--heal-targets", default=HEAL_TARGETS, help="Other than the default (e.g. with rope, "
+                        "the rotated query rows): CLOVER and, at the matched rank, LoRA / PiSSA train these; reported "
+                        "beside the comparison, without controls (the original has no shared rotated key).")
+    parser.add_argument("--heal-warmup", type=int, default=0, help="Warmup steps (linear), the same for every "
+                        "method; other than 0: reported beside the comparison.")
     parser.add_argument("--no-heal-controls", action="store_true", help="Skip the controls: for a peer at another "
                         "learning rate, which only the CLOVER-vs-peer verdict reads.")
     parser.add_argument("--heal-lever", default=HEAL_LEVER, help="The KV 25%% conversion healed (a row name); "
@@ -197,6 +205,10 @@ def main() -> None:
         methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
         seeds = [int(x) for x in args.heal_seeds.split(",") if x.strip()]
         settings = dict(HEAL, steps=args.heal_steps, lr=args.heal_lr)
+        if args.heal_targets != HEAL_TARGETS:
+            settings["targets"] = args.heal_targets
+        if args.heal_warmup:
+            settings["warmup_steps"] = args.heal_warmup
         if args.heal_lever not in LEVERS:
             raise SystemExit(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
         for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, settings, args.heal_lever,
@@ -310,15 +322,18 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
     have = {(r["kind"], r["method"], r["seed"]) for r in done if in_group(r, settings, lever)}
     converted = None
     plan = [("healed", m, s) for m in methods for s in seeds] + \
-        [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds and controls]
+        [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds and controls
+         and "targets" not in settings]  # the original has no shared rotated key for a rope target
     for kind, method, seed in plan:
         if (kind, method, seed) in have:
             continue
         if kind == "healed" and converted is None:
             converted, _ = convert(lever, HEAL_KEPT, lm, calib)
         student = copy.deepcopy(converted if kind == "healed" else lm.model)
-        targets = ("qk", "vo", "up") if kind == "healed" else ("k", "vo", "up")  # the original is rotary: K's QR form
-        config = HealConfig(method=method, targets=targets, seed=seed, progress=False, **settings)
+        targets = settings.get("targets", HEAL_TARGETS) if kind == "healed" else "k,vo,up"  # the original: rotary
+        run_settings = {key: value for key, value in settings.items() if key != "targets"}
+        config = HealConfig(method=method, targets=tuple(targets.split(",")), seed=seed, progress=False,
+                            **run_settings)
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
             tuned, report = (heal if kind == "healed" else distill)(student, lm.model, lm.tokenizer, windows, config,
@@ -371,7 +386,8 @@ def heal_groups(payload: dict) -> list[tuple[dict, str]]:
 
 def settings_label(settings: dict, lever: str = HEAL_LEVER) -> str:
     """What differs from the comparison's settings (HEAL) and conversion, e.g. ``lr 0.0001`` or ``steps 200``."""
-    return ", ".join([f"{key} {value:g}" for key, value in settings.items() if HEAL.get(key) != value]
+    return ", ".join([f"{key} {value:g}" if isinstance(value, (int, float)) else f"{key} {value}"
+                      for key, value in settings.items() if HEAL.get(key) != value]
                      + ([f"from {lever}"] if lever != HEAL_LEVER else []))
 
 

@@ -78,6 +78,42 @@ def test_clover_cores_are_no_wider_than_the_latent_and_every_entry_learns():
     assert float((after - before).abs().max() / before.abs().max()) < 1e-4
 
 
+def test_rope_cores_train_each_heads_rotated_query_rows_and_nothing_else(pair):
+    """The ``rope`` target: one rope x rope core per head on the query rows that meet the shared rotated key.
+    Attaching and merging leave the outputs as they were; a step moves only those rows (the shared key, the nope
+    rows and every other tensor stay bit-identical), and a model with a key per head is refused by name."""
+    teacher, mla = pair
+    student = copy.deepcopy(mla)
+    attn = student.model.layers[0].self_attn
+    nope, rope, heads = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.num_heads
+    before = student(HELD).logits.detach()
+    params = {n: p.detach().clone() for n, p in student.named_parameters()}
+    attached = attach(student, TuneConfig(targets=("rope",), progress=False))
+    layers = student.config.num_hidden_layers
+    assert attached.check.passed and attached.trainable_parameters == layers * heads * rope ** 2
+    assert attached.trainable_parameters == clover_parameter_count(mla, ("rope",))
+    student(HELD).logits.float().pow(2).mean().backward()
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if p.requires_grad:
+                assert name.endswith("rope_core") and bool((p.grad != 0).any()), name
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.1 * p.abs().max())
+    merge_(student, verify=False)
+    after = dict(student.named_parameters())
+    assert set(after) == set(params)
+    moved = {n for n, p in params.items() if not torch.equal(after[n], p)}
+    assert moved == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(layers)}
+    q = after["model.layers.0.self_attn.q_proj.weight"].reshape(heads, nope + rope, -1)
+    q0 = params["model.layers.0.self_attn.q_proj.weight"].reshape(heads, nope + rope, -1)
+    assert torch.equal(q[:, :nope], q0[:, :nope]) and not torch.equal(q[:, nope:], q0[:, nope:])
+    untouched = copy.deepcopy(mla)
+    attach(untouched, TuneConfig(targets=("qk", "vo", "rope"), progress=False))
+    merge_(untouched)
+    assert float((untouched(HELD).logits - before).abs().max() / before.abs().max()) < 1e-4
+    with pytest.raises(CloverError, match="target 'rope' trains query rows"):
+        attach(copy.deepcopy(teacher), TuneConfig(targets=("rope",), progress=False))
+
+
 @pytest.mark.parametrize("method", ["clover", "lora", "pissa"])
 def test_healing_moves_the_conversion_toward_the_original(pair, method, tmp_path):
     teacher, mla = pair

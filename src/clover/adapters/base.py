@@ -121,6 +121,13 @@ class Adapter(ABC):
         slicing; None where the family has no folding rule (slicing then refuses it by name)."""
         return None
 
+    def shared_rope_query(self, site: AttentionSite) -> tuple[nn.Module, torch.Tensor] | None:
+        """Where every head's query meets one rotated key shared by all heads (MLA): the query module and the
+        indices ``(heads, rope dims)`` of its rows that are rotated. Such rows form no exact pair (RoPE sits between
+        them and the key), but they are the only per-head freedom the shared key leaves, so fine-tuning's ``rope``
+        target trains them (a core per head, applied before RoPE). None in families whose keys are per head."""
+        return None
+
     def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The MLP up projection of every layer as ``(name, module)`` (an ``nn.Linear`` or a transformers
         ``Conv1D``); fine-tuning trains it in head-sized blocks. Families without one return ``[]``."""

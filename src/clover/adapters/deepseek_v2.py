@@ -8,7 +8,8 @@ rotary key part is one shared head read straight from ``kv_a_proj_with_mqa``. Th
 ``scale * (q_nope . k_nope + rope(q_pe) . rope(k_pe))``, so:
 
 - Q-K (exact): the nope rows of the query projection against the k_nope rows of ``kv_b_proj``. No rotary sits
-  between them, which is why the site is not marked ``rotary``; the rotary sub-dims are never read or written.
+  between them, which is why the site is not marked ``rotary``; ``read`` / ``write`` never touch the rotary
+  sub-dims (fine-tuning's ``rope`` target reaches the query's through ``shared_rope_query``).
 - V-O (exact): the v rows of ``kv_b_proj`` against the head's block of ``o_proj``.
 
 Every head has its own k_nope and v (MLA expands the latent per head), so the KV group is the head. The two sides
@@ -91,6 +92,13 @@ class DeepseekV2Adapter(Adapter):
     def projections(self, site: AttentionSite) -> dict[str, nn.Module]:
         m = site.module
         return {"q": query_projection(m), "k": m.kv_b_proj, "v": m.kv_b_proj, "o": m.o_proj}
+
+    def shared_rope_query(self, site: AttentionSite) -> tuple[nn.Module, torch.Tensor]:
+        """Each head's last ``qk_rope_head_dim`` query rows read the one rotated key ``kv_a_proj_with_mqa`` shares."""
+        m = site.module
+        nope, rope = m.qk_nope_head_dim, m.qk_rope_head_dim
+        rows = torch.arange(m.num_heads * (nope + rope)).reshape(m.num_heads, nope + rope)[:, nope:]
+        return query_projection(m), rows
 
     def mlp_up(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The dense layers' up projections (``first_k_dense_replace``; every layer of a ``clover mla`` output).

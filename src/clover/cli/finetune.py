@@ -19,7 +19,8 @@ def finetune(
                                                      ".parquet (a 'text' column).")] = None,
     method: Annotated[str, typer.Option(help="clover, lora, pissa, dora (peft) or full.")] = "clover",
     targets: Annotated[Optional[str], typer.Option(help="CLOVER targets (and the modules LoRA adapts): some of qk, "
-                                                        "k, vo, up. Default: qk (k on rotary models), vo, up.")] = None,
+                                                        "k, vo, up, rope (MLA: the rotated query rows). Default: qk "
+                                                        "(k on rotary models), vo, up.")] = None,
     match_params_of: Annotated[Optional[str], typer.Option(help="lora:r=N: pick the CLOVER targets whose trainable "
                                                                "count is closest to LoRA r=N on the same modules.")]
     = None,

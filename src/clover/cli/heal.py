@@ -20,7 +20,8 @@ def heal(
     method: Annotated[str, typer.Option(help="clover (per-head singular-value cores), lora or pissa (peft).")]
     = "clover",
     targets: Annotated[str, typer.Option(help="What to train, in CLOVER's names (LoRA / PiSSA adapt the same "
-                                              "modules): some of qk, vo, up.")] = "qk,vo,up",
+                                              "modules): some of qk, vo, up, rope (each head's rotated query "
+                                              "rows).")] = "qk,vo,up",
     lora_r: Annotated[Optional[int], typer.Option(help="Rank for lora / pissa (default: the rank whose trainable "
                                                        "count matches CLOVER's on the same modules).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Training text: .txt, .jsonl or .parquet (default: the "

@@ -167,6 +167,8 @@ class SiteTuner(Tuner):
     wider cores would hold entries no gradient reaches; the factors are zero-padded back to the head dim.
     ``k`` (rotary models, where Q-K is not exact): the homogeneous K of each KV group is ``Q_k R_k`` (thin QR);
     ``R_k`` is the trainable core, a d x d map applied before the rotary embedding.
+    ``rope`` (heads sharing one rotated key, ``Adapter.shared_rope_query``): the same QR form on each head's rotated
+    query rows, ``W_h^T = Q_h R_h``, ``R_h`` trained; the shared key, which every head reads, stays as is.
     With ``train_bias``, every bias of the block gets a trainable offset (the paper's CLOVER-dagger).
     """
 
@@ -181,6 +183,9 @@ class SiteTuner(Tuner):
             check_finite(w, site)
         dtype, device = w.q.weight.dtype, w.q.weight.device
         for kind in kinds:
+            if kind == "rope":
+                self._init_rope(adapter, site, initialise)
+                continue
             pair = "qk" if kind == "k" else kind
             left, right = factors(w, pair)
             if kind == "k":
@@ -209,6 +214,28 @@ class SiteTuner(Tuner):
                     self.register_parameter(f"{name}_bias", nn.Parameter(torch.zeros_like(bias)))
                     self.bias_names.append(name)
 
+    def _init_rope(self, adapter: Adapter, site: AttentionSite, initialise: bool) -> None:
+        query, rows = adapter.shared_rope_query(site)
+        weight = query.weight.detach()
+        self._rope_query = [query]
+        self.register_buffer("rope_rows", rows.to(weight.device), persistent=False)
+        heads, rope = rows.shape
+        if initialise:
+            basis, core = torch.linalg.qr(weight[rows].mT.double())  # (heads, D, rope), (heads, rope, rope)
+        else:
+            basis, core = torch.zeros(heads, weight.shape[1], rope), torch.zeros(heads, rope, rope)
+        self.register_buffer("rope_right", basis.to(dtype=weight.dtype, device=weight.device).contiguous())
+        self.rope_core = nn.Parameter(core.to(dtype=weight.dtype, device=weight.device))
+
+    def _with_rope(self, captured: dict) -> dict:
+        """The query weight as written so far, with every head's rotated rows recomputed from its core."""
+        with self.reading():
+            original = self._rope_query[0].weight
+        _, value = captured.get(id(original), (original, original))
+        rows = (self.rope_right @ self.rope_core).mT.reshape(-1, value.shape[1])
+        captured[id(original)] = (original, value.index_put((self.rope_rows.reshape(-1),), rows.to(value.dtype)))
+        return captured
+
     def owner(self) -> nn.Module:
         return self._site[0].module
 
@@ -218,6 +245,8 @@ class SiteTuner(Tuner):
             w = self._adapter.read(site)
         for kind in self.kinds:
             core = getattr(self, f"{kind}_core")
+            if kind == "rope":
+                continue  # rows outside the adapter's logical weights: set after its write (_with_rope)
             if kind == "k":
                 left, _ = factors(w, "qk")
                 w = with_factors(w, "qk", left, self.k_right @ core)
@@ -230,7 +259,7 @@ class SiteTuner(Tuner):
             w = replace(w, **{n: _add_bias(getattr(w, n), getattr(self, f"{n}_bias")) for n in self.bias_names})
         with self.reading(), capture_writes() as captured:
             self._adapter.write(site, w)
-        return captured
+        return self._with_rope(captured) if "rope" in self.kinds else captured
 
 
 class BlockTuner(Tuner):

@@ -6,6 +6,8 @@ Targets:
 - ``k``: the intra-layer QR form of K (``K = Q_k R_k``, ``R_k`` trained), the paper's choice for rotary models.
 - ``vo``: the cross-layer V-O pair, one d x d core per KV group; exact in every family.
 - ``up``: the MLP up projection in head-sized blocks of output rows, one d x d core per block (the U-D term).
+- ``rope``: where every head meets one shared rotated key (MLA), each head's rotated query rows, one
+  ``rope x rope`` core per head applied before RoPE (``k``'s form on the query side: the shared key stays as is).
 
 Counts are computed from shapes so that ``--match-params-of lora:r=N`` can compare budgets before anything is
 built; the LoRA count is what peft trains on the same modules, ``r * (in + out)`` per module.
@@ -22,7 +24,7 @@ from ..adapters import Adapter, AttentionSite, adapter_for
 from ..errors import CloverError
 from ..pairs import pair_width
 
-TARGETS = ("qk", "k", "vo", "up")
+TARGETS = ("qk", "k", "vo", "up", "rope")
 ROTARY_QK = ("target 'qk' needs a model without rotary embeddings (rotary embeddings sit between Q and K, so the "
              "cross-layer rewrite would not be exact): use target 'k' (the intra-layer QR form) instead")
 
@@ -78,6 +80,9 @@ def resolve_targets(model: nn.Module, targets) -> tuple[Adapter, list[AttentionS
     if ("qk" in targets or "k" in targets) and hidden:
         raise CloverError(f"targets 'qk' / 'k' cannot train this {_family(model)} model's keys: "
                           f"{hidden[0].qk_inexact}; use 'vo' and 'up'")
+    if "rope" in targets and adapter.shared_rope_query(sites[0]) is None:
+        raise CloverError(f"target 'rope' trains query rows that meet a rotated key shared by every head (an MLA "
+                          f"conversion); this {_family(model)} model has a key per head: drop 'rope' (use 'k')")
     if "up" in targets and not adapter.mlp_up(model):
         raise CloverError(f"this {_family(model)} model has no MLP up projection clover knows: "
                           "drop 'up' from the targets")
@@ -88,7 +93,7 @@ def target_modules(model: nn.Module, targets) -> list[str]:
     """Names of the modules the targets touch: what LoRA / PiSSA / DoRA adapt for a like-for-like comparison."""
     adapter, sites, targets = resolve_targets(model, targets)
     names = {id(m): n for n, m in model.named_modules()}
-    wanted = {"qk": ("q", "k"), "k": ("k",), "vo": ("v", "o")}
+    wanted = {"qk": ("q", "k"), "k": ("k",), "vo": ("v", "o"), "rope": ("q",)}
     out: list[str] = []
     for site in sites:
         projections = adapter.projections(site)
@@ -102,7 +107,7 @@ def target_modules(model: nn.Module, targets) -> list[str]:
 
 def clover_parameter_count(model: nn.Module, targets, train_bias: bool = False) -> int:
     """Trainable parameters CLOVER adds for ``targets``: d x d per KV group per pair (d no wider than the pair's
-    rank can be, ``pairs.pair_width``), d x d per MLP block."""
+    rank can be, ``pairs.pair_width``), d x d per MLP block, rope x rope per head for ``rope``."""
     adapter, sites, targets = resolve_targets(model, targets)
     total = 0
     for site in sites:
@@ -110,6 +115,9 @@ def clover_parameter_count(model: nn.Module, targets, train_bias: bool = False) 
         for t in targets:
             if t == "k":
                 total += w.num_kv_heads * w.qk_dim ** 2
+            elif t == "rope":
+                heads, rope = adapter.shared_rope_query(site)[1].shape
+                total += heads * rope ** 2
             elif t in ("qk", "vo"):
                 total += w.num_kv_heads * pair_width(w, t) ** 2
         if train_bias and any(t != "up" for t in targets):
