@@ -482,6 +482,8 @@ def heal_goals(payload: dict) -> list[str]:
                 continue
             (own_settings, clover), (settings, theirs) = mine, other
             steps = "" if budget[0]["steps"] == HEAL["steps"] else f" at {budget[0]['steps']} steps"
+            other = settings_label({k: v for k, v in budget[0].items() if k != "steps"})  # targets, warmup
+            steps += f" with {other}" if other else ""
             source = "" if budget[1] == HEAL_LEVER else f" from {budget[1]}"
             start = unhealed.get(function_of(budget[1]), math.inf)
             if theirs["mean"] > start:  # a peer that left the model worse than it found it was not compared

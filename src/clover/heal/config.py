@@ -8,7 +8,7 @@ from ..errors import CloverError
 from ..finetune.train import FinetuneConfig
 
 METHODS = ("clover", "lora", "pissa")
-DEFAULT_TARGETS = ("qk", "vo", "up")
+DEFAULT_TARGETS = ("qk", "vo", "up")  # ``rope`` on top was not separated from this in mla_quality (BENCHMARKS.md)
 
 
 @dataclass
@@ -21,10 +21,10 @@ class HealConfig:
     matches LoRA's trainable count to what CLOVER trains on the same targets (the closest rank), so the methods
     compare at equal budgets. ``targets`` are CLOVER's names (``finetune.targets``). The latent's down projection
     and every norm are never trained, so the format's shared rotated key and its linear latent norm stay as
-    converted. CLOVER's Q-K cores act on the unrotated pairs; the ``rope`` target adds each head's rotated query rows
-    (a rope x rope core before RoPE, the only per-head freedom the shared key leaves). LoRA / PiSSA adapt ``q_proj``
-    whole, rotated rows included, with or without ``rope`` (peft adapts modules, not rows): ``rope`` only raises the
-    budget their rank is matched to.
+    converted. CLOVER's Q-K cores act on the unrotated pairs; the ``rope`` target adds each head's
+    rotated query rows (a rope x rope core before RoPE, the only per-head freedom the shared key leaves). LoRA /
+    PiSSA adapt ``q_proj`` whole, rotated rows included, with or without ``rope`` (peft adapts modules, not rows):
+    ``rope`` only raises the budget their rank is matched to.
 
     The objective is the KL divergence from the teacher's next-token distribution to the student's, per token, on
     windows of calibration text: no labels are read.
