@@ -8,7 +8,7 @@ from ..errors import CloverError
 from ..finetune.train import FinetuneConfig
 
 METHODS = ("clover", "lora", "pissa")
-DEFAULT_TARGETS = ("qk", "vo", "up")  # ``rope`` on top was not separated from this in mla_quality (BENCHMARKS.md)
+DEFAULT_TARGETS = ("qk", "vo", "up")  # ``rope`` on top: not separated from this in mla_quality (BENCHMARKS.md)
 
 
 @dataclass
