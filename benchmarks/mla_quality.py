@@ -481,20 +481,20 @@ def heal_goals(payload: dict) -> list[str]:
             if not (mine and other):
                 continue
             (own_settings, clover), (settings, theirs) = mine, other
-            steps = "" if budget[0]["steps"] == HEAL["steps"] else f" at {budget[0]['steps']} steps"
-            other = settings_label({k: v for k, v in budget[0].items() if k != "steps"})  # targets, warmup
-            steps += f" with {other}" if other else ""
+            scope = "" if budget[0]["steps"] == HEAL["steps"] else f" at {budget[0]['steps']} steps"
+            extra = settings_label({k: v for k, v in budget[0].items() if k != "steps"})  # targets, warmup
+            scope += f" with {extra}" if extra else ""
             source = "" if budget[1] == HEAL_LEVER else f" from {budget[1]}"
             start = unhealed.get(function_of(budget[1]), math.inf)
             if theirs["mean"] > start:  # a peer that left the model worse than it found it was not compared
-                lines.append(f"CLOVER healing{steps}{source} vs {peer}: {peer} did not heal at any lr tried (best "
+                lines.append(f"CLOVER healing{scope}{source} vs {peer}: {peer} did not heal at any lr tried (best "
                              f"{theirs['mean']:.2f} ppl at lr {settings['lr']:g}, above the training-free "
                              f"{start:.2f}) -> no verdict")
                 continue
             gap = theirs["mean"] - clover["mean"]
             se = math.sqrt(clover["sd"] ** 2 / clover["n"] + theirs["sd"] ** 2 / theirs["n"])
             verdict = separation(gap, se)
-            lines.append(f"CLOVER healing{steps}{source} (lr {own_settings['lr']:g}, {clover['n']} seeds) vs {peer} "
+            lines.append(f"CLOVER healing{scope}{source} (lr {own_settings['lr']:g}, {clover['n']} seeds) vs {peer} "
                          f"(its best lr tried, {settings['lr']:g}, {theirs['n']} seeds): {clover['mean']:.2f} vs "
                          f"{theirs['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} -> ahead beyond the "
                          f"spread: {'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}")

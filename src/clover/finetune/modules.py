@@ -240,13 +240,17 @@ class SiteTuner(Tuner):
         return self._site[0].module
 
     def compute(self):
+        pairs = tuple(kind for kind in self.kinds if kind != "rope")  # rope rows lie outside the adapter's weights
+        captured = self._pair_writes(pairs) if pairs or self.bias_names else {}  # rope alone: no read / write
+        return self._with_rope(captured) if "rope" in self.kinds else captured
+
+    def _pair_writes(self, pairs: tuple[str, ...]) -> dict:
+        """What the adapter writes for the block with every pair's core (and bias offset) applied."""
         site = self._site[0]
         with self.reading():
             w = self._adapter.read(site)
-        for kind in self.kinds:
+        for kind in pairs:
             core = getattr(self, f"{kind}_core")
-            if kind == "rope":
-                continue  # rows outside the adapter's logical weights: set after its write (_with_rope)
             if kind == "k":
                 left, _ = factors(w, "qk")
                 w = with_factors(w, "qk", left, self.k_right @ core)
@@ -259,7 +263,7 @@ class SiteTuner(Tuner):
             w = replace(w, **{n: _add_bias(getattr(w, n), getattr(self, f"{n}_bias")) for n in self.bias_names})
         with self.reading(), capture_writes() as captured:
             self._adapter.write(site, w)
-        return self._with_rope(captured) if "rope" in self.kinds else captured
+        return captured
 
 
 class BlockTuner(Tuner):
