@@ -34,7 +34,10 @@ perplexity; it tunes the original, so it serves every conversion). ``--heal-leve
 conversion beside the comparison; ``--heal-targets`` trains other targets (``rope``: the rotated query rows, which
 only LoRA / PiSSA reached before; the peers' rank is matched again) and ``--heal-warmup`` warms the learning rate
 up, both reported beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another lr). A
-peer that leaves the model worse than the training-free conversion gets no verdict. Runs already in the JSON with
+peer that leaves the model worse than the training-free conversion gets no verdict. Each method's lr for a verdict
+is the one with the lowest late held-out KL at seed 0 (``late_heldout_loss``: validation windows each scored before
+the step that trains on them), where every lr tried recorded it; rows from before it was recorded fall back to the
+lowest mean test ppl over 2 or more seeds. Runs already in the JSON with
 the same settings are kept, so an interrupted ``--heal`` resumes.
 
 Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
@@ -89,6 +92,7 @@ LATENT = "latent --rope latent (no engine runs it)"
 HEAL_LEVER, HEAL_KEPT = "rope key query, refit, O refit", 0.25  # the comparison's conversion (a row may name another)
 AS_SOLVED = " (pairs as solved, before balancing)"  # how a conversion is named for rows run before balance_pairs
 HEAL_METHODS, HEAL_SEEDS, CONTROL_SEEDS = ("clover", "lora", "pissa"), (0, 1, 2), (0, 1, 2)
+SWEEP_SEED = 0  # an lr sweep runs this seed; the lr it picks (by the late held-out KL) then runs every seed
 HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of validation text per run
 HEAL_TARGETS = "qk,vo,up"  # what the comparison trains; a run with others records them in its settings
 # every lever at every size, but for two that cannot be: FreqFold has no 4 neighbours to fold among KV 12.5%'s 16
@@ -340,7 +344,8 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
                                                                     folder, log=lambda *_: None)
             seconds = time.perf_counter() - start
         row = {"kind": kind, "method": method, "seed": seed, "ppl": ppl(tuned), "trainable": report.trainable,
-               "lora_r": report.lora_r, "train_kl": report.train_kl, "seconds": round(seconds, 1),
+               "lora_r": report.lora_r, "train_kl": report.train_kl, "heldout_kl": report.heldout_kl,
+               "seconds": round(seconds, 1),
                "settings": dict(settings), "run": run}
         row["balanced"] = True  # every conversion now leaves its pairs in CLOVER's form (mla/deepseek.py)
         yield row if kind == "control" or lever == HEAL_LEVER else {**row, "lever": lever}
@@ -392,8 +397,9 @@ def settings_label(settings: dict, lever: str = HEAL_LEVER) -> str:
 
 
 def heal_summary(payload: dict, settings: dict | None = None, lever: str = HEAL_LEVER) -> dict:
-    """Per (kind, method): ppl over seeds (mean, sd, n) and the run's trainable count / LoRA rank, for the rows
-    run with ``settings`` (default: the comparison's) from ``lever``, and the controls run with those settings."""
+    """Per (kind, method): ppl over seeds (mean, sd, n), the late held-out KL per seed (None where a row predates
+    it) and the run's trainable count / LoRA rank, for the rows run with ``settings`` (default: the comparison's)
+    from ``lever``, and the controls run with those settings."""
     import statistics
 
     out = {}
@@ -403,7 +409,9 @@ def heal_summary(payload: dict, settings: dict | None = None, lever: str = HEAL_
     summary = {}
     for key, rows in out.items():
         values = [r["ppl"] for r in rows]
-        summary[key] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        heldout = {r["seed"]: r.get("heldout_kl") for r in rows}
+        summary[key] = {"heldout": heldout if None not in heldout.values() else None,
+                        "mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
                         "n": len(values), "trainable": rows[0]["trainable"], "lora_r": rows[0]["lora_r"],
                         "seconds": statistics.fmean(r["seconds"] for r in rows)}
     return summary
@@ -415,7 +423,7 @@ def render_heal(payload: dict) -> str:
     base = payload["base_ppl"]
     groups = heal_groups(payload)
     columns = ["method", "trainable (LoRA rank)", "ppl, mean +- sd (seeds)", "x base",
-               "control ppl, mean +- sd (seeds)", "x control", "train s / run"]
+               "control ppl, mean +- sd (seeds)", "x control", "late KL, held out", "train s / run"]
     table = []
     for settings, lever in groups:
         summary = heal_summary(payload, settings, lever)
@@ -431,7 +439,9 @@ def render_heal(payload: dict) -> str:
             spread = "-" if c is None else f"{c['mean']:.2f} +- {c['sd']:.2f} ({c['n']})"
             table.append([name, f"{h['trainable']:,}{rank}", f"{h['mean']:.2f} +- {h['sd']:.2f} ({h['n']})",
                           f"{h['mean'] / base:.3f}", spread,
-                          "-" if c is None else f"{h['mean'] / c['mean']:.3f}", f"{h['seconds']:.0f}"])
+                          "-" if c is None else f"{h['mean'] / c['mean']:.3f}",
+                          "-" if not h["heldout"] else f"{sum(h['heldout'].values()) / len(h['heldout']):.3f}",
+                          f"{h['seconds']:.0f}"])
     levers = list(dict.fromkeys(lever for _, lever in groups))
     unhealed = training_free(payload)
     start = "; ".join(f"{function_of(lever)}: {unhealed[function_of(lever)]:.2f}" if function_of(lever) in unhealed
@@ -445,7 +455,10 @@ def render_heal(payload: dict) -> str:
             f"starts at zero, and it serves every conversion). Rows from a conversion named '...{AS_SOLVED}' ran "
             "before `clover mla` wrote each exact pair in CLOVER's form (`mla/deepseek.py`, `balance_pairs`): the same "
             "function and training-free ppl, with each pair's scale split wherever the solve left it; CLOVER's rows "
-            "serve both, since its first step is that rewrite.\n\n" + markdown_table(columns, table))
+            "serve both, since its first step is that rewrite. Late KL, held out: the mean KL logged over the last "
+            "quarter of steps, on validation windows each drawn once and scored before the step that trains on them "
+            "(mean over seeds; '-' for rows run before it was recorded); where every lr tried has it, each method's "
+            f"lr is chosen by it at seed {SWEEP_SEED}, not by the test ppl.\n\n" + markdown_table(columns, table))
 
 
 def heal_goals(payload: dict) -> list[str]:
@@ -470,17 +483,23 @@ def heal_goals(payload: dict) -> list[str]:
             budgets.append(budget)
     for budget in budgets:
         def best_of(method, conversion):
+            """(settings, summary, how the lr was chosen) of the method's lr tried for this budget: by the late
+            held-out KL at SWEEP_SEED where every lr tried has it (validation text only), else (rows from before
+            it was recorded) by the mean test ppl over the lrs run with 2 or more seeds."""
             runs = [(s, summary[("healed", method)]) for s, lever, summary in groups
                     if ("healed", method) in summary and {k: v for k, v in s.items() if k != "lr"} == budget[0]
-                    and lever == conversion and summary[("healed", method)]["n"] >= 2]
-            return min(runs, key=lambda run: run[1]["mean"]) if runs else None
+                    and lever == conversion]
+            if runs and all((run[1]["heldout"] or {}).get(SWEEP_SEED) is not None for run in runs):
+                return (*min(runs, key=lambda run: run[1]["heldout"][SWEEP_SEED]), "held-out KL")
+            runs = [run for run in runs if run[1]["n"] >= 2]
+            return (*min(runs, key=lambda run: run[1]["mean"]), "test ppl") if runs else None
 
         mine = best_of("clover", function_of(budget[1]))  # CLOVER's rows serve either split (lever_of)
         for peer in ("lora", "pissa"):
             other = best_of(peer, budget[1])
             if not (mine and other):
                 continue
-            (own_settings, clover), (settings, theirs) = mine, other
+            (own_settings, clover, own_rule), (settings, theirs, rule) = mine, other
             scope = "" if budget[0]["steps"] == HEAL["steps"] else f" at {budget[0]['steps']} steps"
             extra = settings_label({k: v for k, v in budget[0].items() if k != "steps"})  # targets, warmup
             scope += f" with {extra}" if extra else ""
@@ -491,13 +510,19 @@ def heal_goals(payload: dict) -> list[str]:
                              f"{theirs['mean']:.2f} ppl at lr {settings['lr']:g}, above the training-free "
                              f"{start:.2f}) -> no verdict")
                 continue
+            short = [f"{name} at lr {s['lr']:g}" for name, s, run in (("CLOVER", own_settings, clover),
+                                                                         (peer, settings, theirs)) if run["n"] < 2]
+            if short:
+                lines.append(f"CLOVER healing{scope}{source} vs {peer}: the lr chosen has one seed "
+                             f"({', '.join(short)}) -> no verdict until it has 3")
+                continue
             gap = theirs["mean"] - clover["mean"]
             se = math.sqrt(clover["sd"] ** 2 / clover["n"] + theirs["sd"] ** 2 / theirs["n"])
             verdict = separation(gap, se)
-            lines.append(f"CLOVER healing{scope}{source} (lr {own_settings['lr']:g}, {clover['n']} seeds) vs {peer} "
-                         f"(its best lr tried, {settings['lr']:g}, {theirs['n']} seeds): {clover['mean']:.2f} vs "
-                         f"{theirs['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} -> ahead beyond the "
-                         f"spread: {'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}")
+            lines.append(f"CLOVER healing{scope}{source} (lr {own_settings['lr']:g} by {own_rule}, {clover['n']} "
+                         f"seeds) vs {peer} (lr {settings['lr']:g} by {rule}, {theirs['n']} seeds): "
+                         f"{clover['mean']:.2f} vs {theirs['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} "
+                         f"-> ahead beyond the spread: {'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}")
     return lines
 
 

@@ -18,6 +18,7 @@ from clover.cli import app
 from clover.errors import CloverError
 from clover.finetune import TuneConfig, attach, clover_parameter_count, merge_
 from clover.finetune.data import TokenWindows
+from clover.finetune.train import late_heldout_loss
 from clover.heal import HealConfig, distill, heal
 from clover.heal.distill import kl_per_token
 from clover.mla import MlaConfig, to_mla
@@ -128,12 +129,31 @@ def test_healing_moves_the_conversion_toward_the_original(pair, method, tmp_path
     assert {n: p.shape for n, p in healed.named_parameters()} == shapes  # the same stock layout
     assert all(torch.equal(dict(healed.named_parameters())[n], t) for n, t in fixed.items())
     assert report.unchanged > len(fixed) and report.steps == 30
+    assert report.heldout_kl is None  # 60 windows drawn from 16: every late window had been trained on
     assert kl(healed, teacher) < 0.9 * kl_before, method
     if method == "clover":
         assert report.trainable == report.clover_budget and report.lora_r is None
     else:  # the rank whose count is closest to CLOVER's: within half a rank's worth
         per_rank = report.trainable / report.lora_r
         assert abs(report.trainable - report.clover_budget) <= per_rank / 2 + 1e-9
+
+
+def test_late_heldout_kl_reads_the_last_quarter_of_one_pass():
+    """The figure the benchmark picks a learning rate by: the losses logged after 3/4 of the steps, and only while
+    no window has come round twice (a second pass scores windows the model was trained on)."""
+    history = [{"loss": 4.0, "step": 10}, {"loss": 3.0, "step": 20}, {"loss": 2.0, "step": 30},
+               {"loss": 1.0, "step": 40}, {"loss": 0.5, "step": 45}, {"train_loss": 2.1, "step": 45}]
+    assert late_heldout_loss(history, 40, epochs=0.4) == 0.75  # steps 40 and 45 (> 30); the summary is skipped
+    assert late_heldout_loss(history, 40, epochs=1.5) is None
+    assert late_heldout_loss(history[:2], 40, epochs=0.4) is None
+
+
+def test_a_single_pass_reports_its_late_kl(pair, tmp_path):
+    teacher, mla = pair
+    _, report = heal(copy.deepcopy(mla), teacher, None, TokenWindows(TRAIN),
+                     HealConfig(method="clover", steps=4, lr=1e-2, seqlen=32, logging_steps=1, progress=False),
+                     tmp_path / "run", log=quiet)
+    assert report.heldout_kl is not None and 0 < report.heldout_kl < 2 * kl(mla, teacher)
 
 
 def test_the_control_starts_at_zero_and_stays_near_it(pair, tmp_path):

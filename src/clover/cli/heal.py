@@ -105,9 +105,11 @@ def heal(
     save_model(healed, student.tokenizer, out, overwrite=overwrite, report=payload)
 
     table = Table(title=f"{model}: healed with {report.method} toward {teacher}")
-    columns = ["trainable", "CLOVER budget", "LoRA rank", "steps", "mean KL", "unchanged tensors", "wall s"]
+    columns = ["trainable", "CLOVER budget", "LoRA rank", "steps", "mean KL", "late KL (held out)",
+               "unchanged tensors", "wall s"]
     row = [f"{report.trainable:,}", f"{report.clover_budget:,}", "-" if report.lora_r is None else str(report.lora_r),
-           str(report.steps), "-" if report.train_kl is None else f"{report.train_kl:.4f}", str(report.unchanged),
+           str(report.steps), "-" if report.train_kl is None else f"{report.train_kl:.4f}",
+           "-" if report.heldout_kl is None else f"{report.heldout_kl:.4f}", str(report.unchanged),
            f"{report.wall_s:.1f}"]
     if eval_ppl:
         columns += ["ppl teacher", "ppl converted", "ppl healed"]

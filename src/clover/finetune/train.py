@@ -244,6 +244,7 @@ class FinetuneResult:
     rank: int = 0
     world_size: int = 1
     engine: str = "NO"  # accelerate's distributed type: NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
+    heldout_loss: float | None = None  # ``late_heldout_loss``: the last quarter's loss on windows not yet trained on
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -308,9 +309,24 @@ def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir:
     result = FinetuneResult(setup.method, setup.trainable, total, trainer.state.global_step,
                             output.training_loss if output is not None else None, resume_from, wall, digest,
                             setup.details, trainer.accelerator.process_index, trainer.accelerator.num_processes,
-                            str(trainer.accelerator.distributed_type.value))
+                            str(trainer.accelerator.distributed_type.value),
+                            late_heldout_loss(trainer.state.log_history, config.steps, trainer.state.epoch))
     _check_ranks_agree(trainer, run_dir, digest)
     return final, result
+
+
+def late_heldout_loss(history: list[dict], steps: int, epochs: float | None) -> float | None:
+    """The mean loss logged over the run's last quarter of steps, when the run made at most one pass over its
+    windows; None otherwise, or when nothing was logged there.
+
+    Within one pass every window is drawn once, and its loss is taken before the step that trains on it, so this is
+    the model's loss on data it had not seen, measured on the training split alone: a figure to choose settings such
+    as the learning rate by, without reading the test split. The last quarter, because the start says little about
+    where a run ends (a learning rate that ends lower may start higher)."""
+    if epochs is None or epochs > 1.0 + 1e-9:
+        return None
+    late = [entry["loss"] for entry in history if "loss" in entry and entry.get("step", 0) > 0.75 * steps]
+    return sum(late) / len(late) if late else None
 
 
 def _with_loss(trainer_class, loss):

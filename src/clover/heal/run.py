@@ -32,6 +32,7 @@ class HealReport:
     lora_r: int | None  # the rank LoRA / PiSSA used (None for CLOVER)
     steps: int
     train_kl: float | None  # mean KL over the run (the Trainer's training loss)
+    heldout_kl: float | None  # mean KL over the last quarter, on windows not yet trained on (``late_heldout_loss``)
     wall_s: float
     resumed_from: str | None
     digest: str  # sha256 of the merged weights
@@ -105,6 +106,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, windows, config: 
                           f"({moved[:3]}); nothing was saved")
     return merged, HealReport(config.method, tuple(config.targets), result.trainable, budget,
                               None if config.method == "clover" else lora_r, result.steps, result.train_loss,
+                              result.heldout_loss,
                               result.wall_s, result.resumed_from, result.digest, len(fixed), result.details)
 
 
