@@ -107,10 +107,12 @@ def finetune(
     if result.rank == 0:
         save_model(final, tokenizer, out, overwrite=overwrite, report=payload)
         table = Table(title=f"{model}: fine-tuned with {result.method}")
-        for col in ("trainable parameters", "steps", "train loss", "wall s", "processes", "merged weights sha256"):
+        for col in ("trainable parameters", "steps", "train loss", "late loss (held out)", "wall s", "processes",
+                    "merged weights sha256"):
             table.add_column(col, justify="right")
         loss = "-" if result.train_loss is None else f"{result.train_loss:.4f}"
-        table.add_row(f"{result.trainable:,}", str(result.steps), loss, f"{result.wall_s:.1f}",
+        late = "-" if result.heldout_loss is None else f"{result.heldout_loss:.4f}"
+        table.add_row(f"{result.trainable:,}", str(result.steps), loss, late, f"{result.wall_s:.1f}",
                       f"{result.world_size} ({result.engine})", result.digest[:16])
         console.print(table)
         console.print(f"merged model saved to {out}")
