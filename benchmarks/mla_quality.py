@@ -37,8 +37,8 @@ up, both reported beside the comparison; ``--no-heal-controls`` skips the contro
 peer that leaves the model worse than the training-free conversion gets no verdict. Each method's lr for a verdict
 is the one with the lowest late held-out KL at seed 0 (``late_heldout_loss``: validation windows each scored before
 the step that trains on them), where every lr tried recorded it; rows from before it was recorded fall back to the
-lowest mean test ppl over 2 or more seeds. Runs already in the JSON with
-the same settings are kept, so an interrupted ``--heal`` resumes.
+lowest mean test ppl over 2 or more seeds. Runs already in the JSON with the same settings are kept, so an
+interrupted ``--heal`` resumes.
 
 Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
 (``clover.tasks.next_sentence_docs``: a context sentence, its true next sentence among three from other
