@@ -34,11 +34,13 @@ perplexity; it tunes the original, so it serves every conversion). ``--heal-leve
 conversion beside the comparison; ``--heal-targets`` trains other targets (``rope``: the rotated query rows, which
 only LoRA / PiSSA reached before; the peers' rank is matched again) and ``--heal-warmup`` warms the learning rate
 up, both reported beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another lr). A
-peer that leaves the model worse than the training-free conversion gets no verdict. Each method's lr for a verdict
-is the one with the lowest late held-out KL at seed 0 (``late_heldout_loss``: validation windows each scored before
-the step that trains on them), where every lr tried recorded it; rows from before it was recorded fall back to the
-lowest mean test ppl over 2 or more seeds. Runs already in the JSON with the same settings are kept, so an
-interrupted ``--heal`` resumes.
+peer that leaves the model worse than the training-free conversion gets no verdict. ``--heal-lr-scales up=0.5``
+scales one target's lr (``finetune.lr_scales``; LoRA / PiSSA scale the modules it adapts): part of the lr, so it
+joins the lr sweep rather than making a budget of its own. Each method's lr (and scales) for a verdict is the one
+with the lowest late held-out KL at seed 0 (``late_heldout_loss``: validation windows each scored before the step
+that trains on them), where every lr tried recorded it; rows from before it was recorded fall back to the lowest
+mean test ppl over 2 or more seeds. Runs already in the JSON with the same settings are kept, so an interrupted
+``--heal`` resumes.
 
 Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
 (``clover.tasks.next_sentence_docs``: a context sentence, its true next sentence among three from other
@@ -151,6 +153,9 @@ def main() -> None:
                         "beside the comparison, without controls (the original has no shared rotated key).")
     parser.add_argument("--heal-warmup", type=int, default=0, help="Warmup steps (linear), the same for every "
                         "method; other than 0: reported beside the comparison.")
+    parser.add_argument("--heal-lr-scales", default="", help="Per-target lr multipliers, e.g. up=0.5 (the same for "
+                        "every method: LoRA / PiSSA scale the modules the target adapts), reported beside the "
+                        "comparison.")
     parser.add_argument("--no-heal-controls", action="store_true", help="Skip the controls: for a peer at another "
                         "learning rate, which only the CLOVER-vs-peer verdict reads.")
     parser.add_argument("--heal-lever", default=HEAL_LEVER, help="The KV 25%% conversion healed (a row name); "
@@ -213,6 +218,10 @@ def main() -> None:
             settings["targets"] = args.heal_targets
         if args.heal_warmup:
             settings["warmup_steps"] = args.heal_warmup
+        if args.heal_lr_scales:
+            from clover.finetune.lr_scales import parse_lr_scales
+
+            settings["lr_scales"] = dict(parse_lr_scales(args.heal_lr_scales))
         if args.heal_lever not in LEVERS:
             raise SystemExit(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
         for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, settings, args.heal_lever,
@@ -391,8 +400,12 @@ def heal_groups(payload: dict) -> list[tuple[dict, str]]:
 
 def settings_label(settings: dict, lever: str = HEAL_LEVER) -> str:
     """What differs from the comparison's settings (HEAL) and conversion, e.g. ``lr 0.0001`` or ``steps 200``."""
-    return ", ".join([f"{key} {value:g}" if isinstance(value, (int, float)) else f"{key} {value}"
-                      for key, value in settings.items() if HEAL.get(key) != value]
+    def shown(key, value) -> str:
+        if key == "lr_scales":
+            return ", ".join(f"{target} lr x{scale:g}" for target, scale in value.items())
+        return f"{key} {value:g}" if isinstance(value, (int, float)) else f"{key} {value}"
+
+    return ", ".join([shown(key, value) for key, value in settings.items() if HEAL.get(key) != value]
                      + ([f"from {lever}"] if lever != HEAL_LEVER else []))
 
 
@@ -461,6 +474,20 @@ def render_heal(payload: dict) -> str:
             f"lr is chosen by it at seed {SWEEP_SEED}, not by the test ppl.\n\n" + markdown_table(columns, table))
 
 
+LR_KEYS = ("lr", "lr_scales")  # what an lr sweep varies: each method's pick among them is its lr for a verdict
+
+
+def without_lr(settings: dict) -> dict:
+    """A run's budget: its settings without the learning rate (and per-target scales of it)."""
+    return {k: v for k, v in settings.items() if k not in LR_KEYS}
+
+
+def lr_label(settings: dict) -> str:
+    """``lr 0.001`` or ``lr 0.001, up x0.5``."""
+    scales = settings.get("lr_scales", {})
+    return f"lr {settings['lr']:g}" + "".join(f", {target} x{scale:g}" for target, scale in scales.items())
+
+
 def heal_goals(payload: dict) -> list[str]:
     import math
 
@@ -478,7 +505,7 @@ def heal_goals(payload: dict) -> list[str]:
                          f"{ratio:.3f}x ({best}) -> {'MET' if ratio <= 1.10 else 'NOT MET'}")
     budgets = []  # the same conversion, steps, batch and data: one comparison each, every method at its best lr
     for settings, lever, _ in groups:
-        budget = ({k: v for k, v in settings.items() if k != "lr"}, lever)
+        budget = (without_lr(settings), lever)
         if budget not in budgets:
             budgets.append(budget)
     for budget in budgets:
@@ -487,7 +514,7 @@ def heal_goals(payload: dict) -> list[str]:
             held-out KL at SWEEP_SEED where every lr tried has it (validation text only), else (rows from before
             it was recorded) by the mean test ppl over the lrs run with 2 or more seeds."""
             runs = [(s, summary[("healed", method)]) for s, lever, summary in groups
-                    if ("healed", method) in summary and {k: v for k, v in s.items() if k != "lr"} == budget[0]
+                    if ("healed", method) in summary and without_lr(s) == budget[0]
                     and lever == conversion]
             if runs and all((run[1]["heldout"] or {}).get(SWEEP_SEED) is not None for run in runs):
                 return (*min(runs, key=lambda run: run[1]["heldout"][SWEEP_SEED]), "held-out KL")
@@ -507,10 +534,10 @@ def heal_goals(payload: dict) -> list[str]:
             start = unhealed.get(function_of(budget[1]), math.inf)
             if theirs["mean"] > start:  # a peer that left the model worse than it found it was not compared
                 lines.append(f"CLOVER healing{scope}{source} vs {peer}: {peer} did not heal at any lr tried (best "
-                             f"{theirs['mean']:.2f} ppl at lr {settings['lr']:g}, above the training-free "
+                             f"{theirs['mean']:.2f} ppl at {lr_label(settings)}, above the training-free "
                              f"{start:.2f}) -> no verdict")
                 continue
-            short = [f"{name} at lr {s['lr']:g}" for name, s, run in (("CLOVER", own_settings, clover),
+            short = [f"{name} at {lr_label(s)}" for name, s, run in (("CLOVER", own_settings, clover),
                                                                          (peer, settings, theirs)) if run["n"] < 2]
             if short:
                 lines.append(f"CLOVER healing{scope}{source} vs {peer}: the lr chosen has one seed "
@@ -519,8 +546,8 @@ def heal_goals(payload: dict) -> list[str]:
             gap = theirs["mean"] - clover["mean"]
             se = math.sqrt(clover["sd"] ** 2 / clover["n"] + theirs["sd"] ** 2 / theirs["n"])
             verdict = separation(gap, se)
-            lines.append(f"CLOVER healing{scope}{source} (lr {own_settings['lr']:g} by {own_rule}, {clover['n']} "
-                         f"seeds) vs {peer} (lr {settings['lr']:g} by {rule}, {theirs['n']} seeds): "
+            lines.append(f"CLOVER healing{scope}{source} ({lr_label(own_settings)} by {own_rule}, {clover['n']} "
+                         f"seeds) vs {peer} ({lr_label(settings)} by {rule}, {theirs['n']} seeds): "
                          f"{clover['mean']:.2f} vs {theirs['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} "
                          f"-> ahead beyond the spread: {'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}")
     return lines

@@ -246,6 +246,44 @@ def test_resume_after_interruption_loses_nothing(tokenizer, tmp_path):
               tmp_path / "run", progress=False, log=lambda s: None)
 
 
+@pytest.mark.parametrize("method", ["clover", "lora"])
+def test_lr_scale_moves_only_its_target_by_that_factor(tokenizer, tmp_path, method):
+    """Adam's first step moves each trained entry by about the lr, so with up's lr scaled by 1/4 every up projection
+    moves a quarter as far and every other target exactly as far (LoRA: B starts at zero, so its whole update
+    scales with B's step)."""
+    def first_step(scales, name):
+        model = tiny_llama(vocab_size=320)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        config = FinetuneConfig(method=method, targets=("k", "vo", "up"), steps=1, lr=1e-2, batch_size=2,
+                                lr_scales=scales)
+        tuned, _ = train(model, tokenizer, _dataset(tokenizer), config, tmp_path / name, progress=False,
+                         log=lambda s: None)
+        return {k: (v - before[k]).norm().item() for k, v in tuned.state_dict().items()}
+
+    plain, scaled = first_step((), "plain"), first_step("up=0.25", "scaled")
+    moved = [k for k, v in plain.items() if v > 0]
+    assert {k.split(".")[-2] for k in moved} == {"k_proj", "v_proj", "o_proj", "up_proj"}
+    for k in moved:
+        assert scaled[k] == pytest.approx((0.25 if "up_proj" in k else 1.0) * plain[k], rel=1e-3), k
+
+
+def test_bad_lr_scales_fail_clearly(tokenizer, tmp_path):
+    for spec, message in (("up", "not TARGET=NUMBER"), ("up=fast", "not TARGET=NUMBER"), ("mlp=2", "unknown target"),
+                          ("up=0", "not positive"), ("up=1,up=2", "two learning-rate scales")):
+        with pytest.raises(CloverError, match=message):
+            FinetuneConfig(lr_scales=spec)
+    assert FinetuneConfig(lr_scales="vo=2, up=0.5").lr_scales == (("up", 0.5), ("vo", 2.0))
+    for method in ("clover", "lora"):
+        with pytest.raises(CloverError, match="not among the targets trained"):
+            train(tiny_llama(vocab_size=320), tokenizer, _dataset(tokenizer),
+                  FinetuneConfig(method=method, targets=("k", "vo"), steps=1, lr_scales="up=2"), tmp_path / method,
+                  progress=False, log=lambda s: None)
+    with pytest.raises(CloverError, match="--method full trains every weight"):
+        train(tiny_llama(vocab_size=320), tokenizer, _dataset(tokenizer),
+              FinetuneConfig(method="full", steps=1, lr_scales="up=2"), tmp_path / "full", progress=False,
+              log=lambda s: None)
+
+
 def test_cli_finetune_init_only_then_train(tokenizer, tmp_path):
     from typer.testing import CliRunner
 
@@ -355,3 +393,10 @@ def test_cli_resume_respects_what_changed(tokenizer, tmp_path):
     assert result.exit_code == 2 and "belong to another run" in result.output, result.output
     assert "lr 0.005 there, 0.01 now" in " ".join(result.output.split())
     assert not (tmp_path / "o2").exists()
+    # a per-target lr scale is part of the run too: the same checkpoints with one are another run's
+    result = runner.invoke(app, ["finetune", str(base), "--data", str(tmp_path / "b.txt"), "--steps", "2",
+                                 "--batch-size", "2", "--seqlen", "32", "--lr", "5e-3", "--lr-scale", "up=0.5",
+                                 "--out", str(tmp_path / "o3"), "--checkpoints", str(tmp_path / "out.checkpoints")])
+    assert result.exit_code == 2, result.output
+    assert "lr_scales None there, {'up': 0.5} now" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "o3").exists()

@@ -156,6 +156,15 @@ def test_a_single_pass_reports_its_late_kl(pair, tmp_path):
     assert report.heldout_kl is not None and 0 < report.heldout_kl < 2 * kl(mla, teacher)
 
 
+def test_lora_cannot_scale_one_module_two_ways(pair, tmp_path):
+    """``qk`` and ``rope`` both adapt the query projection in LoRA: one module, one learning rate."""
+    teacher, mla = pair
+    with pytest.raises(CloverError, match="adapted for more than one target"):
+        heal(copy.deepcopy(mla), teacher, None, TokenWindows(TRAIN),
+             HealConfig(method="lora", targets=("qk", "vo", "rope"), lr_scales="rope=2", steps=1, seqlen=32,
+                        progress=False), tmp_path / "run", log=quiet)
+
+
 def test_the_control_starts_at_zero_and_stays_near_it(pair, tmp_path):
     """The benchmark's control, the original tuned toward itself the same way, starts with exactly zero KL (LoRA
     starts at the original bit for bit); only rounding-level gradients reach it, so it stays far closer to its
@@ -219,3 +228,5 @@ def test_cli_heals_saves_and_refuses(pair, tmp_path):
     refused([str(tmp_path / "mla"), "--out", str(tmp_path / "out"), *common], "exists")
     refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o4"), *common, "--method", "dora"],
             "unknown healing method")
+    refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o5"), *common, "--lr-scale", "up:2"],
+            "not TARGET=NUMBER")

@@ -27,6 +27,8 @@ def finetune(
     lora_r: Annotated[int, typer.Option(help="Rank for lora / pissa / dora.")] = 8,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 100,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
+    lr_scale: Annotated[Optional[str], typer.Option(help="Per-target multipliers of --lr, e.g. up=0.5 (LoRA / PiSSA "
+                                                         "scale the modules a target adapts).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per device per step.")] = 4,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     seqlen: Annotated[int, typer.Option(help="Tokens per training window.")] = 256,
@@ -63,7 +65,8 @@ def finetune(
     main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun, rank 0 writes
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
     # --overwrite replaces the output and starts the run afresh: old checkpoints are another run's.
-    config = FinetuneConfig(method=method, targets=targets, lora_r=lora_r, steps=steps, lr=lr, batch_size=batch_size,
+    config = FinetuneConfig(method=method, targets=targets, lora_r=lora_r, steps=steps, lr=lr, lr_scales=lr_scale or (),
+                            batch_size=batch_size,
                             grad_accum=grad_accum, seqlen=seqlen, dropout=dropout, train_bias=train_bias,
                             save_steps=save_steps, seed=seed, resume=resume and not overwrite,
                             match_lora_r=parse_match(match_params_of) if match_params_of else None)

@@ -30,6 +30,8 @@ def heal(
                                                        "without --data, test scores --eval-ppl.")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 40,
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay).")] = 1e-3,
+    lr_scale: Annotated[Optional[str], typer.Option(help="Per-target multipliers of --lr, e.g. up=0.5 (LoRA / PiSSA "
+                                                         "scale the modules a target adapts).")] = None,
     warmup_steps: Annotated[int, typer.Option(help="Steps of linear warmup to the peak learning rate.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 2,
     seqlen: Annotated[int, typer.Option(help="Tokens per training window.")] = 256,
@@ -63,7 +65,8 @@ def heal(
 
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
     config = HealConfig(method=method, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                        lora_r=lora_r, steps=steps, lr=lr, warmup_steps=warmup_steps, batch_size=batch_size,
+                        lora_r=lora_r, steps=steps, lr=lr, lr_scales=lr_scale or (), warmup_steps=warmup_steps,
+                        batch_size=batch_size,
                         seqlen=seqlen, seed=seed,
                         save_steps=save_steps, resume=resume and not overwrite)
     config.check()

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import CloverError
 from .attach import TuneConfig, attach, is_attached, merge_, trainable_parameters
+from .lr_scales import module_scales, parameter_groups, parameter_scales, parse_lr_scales
 from .targets import lora_parameter_count, match_lora, target_modules
 
 METHODS = ("clover", "lora", "pissa", "dora", "full")
@@ -43,6 +44,7 @@ class FinetuneConfig:
     train_bias: bool = False
     steps: int = 100
     lr: float = 1e-4
+    lr_scales: tuple[tuple[str, float], ...] | str | dict = ()  # target -> multiplier of lr (``lr_scales``)
     batch_size: int = 4
     grad_accum: int = 1
     seqlen: int = 256
@@ -54,6 +56,9 @@ class FinetuneConfig:
     resume: bool = True
     data: str | None = None  # the training data's fingerprint (path and content hash), part of the run's identity
     teacher: str | None = None  # distillation (``clover heal``): the teacher the loss matches, part of the identity
+
+    def __post_init__(self):
+        self.lr_scales = parse_lr_scales(self.lr_scales)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -165,7 +170,7 @@ def weights_digest(model: nn.Module) -> str:
 
 # What makes two runs the same run: a checkpoint may only be resumed by a run that agrees on all of these.
 RUN_IDENTITY = ("method", "targets", "lora_r", "match_lora_r", "train_bias", "dropout", "seqlen", "batch_size",
-                "grad_accum", "lr", "steps", "lr_scheduler", "warmup_steps", "seed", "data", "teacher")
+                "grad_accum", "lr", "lr_scales", "steps", "lr_scheduler", "warmup_steps", "seed", "data", "teacher")
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:
@@ -181,6 +186,9 @@ def _run_settings(config: FinetuneConfig, model_name: str) -> dict:
     settings = {k: v for k, v in asdict(config).items() if k in RUN_IDENTITY}
     if isinstance(settings["targets"], tuple):
         settings["targets"] = list(settings["targets"])
+    settings.pop("lr_scales")  # only when set, so that runs from before scales existed still resume
+    if config.lr_scales:
+        settings["lr_scales"] = dict(config.lr_scales)
     return {"model": model_name, **settings}
 
 
@@ -266,7 +274,9 @@ def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir:
     settings = _run_settings(config, model_name)
     if config.resume:
         check_run_dir(run_dir, settings)
+    modules = module_scales(model, config.method, config.targets, config.lr_scales)  # before peft wraps it
     setup = prepare(model, config, progress=progress)
+    scaled = parameter_scales(setup.model, setup.method, config.lr_scales, modules, setup.details.get("targets", ()))
     total = sum(p.numel() for p in setup.model.parameters())
     log(f"method {setup.method}: {setup.trainable:,} trainable parameters of {total:,} "
         f"({100 * setup.trainable / total:.3f}%)")
@@ -285,7 +295,12 @@ def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir:
         report_to=[], seed=config.seed, data_seed=config.seed, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=not progress, ddp_find_unused_parameters=False,
     )
+    if config.lr_scales:
+        log("learning rates: " + ", ".join(f"{target} x{scale:g}" for target, scale in config.lr_scales)
+            + f" of {config.lr:g} ({sum(dict(setup.model.named_parameters())[n].numel() for n in scaled):,} "
+            "parameters scaled)")
     trainer_class = Trainer if loss is None else _with_loss(Trainer, loss)
+    trainer_class = _with_scaled_lr(trainer_class, scaled) if scaled else trainer_class
     trainer = trainer_class(model=setup.model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                             callbacks=[_commit_callback(settings)])
     resume_from = None
@@ -327,6 +342,21 @@ def late_heldout_loss(history: list[dict], steps: int, epochs: float | None) -> 
         return None
     late = [entry["loss"] for entry in history if "loss" in entry and entry.get("step", 0) > 0.75 * steps]
     return sum(late) / len(late) if late else None
+
+
+def _with_scaled_lr(trainer_class, scaled: dict):
+    class ScaledLrTrainer(trainer_class):
+        """The Trainer's own optimiser and schedule, over one parameter group per learning-rate scale."""
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                opt_model = self.model if model is None else model
+                optimizer_class, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                self.optimizer = optimizer_class(parameter_groups(opt_model, scaled, self.args.learning_rate,
+                                                                  self.args.weight_decay), **kwargs)
+            return self.optimizer
+
+    return ScaledLrTrainer
 
 
 def _with_loss(trainer_class, loss):

@@ -35,6 +35,7 @@ class HealConfig:
     lora_r: int | None = None
     steps: int = 40
     lr: float = 1e-3
+    lr_scales: tuple[tuple[str, float], ...] | str | dict = ()  # target -> multiplier of lr (``finetune.lr_scales``)
     batch_size: int = 2
     seqlen: int = 256
     warmup_steps: int = 0
@@ -57,7 +58,7 @@ class HealConfig:
         """The same run as ``finetune`` sees it: every setting here, the teacher and the data are its identity, so a
         checkpoint is only resumed by a run that agrees on all of them."""
         return FinetuneConfig(method=self.method, targets=tuple(self.targets), lora_r=lora_r, steps=self.steps,
-                              lr=self.lr, batch_size=self.batch_size, seqlen=self.seqlen,
+                              lr=self.lr, lr_scales=self.lr_scales, batch_size=self.batch_size, seqlen=self.seqlen,
                               warmup_steps=self.warmup_steps, save_steps=self.save_steps,
                               logging_steps=self.logging_steps, seed=self.seed, resume=self.resume, data=data,
                               teacher=teacher)
