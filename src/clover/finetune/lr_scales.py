@@ -22,18 +22,17 @@ from .targets import TARGETS, resolve_targets, target_modules
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def parse_lr_scales(spec: str | Iterable[str] | dict | None) -> tuple[tuple[str, float], ...]:
-    """``"up=0.5,rope=2"`` (or a list of ``target=scale``, or a dict, or pairs) as sorted ``(target, scale)``."""
+def parse_lr_scales(spec: str | dict | Iterable[tuple[str, float]] | None) -> tuple[tuple[str, float], ...]:
+    """``"up=0.5,rope=2"`` (or a dict, or ``(target, scale)`` pairs) as sorted ``(target, scale)`` pairs."""
     if not spec:
         return ()
     if isinstance(spec, dict):
         items = list(spec.items())
-    elif not isinstance(spec, str) and all(isinstance(item, (tuple, list)) for item in spec):
+    elif not isinstance(spec, str):  # (target, scale) pairs, as parsed before
         items = [tuple(item) for item in spec]
     else:
-        parts = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in str(s).split(",")]
         items = []
-        for part in (p.strip() for p in parts if p.strip()):
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
             target, sep, value = part.partition("=")
             try:
                 items.append((target.strip(), float(value)))
@@ -109,13 +108,17 @@ def _check_trained(wanted: dict, trained) -> None:
                           f"({', '.join(trained)}): add it to --targets or drop its scale")
 
 
-def parameter_groups(model: nn.Module, by_name: dict, lr: float, weight_decay: float) -> list[dict]:
-    """Optimiser groups for ``model``'s trainable parameters: one per distinct scale, ``lr`` times it. The
-    Trainer's schedule multiplies each group's own lr, so warmup and decay keep the ratios. ``weight_decay`` is set
-    on every group (torch's AdamW would otherwise apply its own default)."""
-    groups: dict[float, list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(by_name.get(_plain(name), 1.0), []).append(p)
-    return [{"params": params, "lr": lr * scale, "weight_decay": weight_decay}
-            for scale, params in sorted(groups.items())]
+def split_groups(optimizer, model: nn.Module, by_name: dict) -> None:
+    """Split each of ``optimizer``'s parameter groups (as the Trainer made them: weight decay or not, ...) by scale,
+    every part keeping its group's settings at the group's lr times its scale. The Trainer's schedule multiplies
+    each group's own lr, so warmup and decay keep the ratios. Run before the first step (the state is empty)."""
+    names = {id(p): _plain(n) for n, p in model.named_parameters()}
+    split = []
+    for group in optimizer.param_groups:
+        by_scale: dict[float, list] = {}
+        for p in group["params"]:
+            by_scale.setdefault(by_name.get(names.get(id(p)), 1.0), []).append(p)
+        split += [{**group, "params": params, "lr": group["lr"] * scale} for scale, params in sorted(by_scale.items())]
+    optimizer.param_groups.clear()
+    for group in split:
+        optimizer.add_param_group(group)

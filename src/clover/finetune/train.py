@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import CloverError
 from .attach import TuneConfig, attach, is_attached, merge_, trainable_parameters
-from .lr_scales import module_scales, parameter_groups, parameter_scales, parse_lr_scales
+from .lr_scales import module_scales, parameter_scales, parse_lr_scales, split_groups
 from .targets import lora_parameter_count, match_lora, target_modules
 
 METHODS = ("clover", "lora", "pissa", "dora", "full")
@@ -296,9 +296,9 @@ def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir:
         remove_unused_columns=False, disable_tqdm=not progress, ddp_find_unused_parameters=False,
     )
     if config.lr_scales:
+        count = sum(p.numel() for name, p in setup.model.named_parameters() if name in scaled)
         log("learning rates: " + ", ".join(f"{target} x{scale:g}" for target, scale in config.lr_scales)
-            + f" of {config.lr:g} ({sum(dict(setup.model.named_parameters())[n].numel() for n in scaled):,} "
-            "parameters scaled)")
+            + f" of {config.lr:g} ({count:,} parameters scaled)")
     trainer_class = Trainer if loss is None else _with_loss(Trainer, loss)
     trainer_class = _with_scaled_lr(trainer_class, scaled) if scaled else trainer_class
     trainer = trainer_class(model=setup.model, args=args, train_dataset=dataset, data_collator=default_data_collator,
@@ -346,15 +346,14 @@ def late_heldout_loss(history: list[dict], steps: int, epochs: float | None) -> 
 
 def _with_scaled_lr(trainer_class, scaled: dict):
     class ScaledLrTrainer(trainer_class):
-        """The Trainer's own optimiser and schedule, over one parameter group per learning-rate scale."""
+        """The Trainer's own optimiser, groups and schedule, each group split by learning-rate scale."""
 
         def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                opt_model = self.model if model is None else model
-                optimizer_class, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-                self.optimizer = optimizer_class(parameter_groups(opt_model, scaled, self.args.learning_rate,
-                                                                  self.args.weight_decay), **kwargs)
-            return self.optimizer
+            fresh = self.optimizer is None
+            optimizer = super().create_optimizer(model)
+            if fresh:
+                split_groups(optimizer, self.model if model is None else model, scaled)
+            return optimizer
 
     return ScaledLrTrainer
 
