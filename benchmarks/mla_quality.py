@@ -36,11 +36,14 @@ only LoRA / PiSSA reached before; the peers' rank is matched again) and ``--heal
 up, both reported beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another lr). A
 peer that leaves the model worse than the training-free conversion gets no verdict. ``--heal-lr-scales up=0.5``
 scales one target's lr (``finetune.lr_scales``; LoRA / PiSSA scale the modules it adapts): part of the lr, so it
-joins the lr sweep rather than making a budget of its own. Each method's lr (and scales) for a verdict is the one
-with the lowest late held-out KL at seed 0 (``late_heldout_loss``: validation windows each scored before the step
-that trains on them), where every lr tried recorded it; rows from before it was recorded fall back to the lowest
-mean test ppl over 2 or more seeds. Runs already in the JSON with the same settings are kept, so an interrupted
-``--heal`` resumes.
+joins the lr sweep rather than making a budget of its own; so does ``--heal-adam-eps 1e-3,3e-3`` (Adam's epsilon,
+each value its own run on one conversion), and ``--heal-core-scale spectrum`` (CLOVER's cores stepping strong
+directions more, ``finetune.modules._scaled_start``). Each method's lr (and scales, epsilon, core scale) for a
+verdict is the one with the lowest late held-out KL at seed 0 (``late_heldout_loss``: validation windows each
+scored before the step that trains on them), where every lr tried recorded it; rows from before it was recorded
+fall back to the lowest mean test ppl over 2 or more seeds. Where CLOVER ran at both core scales, each at its own
+best lr is read against the other over seeds (``core_scale_findings``). Runs already in the JSON with the same
+settings are kept, so an interrupted ``--heal`` resumes.
 
 Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
 (``clover.tasks.next_sentence_docs``: a context sentence, its true next sentence among three from other
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -146,8 +150,9 @@ def main() -> None:
     parser.add_argument("--heal-seeds", default=",".join(str(s) for s in HEAL_SEEDS))
     parser.add_argument("--heal-steps", type=int, default=HEAL["steps"], help="Other than the default: a longer "
                         "run, reported beside the side-by-side comparison.")
-    parser.add_argument("--heal-lr", type=float, default=HEAL["lr"], help="Other than the default: a method at "
-                        "its own learning rate, reported beside the comparison.")
+    parser.add_argument("--heal-lr", default=str(HEAL["lr"]), help="Other than the default: a method at its own "
+                        "learning rate, reported beside the comparison; several (comma-separated) run one after "
+                        "another on one conversion.")
     parser.add_argument("--heal-targets", default=HEAL_TARGETS, help="Other than the default (e.g. with rope, "
                         "the rotated query rows): CLOVER and, at the matched rank, LoRA / PiSSA train these; reported "
                         "beside the comparison, without controls (the original has no shared rotated key).")
@@ -156,6 +161,11 @@ def main() -> None:
     parser.add_argument("--heal-lr-scales", default="", help="Per-target lr multipliers, e.g. up=0.5 (the same for "
                         "every method: LoRA / PiSSA scale the modules the target adapts), reported beside the "
                         "comparison.")
+    parser.add_argument("--heal-adam-eps", default="", help="Adam's epsilon, or several (comma-separated, each its "
+                        "own run on one conversion), the same for every method; part of the lr sweep.")
+    parser.add_argument("--heal-core-scale", default="unit", help="CLOVER's core scale (finetune.modules."
+                        "_scaled_start): spectrum steps strong directions more; with --heal-methods clover, part of "
+                        "its lr sweep.")
     parser.add_argument("--no-heal-controls", action="store_true", help="Skip the controls: for a peer at another "
                         "learning rate, which only the CLOVER-vs-peer verdict reads.")
     parser.add_argument("--heal-lever", default=HEAL_LEVER, help="The KV 25%% conversion healed (a row name); "
@@ -213,7 +223,7 @@ def main() -> None:
     if args.heal:
         methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
         seeds = [int(x) for x in args.heal_seeds.split(",") if x.strip()]
-        settings = dict(HEAL, steps=args.heal_steps, lr=args.heal_lr)
+        settings = dict(HEAL, steps=args.heal_steps)
         if args.heal_targets != HEAL_TARGETS:
             settings["targets"] = args.heal_targets
         if args.heal_warmup:
@@ -222,13 +232,23 @@ def main() -> None:
             from clover.finetune.lr_scales import parse_lr_scales
 
             settings["lr_scales"] = dict(parse_lr_scales(args.heal_lr_scales))
+        if args.heal_core_scale != "unit":
+            if methods != ["clover"]:
+                raise SystemExit("--heal-core-scale scales CLOVER's cores: run it with --heal-methods clover")
+            settings["core_scale"] = args.heal_core_scale
         if args.heal_lever not in LEVERS:
             raise SystemExit(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
-        for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, settings, args.heal_lever,
-                             controls=not args.no_heal_controls):
-            healed.append(row)
-            print(row, flush=True)
-            save()
+        lrs = [float(x) for x in args.heal_lr.split(",") if x.strip()]
+        epsilons = [float(x) for x in args.heal_adam_eps.split(",") if x.strip()] or [None]
+        conversions = {}  # one conversion serves every lr and epsilon
+        for lr in lrs:
+            for eps in epsilons:
+                grid = dict(settings, lr=lr, **({} if eps is None else {"adam_eps": eps}))
+                for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, grid, args.heal_lever,
+                                     controls=not args.no_heal_controls, conversions=conversions):
+                    healed.append(row)
+                    print(row, flush=True)
+                    save()
         render(save())
         return
     have = {(r["name"], r["kept"]) for r in rows}
@@ -287,8 +307,6 @@ def task_rows(lm, calib, info) -> None:
 def render_tasks() -> tuple[str, list[str]]:
     """The second metric's table (acc_norm +- the harness's stderr, acc beside it) and, per size, the strongest
     lever against the TransMLA recipe: ahead only beyond 2 SE."""
-    import math
-
     if not TASK_RESULTS.is_file():
         return "", []
     payload = json.loads(TASK_RESULTS.read_text())
@@ -321,9 +339,11 @@ def render_tasks() -> tuple[str, list[str]]:
     return md, lines
 
 
-def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER, controls=True):
+def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER, controls=True,
+              conversions: dict | None = None):
     """Healed conversions of ``lever`` and (``controls``) controls not yet in ``done`` (same settings; a control
-    tunes the original, so it serves every lever): one row per method, seed and kind."""
+    tunes the original, so it serves every lever): one row per method, seed and kind. ``conversions`` keeps the
+    conversion for the next call (another epsilon heals the same one)."""
     import copy
     import tempfile
 
@@ -333,16 +353,16 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
 
     windows = token_windows(lm.tokenizer, ["\n\n".join(load_rows(split="validation"))], settings["seqlen"])
     have = {(r["kind"], r["method"], r["seed"]) for r in done if in_group(r, settings, lever)}
-    converted = None
+    conversions = {} if conversions is None else conversions
     plan = [("healed", m, s) for m in methods for s in seeds] + \
         [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds and controls
          and "targets" not in settings]  # the original has no shared rotated key for a rope target
     for kind, method, seed in plan:
         if (kind, method, seed) in have:
             continue
-        if kind == "healed" and converted is None:
-            converted, _ = convert(lever, HEAL_KEPT, lm, calib)
-        student = copy.deepcopy(converted if kind == "healed" else lm.model)
+        if kind == "healed" and lever not in conversions:
+            conversions[lever], _ = convert(lever, HEAL_KEPT, lm, calib)
+        student = copy.deepcopy(conversions[lever] if kind == "healed" else lm.model)
         targets = settings.get("targets", HEAL_TARGETS) if kind == "healed" else "k,vo,up"  # the original: rotary
         run_settings = {key: value for key, value in settings.items() if key != "targets"}
         config = HealConfig(method=method, targets=tuple(targets.split(",")), seed=seed, progress=False,
@@ -474,23 +494,68 @@ def render_heal(payload: dict) -> str:
             f"lr is chosen by it at seed {SWEEP_SEED}, not by the test ppl.\n\n" + markdown_table(columns, table))
 
 
-LR_KEYS = ("lr", "lr_scales")  # what an lr sweep varies: each method's pick among them is its lr for a verdict
+LR_KEYS = ("lr", "lr_scales", "adam_eps", "core_scale")  # what a method's sweep varies: its pick is its "lr"
 
 
 def without_lr(settings: dict) -> dict:
-    """A run's budget: its settings without the learning rate (and per-target scales of it)."""
+    """A run's budget: its settings without the learning rate (per-target scales of it, Adam's epsilon, CLOVER's
+    core scale)."""
     return {k: v for k, v in settings.items() if k not in LR_KEYS}
 
 
 def lr_label(settings: dict) -> str:
     """``lr 0.001`` or ``lr 0.001, up x0.5``."""
     scales = settings.get("lr_scales", {})
-    return f"lr {settings['lr']:g}" + "".join(f", {target} x{scale:g}" for target, scale in scales.items())
+    eps = f", Adam eps {settings['adam_eps']:g}" if "adam_eps" in settings else ""
+    core = f", {settings['core_scale']} cores" if "core_scale" in settings else ""
+    return (f"lr {settings['lr']:g}" + "".join(f", {target} x{scale:g}" for target, scale in scales.items()) + eps
+            + core)
+
+
+def best_of(groups: list, method: str, budget: dict, conversion: str, core_scale: str | None = None):
+    """(settings, summary, how the lr was chosen) of the method's lr tried for ``budget`` (settings without the lr;
+    ``core_scale``: only CLOVER's runs at that scale): by the late held-out KL at SWEEP_SEED where every lr tried
+    has it (validation text only), else (rows from before it was recorded) by the mean test ppl over the lrs run
+    with 2 or more seeds."""
+    runs = [(s, summary[("healed", method)]) for s, lever, summary in groups
+            if ("healed", method) in summary and without_lr(s) == budget and lever == conversion
+            and core_scale in (None, s.get("core_scale", "unit"))]
+    if runs and all((run[1]["heldout"] or {}).get(SWEEP_SEED) is not None for run in runs):
+        return (*min(runs, key=lambda run: run[1]["heldout"][SWEEP_SEED]), "held-out KL")
+    runs = [run for run in runs if run[1]["n"] >= 2]
+    return (*min(runs, key=lambda run: run[1]["mean"]), "test ppl") if runs else None
+
+
+def core_scale_findings(payload: dict) -> list[str]:
+    """Within CLOVER, per budget run at both core scales (``finetune.modules._scaled_start``): each scale at its
+    own best lr, over seeds, read against the spread like a peer."""
+    groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+    lines, budgets = [], []
+    for settings, lever, _ in groups:
+        if (without_lr(settings), function_of(lever)) not in budgets:
+            budgets.append((without_lr(settings), function_of(lever)))
+    for budget, lever in budgets:
+        picks = {scale: best_of(groups, "clover", budget, lever, scale) for scale in ("spectrum", "unit")}
+        if not all(pick and pick[1]["n"] >= 2 for pick in picks.values()):
+            continue
+        (own, spectrum, _), (other, unit, _) = picks["spectrum"], picks["unit"]
+        own = {key: value for key, value in own.items() if key != "core_scale"}  # named once, below
+        gap = unit["mean"] - spectrum["mean"]
+        se = math.sqrt(spectrum["sd"] ** 2 / spectrum["n"] + unit["sd"] ** 2 / unit["n"])
+        scope = settings_label(budget, lever) or "the comparison's settings"
+        lines.append(f"CLOVER healing with {scope}: spectrum cores "
+                     f"({lr_label(own)}, {spectrum['n']} seeds) vs unit cores ({lr_label(other)}, {unit['n']} "
+                     f"seeds), each at its lr by held-out KL: {spectrum['mean']:.2f} vs {unit['mean']:.2f} ppl, "
+                     f"late KL {mean_kl(spectrum):.3f} vs {mean_kl(unit):.3f}, difference {gap:.2f}, 2 SE "
+                     f"{2 * se:.2f} -> spectrum {separation(gap, se)}")
+    return lines
+
+
+def mean_kl(summary: dict) -> float:
+    return sum(summary["heldout"].values()) / len(summary["heldout"]) if summary["heldout"] else math.nan
 
 
 def heal_goals(payload: dict) -> list[str]:
-    import math
-
     lines = []
     groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
     unhealed = training_free(payload)
@@ -509,21 +574,9 @@ def heal_goals(payload: dict) -> list[str]:
         if budget not in budgets:
             budgets.append(budget)
     for budget in budgets:
-        def best_of(method, conversion):
-            """(settings, summary, how the lr was chosen) of the method's lr tried for this budget: by the late
-            held-out KL at SWEEP_SEED where every lr tried has it (validation text only), else (rows from before
-            it was recorded) by the mean test ppl over the lrs run with 2 or more seeds."""
-            runs = [(s, summary[("healed", method)]) for s, lever, summary in groups
-                    if ("healed", method) in summary and without_lr(s) == budget[0]
-                    and lever == conversion]
-            if runs and all((run[1]["heldout"] or {}).get(SWEEP_SEED) is not None for run in runs):
-                return (*min(runs, key=lambda run: run[1]["heldout"][SWEEP_SEED]), "held-out KL")
-            runs = [run for run in runs if run[1]["n"] >= 2]
-            return (*min(runs, key=lambda run: run[1]["mean"]), "test ppl") if runs else None
-
-        mine = best_of("clover", function_of(budget[1]))  # CLOVER's rows serve either split (lever_of)
+        mine = best_of(groups, "clover", budget[0], function_of(budget[1]))  # CLOVER's rows serve either split
         for peer in ("lora", "pissa"):
-            other = best_of(peer, budget[1])
+            other = best_of(groups, peer, budget[0], budget[1])
             if not (mine and other):
                 continue
             (own_settings, clover, own_rule), (settings, theirs, rule) = mine, other
@@ -597,6 +650,9 @@ def render(payload: dict) -> None:
     goals = goals_of(payload)
     for line in goals:
         print("goal:", line)
+    findings = core_scale_findings(payload)
+    for line in findings:
+        print("finding:", line)
     machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(payload["runs"]))
     commands = "; ".join(f"run {i}: `{m['command']}`" if m.get("command") else f"run {i}: not recorded"
                          for i, m in enumerate(payload["runs"])) + " (each row names its run in the JSON)"
@@ -616,6 +672,8 @@ def render(payload: dict) -> None:
           "description; FreqFold has no 4 neighbours to fold among 16 rotated dims, so no KV 12.5% row." + not_run
           + "\n\n" + markdown_table(columns, table)
           + heal_md + task_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
+          + ("\n\nCLOVER's core scale, side by side:\n\n" + "\n".join(f"- {line}" for line in findings)
+             if findings else "")
           + ("\n\nSecond metric, side by side:\n\n" + "\n".join(f"- {line}" for line in task_lines)
              if task_lines else ""))
     update_benchmarks_md("mla_quality", md)

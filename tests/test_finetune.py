@@ -93,6 +93,35 @@ def test_update_is_full_rank():
     assert [torch.linalg.matrix_rank(g).item() for g in delta] == [d] * delta.shape[0]
 
 
+def test_spectrum_core_scale_steps_strong_directions_more(tmp_path):
+    """``core_scale="spectrum"``: the same function at step zero, with each factor column scaled by
+    sqrt(s / mean s), so a unit step on core entry (i, j) moves the product by sqrt(s_i s_j) / mean(s) instead of 1;
+    the core starts at mean(s) I. The decomposed checkpoint keeps the scale, and a run at another scale is refused."""
+    unit, spectrum = tiny_llama(), tiny_llama()
+    attach(unit, TuneConfig(targets=("vo", "up"), progress=False))
+    report = attach(spectrum, TuneConfig(targets=("vo", "up"), core_scale="spectrum", progress=False))
+    assert report.check.passed, report.check
+    for name in ("vo", "up"):
+        plain = dict(unit.named_modules())[f"model.layers.0.{'self_attn' if name == 'vo' else 'mlp.up_proj'}"]
+        scaled = dict(spectrum.named_modules())[f"model.layers.0.{'self_attn' if name == 'vo' else 'mlp.up_proj'}"]
+        s = torch.diagonal(getattr(plain.clover_tune, f"{name}_core").detach(), dim1=-2, dim2=-1)
+        mean = s.mean(dim=-1, keepdim=True)
+        for side in ("left", "right"):
+            norms = getattr(scaled.clover_tune, f"{name}_{side}").norm(dim=-2)
+            assert torch.allclose(norms, (s / mean).sqrt(), rtol=1e-4), (name, side)
+        core = getattr(scaled.clover_tune, f"{name}_core").detach()
+        assert torch.allclose(core, torch.diag_embed(mean.expand_as(s)), rtol=1e-5), name
+    save_decomposed(spectrum, None, tmp_path / "dec")
+    loaded, _, tune = load_decomposed(tmp_path / "dec")
+    assert tune.core_scale == "spectrum"
+    with pytest.raises(CloverError, match="attached with core scale 'spectrum', not 'unit'"):
+        prepare(loaded, FinetuneConfig(steps=1))
+    with pytest.raises(CloverError, match="use it with --method clover"):
+        FinetuneConfig(method="lora", core_scale="spectrum").check()
+    with pytest.raises(CloverError, match="unknown --core-scale 'pissa'"):
+        FinetuneConfig(core_scale="pissa").check()
+
+
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
 def test_merged_model_loads_with_stock_from_pretrained(builder, tmp_path):
     model = builder()
@@ -267,6 +296,30 @@ def test_lr_scale_moves_only_its_target_by_that_factor(tokenizer, tmp_path, meth
         assert scaled[k] == pytest.approx((0.25 if "up_proj" in k else 1.0) * plain[k], rel=1e-3), k
 
 
+def test_adam_eps_reaches_the_optimiser_and_the_run(tokenizer, tmp_path):
+    """Adam's first step is lr * g / (|g| + eps): about the lr per entry at the default eps, and a small fraction
+    of it where eps dwarfs every gradient (LoRA: its merge adds only what training moved, B starting at zero). A
+    checkpoint written at one eps belongs to another run than at another."""
+    def first_step(eps, name):
+        model = tiny_llama(vocab_size=320)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        config = FinetuneConfig(method="lora", targets=("k", "vo"), steps=1, lr=1e-2, batch_size=2, adam_eps=eps, save_steps=1)
+        tuned, _ = train(model, tokenizer, _dataset(tokenizer), config, tmp_path / name, progress=False,
+                         log=lambda s: None)
+        return sum((v - before[k]).norm().item() for k, v in tuned.state_dict().items())
+
+    plain, damped = first_step(None, "plain"), first_step(1e3, "damped")
+    assert plain > 0 and damped < 1e-2 * plain, (plain, damped)
+    with pytest.raises(CloverError, match="adam_eps 1000.0 there, 0.01 now"):
+        train(tiny_llama(vocab_size=320), tokenizer, _dataset(tokenizer),
+              FinetuneConfig(method="lora", targets=("k", "vo"), steps=1, lr=1e-2, batch_size=2, adam_eps=1e-2,
+                             save_steps=1), tmp_path / "damped",
+              progress=False, log=lambda s: None)
+    for eps in (0.0, -1e-3):
+        with pytest.raises(CloverError, match="--adam-eps .* is not positive"):
+            FinetuneConfig(adam_eps=eps).check()
+
+
 def test_bad_lr_scales_fail_clearly(tokenizer, tmp_path):
     for spec, message in (("up", "not TARGET=NUMBER"), ("up=fast", "not TARGET=NUMBER"), ("mlp=2", "unknown target"),
                           ("up=0", "not positive"), ("up=1,up=2", "two learning-rate scales")):
@@ -307,6 +360,14 @@ def test_cli_finetune_init_only_then_train(tokenizer, tmp_path):
     assert report["method"] == "clover" and report["steps"] == 2
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
+    # cores decomposed at the spectrum scale train only at that scale: without --core-scale the run is refused
+    result = runner.invoke(app, ["finetune", str(base), "--method", "clover", "--init-only", "--core-scale",
+                                 "spectrum", "--out", str(tmp_path / "dec2")])
+    assert result.exit_code == 0, result.output
+    bad = runner.invoke(app, ["finetune", str(tmp_path / "dec2"), "--data", str(data), "--steps", "2", "--batch-size",
+                              "2", "--seqlen", "32", "--out", str(tmp_path / "o4")])
+    assert bad.exit_code == 2 and "--core-scale spectrum" in " ".join(bad.output.split()), bad.output
+    assert not (tmp_path / "o4").exists()
     bad = runner.invoke(app, ["finetune", str(base), "--data", str(tmp_path / "nope.txt"), "--out",
                               str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "does not exist" in bad.output

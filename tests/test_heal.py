@@ -230,3 +230,6 @@ def test_cli_heals_saves_and_refuses(pair, tmp_path):
             "unknown healing method")
     refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o5"), *common, "--lr-scale", "up:2"],
             "not TARGET=NUMBER")
+    refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o6"), *common, "--method", "lora", "--core-scale",
+             "spectrum"], "use it with --method clover")
+    refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o7"), *common, "--adam-eps", "0"], "not positive")

@@ -72,6 +72,17 @@ SeqlenOpt = Annotated[int, typer.Option(help="Perplexity window length.")]
 MaxWindowsOpt = Annotated[Optional[int], typer.Option(help="Perplexity on the first N windows only.")]
 
 
+# The optimiser's knobs that `finetune` and `heal` share.
+LrScaleOpt = Annotated[Optional[str], typer.Option(help="Per-target multipliers of --lr, e.g. up=0.5 (LoRA / PiSSA "
+                                                        "scale the modules a target adapts).")]
+AdamEpsOpt = Annotated[Optional[float], typer.Option(help="Adam's epsilon (default: the Trainer's 1e-8); near the "
+                                                          "gradients' scale, entries with tiny gradients take smaller "
+                                                          "steps.")]
+CoreScaleOpt = Annotated[str, typer.Option(help="CLOVER's cores: unit (orthonormal factors, a core step moves every "
+                                                "direction alike) or spectrum (factors scaled by sqrt(s / mean s): "
+                                                "strong directions move more).")]
+
+
 DataOpt = Annotated[Optional[Path], typer.Option(help="Evaluation corpus folder (for --eval-ppl).")]
 
 

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..errors import CloverError
-from .common import DtypeOpt, JsonOpt, ModelArg, check_model_fits, check_outputs, console, load, torch_dtype
+from .common import (AdamEpsOpt, CoreScaleOpt, DtypeOpt, JsonOpt, LrScaleOpt, ModelArg, check_model_fits,
+                     check_outputs, console, load, torch_dtype)
 
 
 def finetune(
@@ -27,8 +28,9 @@ def finetune(
     lora_r: Annotated[int, typer.Option(help="Rank for lora / pissa / dora.")] = 8,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 100,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-4,
-    lr_scale: Annotated[Optional[str], typer.Option(help="Per-target multipliers of --lr, e.g. up=0.5 (LoRA / PiSSA "
-                                                         "scale the modules a target adapts).")] = None,
+    lr_scale: LrScaleOpt = None,
+    adam_eps: AdamEpsOpt = None,
+    core_scale: CoreScaleOpt = "unit",
     batch_size: Annotated[int, typer.Option(help="Windows per device per step.")] = 4,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     seqlen: Annotated[int, typer.Option(help="Tokens per training window.")] = 256,
@@ -66,7 +68,7 @@ def finetune(
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
     # --overwrite replaces the output and starts the run afresh: old checkpoints are another run's.
     config = FinetuneConfig(method=method, targets=targets, lora_r=lora_r, steps=steps, lr=lr, lr_scales=lr_scale or (),
-                            batch_size=batch_size,
+                            adam_eps=adam_eps, core_scale=core_scale, batch_size=batch_size,
                             grad_accum=grad_accum, seqlen=seqlen, dropout=dropout, train_bias=train_bias,
                             save_steps=save_steps, seed=seed, resume=resume and not overwrite,
                             match_lora_r=parse_match(match_params_of) if match_params_of else None)
@@ -80,7 +82,8 @@ def finetune(
         if method != "clover":
             raise CloverError("--init-only decomposes for CLOVER: use it with --method clover")
         loaded = load(model, dtype)
-        report = attach(loaded.model, TuneConfig(targets=targets, dropout=dropout, train_bias=train_bias))
+        report = attach(loaded.model, TuneConfig(targets=targets, dropout=dropout, train_bias=train_bias,
+                                                 core_scale=core_scale))
         if main_process:
             save_decomposed(loaded.model, loaded.tokenizer, out, overwrite=overwrite)
         console.print(f"CLOVER targets {list(report.targets)}: {report.trainable_parameters:,} trainable parameters; "

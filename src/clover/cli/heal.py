@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import DtypeOpt, JsonOpt, MaxWindowsOpt, ModelArg, check_model_fits, check_outputs, console, load
+from .common import (AdamEpsOpt, CoreScaleOpt, DtypeOpt, JsonOpt, LrScaleOpt, MaxWindowsOpt, ModelArg,
+                     check_model_fits, check_outputs, console, load)
 
 
 def heal(
@@ -30,8 +31,9 @@ def heal(
                                                        "without --data, test scores --eval-ppl.")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 40,
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay).")] = 1e-3,
-    lr_scale: Annotated[Optional[str], typer.Option(help="Per-target multipliers of --lr, e.g. up=0.5 (LoRA / PiSSA "
-                                                         "scale the modules a target adapts).")] = None,
+    lr_scale: LrScaleOpt = None,
+    adam_eps: AdamEpsOpt = None,
+    core_scale: CoreScaleOpt = "unit",
     warmup_steps: Annotated[int, typer.Option(help="Steps of linear warmup to the peak learning rate.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 2,
     seqlen: Annotated[int, typer.Option(help="Tokens per training window.")] = 256,
@@ -66,7 +68,7 @@ def heal(
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
     config = HealConfig(method=method, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
                         lora_r=lora_r, steps=steps, lr=lr, lr_scales=lr_scale or (), warmup_steps=warmup_steps,
-                        batch_size=batch_size,
+                        adam_eps=adam_eps, core_scale=core_scale, batch_size=batch_size,
                         seqlen=seqlen, seed=seed,
                         save_steps=save_steps, resume=resume and not overwrite)
     config.check()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import CloverError
 from ..output import atomic_dir
 from ..verify import Check, compare, model_outputs
-from .modules import TUNER_NAME, BlockTuner, SiteTuner, Tuner
+from .modules import CORE_SCALES, TUNER_NAME, BlockTuner, SiteTuner, Tuner
 from .targets import block_size, resolve_targets
 
 STATE_ATTR = "_clover_finetune"
@@ -35,12 +35,15 @@ class TuneConfig:
     """What to train. ``targets`` None picks the paper's recipe for the model (see ``targets.default_targets``).
 
     ``dropout`` drops inputs of the update path only (LoRA's meaning); ``train_bias`` also trains every bias of the
-    targeted projections (the paper's CLOVER-dagger).
+    targeted projections (the paper's CLOVER-dagger). ``core_scale`` "spectrum" scales the frozen factors of the
+    singular-value cores (qk, vo, up) so that a core step moves strong directions more than weak ones
+    (``modules._scaled_start``); the QR cores (k, rope) are the same either way.
     """
 
     targets: tuple[str, ...] | str | None = None
     dropout: float = 0.0
     train_bias: bool = False
+    core_scale: str = "unit"
     verify: bool = True
     progress: bool = True
 
@@ -82,6 +85,8 @@ def attach(model: nn.Module, config: TuneConfig | None = None, *, initialise: bo
         raise CloverError("this model already has CLOVER tuners attached: merge_ it first or start from the original")
     if not 0.0 <= config.dropout < 1.0:
         raise CloverError(f"dropout {config.dropout} is outside [0, 1): pick a probability such as 0.05")
+    if config.core_scale not in CORE_SCALES:
+        raise CloverError(f"unknown core scale {config.core_scale!r}: use one of {', '.join(CORE_SCALES)}")
     adapter, sites, targets = resolve_targets(model, config.targets)
     check = config.verify and initialise
     was_training = model.training
@@ -95,12 +100,14 @@ def attach(model: nn.Module, config: TuneConfig | None = None, *, initialise: bo
     attention = tuple(t for t in targets if t != "up")
     if attention:
         for site in tqdm(sites, desc="attach", unit="block", disable=not config.progress):
-            tuner = SiteTuner(adapter, site, attention, config.dropout, config.train_bias, initialise)
+            tuner = SiteTuner(adapter, site, attention, config.dropout, config.train_bias, initialise,
+                              config.core_scale)
             _install(site.module, tuner, state)
     if "up" in targets:
         block = block_size(model)
         for _, module in adapter.mlp_up(model):
-            _install(module, BlockTuner(module, block, config.dropout, config.train_bias, initialise), state)
+            _install(module, BlockTuner(module, block, config.dropout, config.train_bias, initialise,
+                                        config.core_scale), state)
     setattr(model, STATE_ATTR, state)
     model.eval()  # the new tuners start in training mode (dropout on) like any fresh module
 
@@ -171,7 +178,7 @@ def save_decomposed(model: nn.Module, tokenizer, out: str | os.PathLike, overwri
             tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / DECOMPOSED_WEIGHTS))
         settings = {"targets": list(state.targets), "dropout": state.config.dropout,
-                    "train_bias": state.config.train_bias}
+                    "train_bias": state.config.train_bias, "core_scale": state.config.core_scale}
         (tmp / DECOMPOSED_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
     return Path(out)
 
@@ -199,7 +206,8 @@ def load_decomposed(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     if dtype is not None:
         model = model.to(dtype)
     tune = TuneConfig(targets=tuple(settings["targets"]), dropout=settings["dropout"] if dropout is None else dropout,
-                      train_bias=settings["train_bias"], verify=False, progress=False)
+                      train_bias=settings["train_bias"], core_scale=settings.get("core_scale", "unit"), verify=False,
+                      progress=False)
     attach(model, tune, initialise=False)
     missing, unexpected = load_model(model, str(path / DECOMPOSED_WEIGHTS), strict=False)
     if missing or unexpected:

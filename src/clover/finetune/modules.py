@@ -69,6 +69,29 @@ def _orthonormal_factors(left: torch.Tensor, right: torch.Tensor):
     return out.left * inv.unsqueeze(-2), out.right * inv.unsqueeze(-2), out.s
 
 
+CORE_SCALES = ("unit", "spectrum")
+
+
+def _scaled_start(p: torch.Tensor, q: torch.Tensor, s: torch.Tensor, core_scale: str):
+    """Frozen factors and the core's start, ``P' C0 Q'^T == P diag(s) Q^T``, for a core that Adam steps by about the
+    lr per entry.
+
+    ``unit``: orthonormal ``P``, ``Q`` and ``C0 = diag(s)``, so a step on entry (i, j) adds a unit-norm rank-one term
+    whatever the singular values. ``spectrum``: ``P``, ``Q`` columns scaled by ``d = sqrt(s / mean(s))`` and
+    ``C0 = diag(s / d^2)`` (``mean(s)`` on the diagonal), so the same step moves direction (i, j) in proportion to
+    ``sqrt(s_i s_j) / mean(s)``: strong directions move more than weak ones, as PiSSA's adapters (built from the top
+    singular vectors with sqrt(s) on each side) do, and the lr keeps its meaning on average. Zero directions (zero
+    columns) stay zero."""
+    if core_scale == "unit":
+        return p, q, torch.diag_embed(s)
+    if core_scale != "spectrum":
+        raise CloverError(f"unknown core scale {core_scale!r}: use one of {', '.join(CORE_SCALES)}")
+    mean = s.mean(dim=-1, keepdim=True).clamp_min(1e-300)
+    d = (s / mean).sqrt()
+    start = torch.where(s > 0, mean.expand_as(s), torch.zeros_like(s))
+    return p * d.unsqueeze(-2), q * d.unsqueeze(-2), torch.diag_embed(start)
+
+
 class Tuner(nn.Module):
     """Base: owns the trainable cores of one block and the parametrizations that read from them."""
 
@@ -162,7 +185,8 @@ def _add_bias(p: Projection, delta: torch.Tensor | None) -> Projection:
 class SiteTuner(Tuner):
     """One attention block: cross-layer cores for ``qk`` / ``vo`` and the intra-layer QR core ``k``.
 
-    ``qk`` / ``vo``: per KV group, ``left = P C`` and ``right = Q`` with C initialised to ``diag(s)``. C is only as
+    ``qk`` / ``vo``: per KV group, ``left = P C`` and ``right = Q`` with C initialised to ``diag(s)`` (``core_scale``
+    "spectrum": ``P``, ``Q`` scaled, see ``_scaled_start``). C is only as
     wide as the product's rank can be (``pairs.pair_width``): where K or V reads a latent narrower than the head,
     wider cores would hold entries no gradient reaches; the factors are zero-padded back to the head dim.
     ``k`` (rotary models, where Q-K is not exact): the homogeneous K of each KV group is ``Q_k R_k`` (thin QR);
@@ -173,7 +197,7 @@ class SiteTuner(Tuner):
     """
 
     def __init__(self, adapter: Adapter, site: AttentionSite, kinds: tuple[str, ...], dropout: float = 0.0,
-                 train_bias: bool = False, initialise: bool = True):
+                 train_bias: bool = False, initialise: bool = True, core_scale: str = "unit"):
         super().__init__(dropout)
         self._adapter = adapter
         self._site = [site]  # a list: the site's module is our parent, not a child
@@ -199,7 +223,7 @@ class SiteTuner(Tuner):
             width = pair_width(w, kind)
             if initialise:
                 p, q, s = _orthonormal_factors(left, right)
-                p, q, core = p[..., :width], q[..., :width], torch.diag_embed(s[..., :width])
+                p, q, core = _scaled_start(p[..., :width], q[..., :width], s[..., :width], core_scale)
             else:
                 p, q = torch.zeros(*left.shape[:-1], width), torch.zeros(*right.shape[:-1], width)
                 core = torch.zeros(left.shape[0], width, width)
@@ -269,11 +293,12 @@ class SiteTuner(Tuner):
 class BlockTuner(Tuner):
     """An MLP up projection cut into head-sized blocks of output rows (the paper's U-D term).
 
-    Each block ``W_b`` (d x D) is ``P diag(s) Q^T`` by a thin SVD; ``C`` (d x d) replaces ``diag(s)``.
+    Each block ``W_b`` (d x D) is ``P diag(s) Q^T`` by a thin SVD; ``C`` (d x d) replaces ``diag(s)`` (``core_scale``
+    as in ``SiteTuner``).
     """
 
     def __init__(self, module: nn.Module, block: int, dropout: float = 0.0, train_bias: bool = False,
-                 initialise: bool = True):
+                 initialise: bool = True, core_scale: str = "unit"):
         super().__init__(dropout)
         if not isinstance(module, (nn.Linear, Conv1D)):
             raise CloverError(f"cannot fine-tune a {type(module).__name__} MLP projection: "
@@ -288,7 +313,7 @@ class BlockTuner(Tuner):
         blocks = weight.reshape(rows // block, block, cols)
         if initialise:
             u, s, vh = torch.linalg.svd(blocks.double(), full_matrices=False)
-            left, right, core = u, vh.mT, torch.diag_embed(s)
+            left, right, core = _scaled_start(u, vh.mT, s, core_scale)
         else:
             left = torch.zeros(rows // block, block, block)
             right, core = torch.zeros(rows // block, cols, block), torch.zeros(rows // block, block, block)

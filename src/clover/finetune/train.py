@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import CloverError
 from .attach import TuneConfig, attach, is_attached, merge_, trainable_parameters
 from .lr_scales import module_scales, parameter_scales, parse_lr_scales, split_groups
+from .modules import CORE_SCALES
 from .targets import lora_parameter_count, match_lora, target_modules
 
 METHODS = ("clover", "lora", "pissa", "dora", "full")
@@ -45,6 +46,8 @@ class FinetuneConfig:
     steps: int = 100
     lr: float = 1e-4
     lr_scales: tuple[tuple[str, float], ...] | str | dict = ()  # target -> multiplier of lr (``lr_scales``)
+    adam_eps: float | None = None  # Adam's epsilon (None: the Trainer's 1e-8); see ``check``
+    core_scale: str = "unit"  # CLOVER only: how a core step is spread over directions (``attach.TuneConfig``)
     batch_size: int = 4
     grad_accum: int = 1
     seqlen: int = 256
@@ -68,6 +71,14 @@ class FinetuneConfig:
                 raise CloverError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if self.lr <= 0:
             raise CloverError(f"learning rate {self.lr} is not positive: pass --lr such as 1e-4")
+        # Adam divides each entry's step by sqrt(v) + eps: at the default 1e-8 an entry whose gradient is tiny still
+        # moves by about the lr, while an eps near the gradients' own scale shrinks those steps (SGD-like there).
+        if self.adam_eps is not None and not self.adam_eps > 0:
+            raise CloverError(f"--adam-eps {self.adam_eps} is not positive: pass one such as 1e-3, or leave it out")
+        if self.core_scale not in CORE_SCALES:
+            raise CloverError(f"unknown --core-scale {self.core_scale!r}: use one of {', '.join(CORE_SCALES)}")
+        if self.core_scale != "unit" and self.method != "clover":
+            raise CloverError(f"--core-scale scales CLOVER's cores: use it with --method clover, not {self.method}")
         if self.match_lora_r is not None and self.method != "clover":
             raise CloverError("--match-params-of sizes CLOVER against LoRA: use it with --method clover")
 
@@ -91,10 +102,14 @@ def prepare(model: nn.Module, config: FinetuneConfig, progress: bool = True) -> 
             details.update(match_lora_r=config.match_lora_r, lora_trainable=lora, clover_trainable_planned=count)
         if not is_attached(model):
             report = attach(model, TuneConfig(targets=targets, dropout=config.dropout, train_bias=config.train_bias,
-                                              progress=progress))
+                                              core_scale=config.core_scale, progress=progress))
             details["targets"] = list(report.targets)
         else:
             details["targets"] = list(model._clover_finetune.targets)
+            attached = model._clover_finetune.config.core_scale
+            if attached != config.core_scale:
+                raise CloverError(f"this model's cores were attached with core scale {attached!r}, not "
+                                  f"{config.core_scale!r}: pass --core-scale {attached}, or decompose it again")
         return MethodSetup(model, "clover", trainable_parameters(model), details)
     if is_attached(model):
         raise CloverError(f"this model carries CLOVER tuners, so it cannot be trained with {config.method}: "
@@ -170,7 +185,8 @@ def weights_digest(model: nn.Module) -> str:
 
 # What makes two runs the same run: a checkpoint may only be resumed by a run that agrees on all of these.
 RUN_IDENTITY = ("method", "targets", "lora_r", "match_lora_r", "train_bias", "dropout", "seqlen", "batch_size",
-                "grad_accum", "lr", "lr_scales", "steps", "lr_scheduler", "warmup_steps", "seed", "data", "teacher")
+                "grad_accum", "lr", "lr_scales", "adam_eps", "core_scale", "steps", "lr_scheduler", "warmup_steps",
+                "seed", "data", "teacher")
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:
@@ -186,9 +202,13 @@ def _run_settings(config: FinetuneConfig, model_name: str) -> dict:
     settings = {k: v for k, v in asdict(config).items() if k in RUN_IDENTITY}
     if isinstance(settings["targets"], tuple):
         settings["targets"] = list(settings["targets"])
-    settings.pop("lr_scales")  # only when set, so that runs from before scales existed still resume
+    settings.pop("lr_scales")  # these three only when set, so that runs from before they existed still resume
     if config.lr_scales:
         settings["lr_scales"] = dict(config.lr_scales)
+    if settings["adam_eps"] is None:
+        settings.pop("adam_eps")
+    if settings["core_scale"] == "unit":
+        settings.pop("core_scale")
     return {"model": model_name, **settings}
 
 
@@ -291,6 +311,7 @@ def train(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, run_dir:
         output_dir=str(run_dir), max_steps=config.steps, learning_rate=config.lr,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps, weight_decay=0.0,
+        **({} if config.adam_eps is None else {"adam_epsilon": config.adam_eps}),
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=2, logging_steps=config.logging_steps,
         report_to=[], seed=config.seed, data_seed=config.seed, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=not progress, ddp_find_unused_parameters=False,

@@ -36,6 +36,8 @@ class HealConfig:
     steps: int = 40
     lr: float = 1e-3
     lr_scales: tuple[tuple[str, float], ...] | str | dict = ()  # target -> multiplier of lr (``finetune.lr_scales``)
+    adam_eps: float | None = None  # Adam's epsilon (None: the Trainer's default)
+    core_scale: str = "unit"  # CLOVER's cores: "spectrum" steps strong directions more (``attach.TuneConfig``)
     batch_size: int = 2
     seqlen: int = 256
     warmup_steps: int = 0
@@ -58,7 +60,8 @@ class HealConfig:
         """The same run as ``finetune`` sees it: every setting here, the teacher and the data are its identity, so a
         checkpoint is only resumed by a run that agrees on all of them."""
         return FinetuneConfig(method=self.method, targets=tuple(self.targets), lora_r=lora_r, steps=self.steps,
-                              lr=self.lr, lr_scales=self.lr_scales, batch_size=self.batch_size, seqlen=self.seqlen,
+                              lr=self.lr, lr_scales=self.lr_scales, adam_eps=self.adam_eps,
+                              core_scale=self.core_scale, batch_size=self.batch_size, seqlen=self.seqlen,
                               warmup_steps=self.warmup_steps, save_steps=self.save_steps,
                               logging_steps=self.logging_steps, seed=self.seed, resume=self.resume, data=data,
                               teacher=teacher)
