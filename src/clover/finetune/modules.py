@@ -1,8 +1,9 @@
 """The trainable pieces CLOVER fine-tuning puts into a model, and how they become the model's weights.
 
-A *tuner* holds, per targeted pair, frozen orthonormal factors ``P`` (left) and ``Q`` (right) and a trainable
-d x d core ``C`` per KV group (or per MLP block) initialised from the singular values, so that ``P C Q^T`` equals
-the original product at step 0 and any d x d update of ``C`` is a full-rank update of the pair.
+A *tuner* holds, per targeted pair, frozen factors ``P`` (left) and ``Q`` (right), orthonormal at the default core
+scale (``_scaled_start``), and a trainable d x d core ``C`` per KV group (or per MLP block) initialised from the
+singular values, so that ``P C Q^T`` equals the original product at step 0 and any d x d update of ``C`` is a
+full-rank update of the pair.
 
 The weights are recomputed from the factors by ``torch.nn.utils.parametrize``: each affected parameter is
 parametrized to "whatever the tuner computes". The tuner computes them by running the family's adapter ``write``
