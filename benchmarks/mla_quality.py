@@ -473,7 +473,7 @@ def render_heal(payload: dict) -> str:
             table.append([name, f"{h['trainable']:,}{rank}", f"{h['mean']:.2f} +- {h['sd']:.2f} ({h['n']})",
                           f"{h['mean'] / base:.3f}", spread,
                           "-" if c is None else f"{h['mean'] / c['mean']:.3f}",
-                          "-" if not h["heldout"] else f"{sum(h['heldout'].values()) / len(h['heldout']):.3f}",
+                          "-" if not h["heldout"] else f"{mean_kl(h):.3f}",
                           f"{h['seconds']:.0f}"])
     levers = list(dict.fromkeys(lever for _, lever in groups))
     unhealed = training_free(payload)
@@ -526,22 +526,33 @@ def best_of(groups: list, method: str, budget: dict, conversion: str, core_scale
     return (*min(runs, key=lambda run: run[1]["mean"]), "test ppl") if runs else None
 
 
+def budgets_of(groups: list, conversion=lambda lever: lever) -> list[tuple[dict, str]]:
+    """The distinct (settings without the lr, conversion) among ``groups``, in order: one comparison each."""
+    budgets = []
+    for settings, lever, _ in groups:
+        if (without_lr(settings), conversion(lever)) not in budgets:
+            budgets.append((without_lr(settings), conversion(lever)))
+    return budgets
+
+
+def se_of(a: dict, b: dict) -> float:
+    """The standard error of the difference of two summaries' seed means."""
+    return math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
+
+
 def core_scale_findings(payload: dict) -> list[str]:
     """Within CLOVER, per budget run at both core scales (``finetune.modules._scaled_start``): each scale at its
     own best lr, over seeds, read against the spread like a peer."""
     groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
-    lines, budgets = [], []
-    for settings, lever, _ in groups:
-        if (without_lr(settings), function_of(lever)) not in budgets:
-            budgets.append((without_lr(settings), function_of(lever)))
-    for budget, lever in budgets:
+    lines = []
+    for budget, lever in budgets_of(groups, function_of):  # CLOVER's rows serve either split (lever_of)
         picks = {scale: best_of(groups, "clover", budget, lever, scale) for scale in ("spectrum", "unit")}
         if not all(pick and pick[1]["n"] >= 2 for pick in picks.values()):
             continue
         (own, spectrum, _), (other, unit, _) = picks["spectrum"], picks["unit"]
         own = {key: value for key, value in own.items() if key != "core_scale"}  # named once, below
         gap = unit["mean"] - spectrum["mean"]
-        se = math.sqrt(spectrum["sd"] ** 2 / spectrum["n"] + unit["sd"] ** 2 / unit["n"])
+        se = se_of(spectrum, unit)
         scope = settings_label(budget, lever) or "the comparison's settings"
         lines.append(f"CLOVER healing with {scope}: spectrum cores "
                      f"({lr_label(own)}, {spectrum['n']} seeds) vs unit cores ({lr_label(other)}, {unit['n']} "
@@ -568,12 +579,8 @@ def heal_goals(payload: dict) -> list[str]:
             label = settings_label(settings, lever) or "the comparison's settings"
             lines.append(f"healed KV {HEAL_KEPT:.0%} within 1.10x of the identically tuned base ({label}): "
                          f"{ratio:.3f}x ({best}) -> {'MET' if ratio <= 1.10 else 'NOT MET'}")
-    budgets = []  # the same conversion, steps, batch and data: one comparison each, every method at its best lr
-    for settings, lever, _ in groups:
-        budget = (without_lr(settings), lever)
-        if budget not in budgets:
-            budgets.append(budget)
-    for budget in budgets:
+    # the same conversion, steps, batch and data: one comparison each, every method at its best lr
+    for budget in budgets_of(groups):
         mine = best_of(groups, "clover", budget[0], function_of(budget[1]))  # CLOVER's rows serve either split
         for peer in ("lora", "pissa"):
             other = best_of(groups, peer, budget[0], budget[1])
@@ -597,7 +604,7 @@ def heal_goals(payload: dict) -> list[str]:
                              f"({', '.join(short)}) -> no verdict until it has 3")
                 continue
             gap = theirs["mean"] - clover["mean"]
-            se = math.sqrt(clover["sd"] ** 2 / clover["n"] + theirs["sd"] ** 2 / theirs["n"])
+            se = se_of(clover, theirs)
             verdict = separation(gap, se)
             lines.append(f"CLOVER healing{scope}{source} ({lr_label(own_settings)} by {own_rule}, {clover['n']} "
                          f"seeds) vs {peer} ({lr_label(settings)} by {rule}, {theirs['n']} seeds): "

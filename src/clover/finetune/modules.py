@@ -82,11 +82,9 @@ def _scaled_start(p: torch.Tensor, q: torch.Tensor, s: torch.Tensor, core_scale:
     ``C0 = diag(s / d^2)`` (``mean(s)`` on the diagonal), so the same step moves direction (i, j) in proportion to
     ``sqrt(s_i s_j) / mean(s)``: strong directions move more than weak ones, as PiSSA's adapters (built from the top
     singular vectors with sqrt(s) on each side) do, and the lr keeps its meaning on average. Zero directions (zero
-    columns) stay zero."""
+    columns) stay zero. ``attach`` checks the scale is one of CORE_SCALES before any tuner is built."""
     if core_scale == "unit":
         return p, q, torch.diag_embed(s)
-    if core_scale != "spectrum":
-        raise CloverError(f"unknown core scale {core_scale!r}: use one of {', '.join(CORE_SCALES)}")
     mean = s.mean(dim=-1, keepdim=True).clamp_min(1e-300)
     d = (s / mean).sqrt()
     start = torch.where(s > 0, mean.expand_as(s), torch.zeros_like(s))
