@@ -30,7 +30,7 @@ def gqa():
     dict(rope_key="pca", latent_weights="bkv", split=1.0, kv_ratio=0.5),
     dict(rope_key="pca", latent_weights="bkv", split=1.0, freqfold=2, unrotated="nope"),
     dict(freqfold=4, kv_ratio=0.5, unrotated="nope"), dict(unrotated="nope"),
-    dict(unrotated="refit", o_refit=True, kv_ratio=0.5),
+    dict(unrotated="refit", o_refit=True, kv_ratio=0.5), dict(value_moment="mixed", rope_dims=8, kv_ratio=0.6),
 ])
 def test_every_lever_gives_the_stock_model_of_its_function(gqa, fields):
     mla, report = to_mla(gqa, MlaConfig(calibration=CALIB, progress=False, **fields))
@@ -136,6 +136,8 @@ def test_original_attention_matches_the_model():
     (dict(kv_ratio=0.9, rope_dims=16), "no more than the shared rotated key"),
     (dict(freqfold=3, unrotated="nope"), "must divide the head's 8 rotary frequencies"),
     (dict(freqfold=2), "TransMLA's recipe"),
+    (dict(value_moment="output"), "unknown --value-moment"),
+    (dict(value_moment="mixed", latent_weights="bkv"), "runs with --latent-weights clover"),
 ])
 def test_bad_lever_settings_are_refused(gqa, fields, message):
     with pytest.raises(CloverError, match=message):
@@ -180,6 +182,75 @@ def test_o_refit_changes_nothing_where_the_latent_holds_the_values(gqa):
     assert float((model_outputs(refit, INPUTS) - want).abs().max() / want.abs().max()) < 1e-5
 
 
+def test_joint_lowrank_keeps_the_svd_under_one_moment_and_is_stationary_under_two():
+    from clover.lowrank import joint_lowrank, sym_sqrt, weighted_lowrank
+
+    g = torch.Generator().manual_seed(0)
+
+    def spd(n):
+        a = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
+        return a @ a.T / (2 * n)
+
+    first, second = (torch.randn(30, n, generator=g, dtype=torch.float64) for n in (8, 12))
+    cov_first, cov_second, weight_first, weight_second = spd(30), spd(30), spd(8), spd(12)
+    root = torch.block_diag(sym_sqrt(weight_first)[0], sym_sqrt(weight_second)[0])
+    svd = weighted_lowrank(torch.cat([first, second], 1), torch.linalg.cholesky(cov_first), root,
+                           torch.linalg.inv(root))
+    down, _ = svd.truncate(5)
+    same = joint_lowrank(first, second, cov_first, cov_first, weight_first, weight_second, down)
+    optimum = float(svd.s[5:].square().sum())  # the SVD is the global optimum under one moment
+    assert abs(same.error - optimum) <= 1e-9 * same.total
+    start = joint_lowrank(first, second, cov_first, cov_second, weight_first, weight_second, down, iterations=0)
+    two = joint_lowrank(first, second, cov_first, cov_second, weight_first, weight_second, down, iterations=500,
+                        tol=1e-13)
+    assert two.error < 0.95 * start.error and two.total == start.total
+    a = two.down.clone().requires_grad_(True)
+    up_1, up_2 = two.up[:, :8], two.up[:, 8:]
+    loss = sum(((c @ (x - a @ u)) * ((x - a @ u) @ w)).sum() for c, x, u, w in (
+        (cov_first, first, up_1, weight_first), (cov_second, second, up_2, weight_second)))
+    loss.backward()
+    assert float(a.grad.norm()) < 1e-4 * float(loss) / float(a.detach().norm())  # a stationary point in down
+
+
+def test_mixed_value_pricing_lowers_the_joint_error_it_is_solved_for(gqa):
+    """Values priced by the attention-mixed inputs: the joint latent refined from the input-priced one has a smaller
+    error under the mixed pricing (keys by the input moment, values by the mixed one) than its start, and the value
+    error the O refit then meets, measured on the mixed inputs, is smaller too."""
+    from dataclasses import fields
+
+    from clover import calibrate
+    from clover.adapters import adapter_for
+    from clover.mla import attention
+    from clover.mla.convert import _layer_parts
+    from clover.mla.solve import RotarySettings, latent_layer
+
+    adapter = adapter_for(gqa)
+    site = adapter.sites(gqa)[1]
+    inv_freq = gqa.model.rotary_emb.inv_freq.double()
+    seen = attention.collect(gqa, adapter, [site], CALIB, inv_freq, keep=2, progress=False, mixed=True)[0]
+    moment = calibrate.collect(gqa, adapter, [site], CALIB, inputs=True, progress=False).sites[site.name].q_input
+    config = MlaConfig(calibration=CALIB, rope_dims=8, kv_ratio=0.6, split=1.0, value_moment="mixed")
+    mixed = _layer_parts(adapter, site, moment, torch.float64,
+                         RotarySettings(**{f.name: getattr(config, f.name) for f in fields(RotarySettings)}), seen,
+                         inv_freq)
+    plain = _layer_parts(adapter, site, moment, torch.float64, RotarySettings(rope_dims=8, o_refit=True), seen,
+                         inv_freq)
+    rank = config.kv_lora_rank(2, 16)
+    n_nope = mixed.q_nope.shape[-1]
+
+    def joint_error(layer):  # keys by the input moment, values by the (scaled) mixed one, both weighted as solved
+        z = layer.down
+        keys = mixed.target[:, :n_nope] - z @ layer.up_k
+        values = mixed.target[:, n_nope:] - z @ torch.cat(list(layer.up_v), dim=1)
+        cov = mixed.chol @ mixed.chol.mT
+        return float(((cov @ keys) * (keys @ mixed.key_root @ mixed.key_root)).sum()
+                     + ((mixed.value_moment @ values) * (values @ mixed.value_root @ mixed.value_root)).sum())
+
+    solved, start = latent_layer(mixed, rank, 1.0), latent_layer(plain, rank, 1.0)
+    assert joint_error(solved) < 0.999 * joint_error(start)
+    assert 0 < solved.kept_energy < 1
+
+
 def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     import json
 
@@ -194,10 +265,12 @@ def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     tiny_tokenizer().save_pretrained(folder)
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "out"), "--kv-ratio", "0.5",
                                  "--rope-key", "attention", "--unrotated", "refit", "--rope-dims", "8", "--o-refit",
+                                 "--value-moment", "mixed",
                                  "--calib-samples", "6", "--calib-seqlen", "32", "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert (report["rope_key"], report["unrotated"], report["qk_rope_head_dim"]) == ("attention", "refit", 8)
+    assert report["value_moment"] == "mixed"
     assert report["kv_lora_rank"] == 32 - 8  # half of 2 x 2 x 16, less the 8 rotated dims
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "x"), "--freqfold", "2",
                                  "--unrotated", "expected"])

@@ -6,6 +6,10 @@ the output side by ``R`` (what an output error costs downstream), i.e. ``E ||x~ 
 rank-r ``W'`` is then a truncated SVD of ``L^T W R`` mapped back, and the dropped squared singular values are the
 error, so every candidate dimension has a price in the same units as its kind's other dimensions.
 
+Two input metrics: a map whose output columns are read through different inputs (an MLA latent's keys are read at
+the key positions, its values through the attention-mixed inputs) has no SVD solution; ``joint_lowrank`` refines a
+shared ``down`` by alternating least squares, each step exact.
+
 Read-out refit: the O block that best follows a fixed narrower value map, per head, on attention-mixed inputs.
 
 Rotary components: RoPE turns channel pair ``(f, f + d/2)`` of every KV head by the same phase, i.e. multiplies
@@ -52,6 +56,83 @@ def weighted_lowrank(weight: torch.Tensor, chol: torch.Tensor, out_root: torch.T
     down = torch.linalg.solve_triangular(chol.mT, u * root, upper=True)
     up = (root[:, None] * vh) @ out_root_inv
     return LowRank(down, up, s)
+
+
+@dataclass
+class JointLowRank:
+    """``[first, second] ~= down @ up``; ``error`` / ``total``: the weighted squared error left and the one with
+    nothing kept (so ``1 - error / total`` is the share kept), ``iterations`` taken."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    error: float
+    total: float
+    iterations: int
+
+
+def _weighted_error(cov: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return ((cov @ residual) * (residual @ weight)).sum()
+
+
+def joint_lowrank(first: torch.Tensor, second: torch.Tensor, cov_first: torch.Tensor, cov_second: torch.Tensor,
+                  weight_first: torch.Tensor, weight_second: torch.Tensor, down: torch.Tensor,
+                  iterations: int = 30, tol: float = 1e-6) -> JointLowRank:
+    """A shared rank-r ``down`` (inputs, r) and read-outs ``up_1``, ``up_2`` minimising
+
+        tr(E_1^T C_1 E_1 W_1) + tr(E_2^T C_2 E_2 W_2),  E_i = X_i - down up_i,
+
+    where ``first`` / ``second`` are X_1 (inputs, n_1) / X_2 (inputs, n_2), C_i their input moments and W_i their
+    output weights (PSD). Alternating least squares from ``down`` (a start such as the SVD under C_1 for both): with
+    ``down`` fixed each ``up_i`` is its own least squares; with the ``up_i`` fixed the stationarity condition
+    ``C_1 A P + C_2 A Q = G`` is solved exactly in the basis ``T`` that diagonalises both moments (``T^T C_1 T = I``,
+    ``T^T C_2 T = diag(lam)``), where it decouples into one r x r system per row. Each step can only lower the error;
+    it stops after ``iterations`` or when a step gains less than ``tol`` of it."""
+    dtype = first.dtype
+    eye = torch.eye(first.shape[0], dtype=dtype)
+    chol = torch.linalg.cholesky(cov_first + 1e-12 * cov_first.diagonal().mean() * eye)
+    whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, cov_second, upper=False).mT,
+                                             upper=False)
+    lam, basis = torch.linalg.eigh((whitened + whitened.mT) / 2)
+    lam = lam.clamp_min(1e-12 * lam.max().clamp_min(1e-300))
+    to_basis = torch.linalg.solve_triangular(chol.mT, basis, upper=True)  # T: inputs x inputs
+    pull_first, pull_second = cov_first @ first @ weight_first, cov_second @ second @ weight_second
+    total = float(_weighted_error(cov_first, first, weight_first) + _weighted_error(cov_second, second, weight_second))
+
+    def read_outs(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = []
+        for cov, target in ((cov_first, first), (cov_second, second)):
+            gram = a.mT @ cov @ a
+            gram = gram + 1e-12 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(a.shape[1], dtype=dtype)
+            outs.append(torch.linalg.solve(gram, a.mT @ cov @ target))
+        return outs[0], outs[1]
+
+    def error(a, up_1, up_2) -> float:
+        return float(_weighted_error(cov_first, first - a @ up_1, weight_first)
+                     + _weighted_error(cov_second, second - a @ up_2, weight_second))
+
+    up_1, up_2 = read_outs(down)
+    current, taken = error(down, up_1, up_2), 0
+    for taken in range(1, iterations + 1):
+        p, q = up_1 @ weight_first @ up_1.mT, up_2 @ weight_second @ up_2.mT
+        both = p + q
+        both = both + 1e-12 * both.diagonal().mean().clamp_min(1e-300) * torch.eye(both.shape[0], dtype=dtype)
+        root = torch.linalg.cholesky(both)
+        inner = torch.linalg.solve_triangular(root, torch.linalg.solve_triangular(root, q, upper=False).mT,
+                                              upper=False)
+        gamma, vectors = torch.linalg.eigh((inner + inner.mT) / 2)
+        mix = torch.linalg.solve_triangular(root.mT, vectors, upper=True)  # R: R^T (P + Q) R = I, R^T Q R = diag
+        rhs = to_basis.mT @ (pull_first @ up_1.mT + pull_second @ up_2.mT)
+        y = ((rhs @ mix) / (1 + (lam[:, None] - 1) * gamma[None, :])) @ mix.mT
+        candidate = to_basis @ y
+        new_1, new_2 = read_outs(candidate)
+        new = error(candidate, new_1, new_2)
+        if new > current:  # rounding: keep the last step that lowered the error
+            break
+        gained = current - new
+        down, up_1, up_2, current = candidate, new_1, new_2, new
+        if gained <= tol * max(current, 1e-300):
+            break
+    return JointLowRank(down, torch.cat([up_1, up_2], dim=1), current, total, taken)
 
 
 def complex_channels(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:

@@ -62,6 +62,9 @@ def mla(
                                                "PCA (1: none; with --unrotated nope).")] = 1,
     o_refit: Annotated[bool, typer.Option(help="Refit each head's O block to the latent's values on "
                                                "attention-mixed calibration inputs.")] = True,
+    value_moment: Annotated[str, typer.Option(help="What prices value errors in the joint latent: input (the "
+                                                   "attention input) or mixed (the attention-mixed inputs O "
+                                                   "reads; keys stay priced by the input).")] = "input",
     calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
     calib_seqlen: CalibSeqlenOpt = 512,
@@ -88,7 +91,7 @@ def mla(
     config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset, layout=layout, kv_heads=kv_heads,
                        rope_key=rope_key, unrotated=unrotated, rope_dims=rope_dims,
                        rope_frequencies=rope_frequencies, latent_weights=latent_weights, freqfold=freqfold,
-                       o_refit=o_refit)
+                       o_refit=o_refit, value_moment=value_moment)
     config.check()
     peeked = peek(ctx, model, "MLA conversion", calib_seqlen, eval_ppl, seqlen, lambda c, _: config.check_against(c))
     loaded, config.calibration, text, calib_note = load_calibrated(

@@ -16,6 +16,7 @@ ROPE_KEYS = ("pca", "query", "attention")
 UNROTATED = ("nope", "expected", "refit")
 ROPE_FREQUENCIES = ("fastest", "spread")
 LATENT_WEIGHTS = ("clover", "bkv")
+VALUE_MOMENTS = ("input", "mixed")
 
 
 @dataclass
@@ -42,7 +43,9 @@ class MlaConfig:
     ``latent_weights="bkv"``: TransMLA's joint latent (plain PCA of keys and values
     with their energies balanced) instead of clover's query- and O-weighted one; ``freqfold``: TransMLA's FreqFold
     (``freqfold`` neighbouring frequencies share one PCA, ``freqfold.py``); ``o_refit``: each head's O block
-    refit to the latent's values on the attention-mixed inputs (as ``latent`` does).
+    refit to the latent's values on the attention-mixed inputs (as ``latent`` does); ``value_moment="mixed"``:
+    value errors in the joint latent priced by the attention-mixed inputs (what O reads, as ``latent --v-moment
+    mixed`` does) instead of the attention input, keys still by the input (``lowrank.joint_lowrank``).
 
     ``layout="gqa"``: instead of MLA, the plain ``llama`` architecture with ``kv_heads`` KV heads (``gqa.py``); the
     cache is then ``kv_heads / G`` of the original and ``kv_ratio`` is not used.
@@ -63,6 +66,7 @@ class MlaConfig:
     latent_weights: str = "clover"
     freqfold: int = 1
     o_refit: bool = True
+    value_moment: str = "input"
     refit_windows: int = 2
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
@@ -84,6 +88,7 @@ class MlaConfig:
         for name, value, allowed in (("--rope-key", self.rope_key, ROPE_KEYS), ("--unrotated", self.unrotated,
                                                                                     UNROTATED),
                                      ("--latent-weights", self.latent_weights, LATENT_WEIGHTS),
+                                     ("--value-moment", self.value_moment, VALUE_MOMENTS),
                                      ("--rope-frequencies", self.rope_frequencies, ROPE_FREQUENCIES)):
             if value not in allowed:
                 raise CloverError(f"unknown {name} {value!r}: use {', '.join(allowed)}")
@@ -95,6 +100,9 @@ class MlaConfig:
         if self.freqfold > 1 and (self.rope_key == "attention" or self.unrotated != "nope" or self.rope_dims):
             raise CloverError("--freqfold is TransMLA's recipe: it runs with --unrotated nope, every rotary dim and "
                               "--rope-key pca or query")
+        if self.value_moment == "mixed" and self.latent_weights != "clover":
+            raise CloverError("--value-moment mixed prices values by what O reads: it runs with --latent-weights "
+                              "clover (TransMLA's bkv latent weighs keys and values by their plain energy)")
         if self.split != "auto":
             if isinstance(self.split, str) or not self.split > 0:
                 raise CloverError(f"--split {self.split!r}: use auto or a positive number (the weight of key errors "
@@ -109,7 +117,11 @@ class MlaConfig:
 
     def needs_attention(self) -> bool:
         """Whether a lever reads the original model's attention (one more calibration pass)."""
-        return self.rope_key == "attention" or self.unrotated != "nope" or self.o_refit
+        return self.rope_key == "attention" or self.unrotated != "nope" or self.mixes_values()
+
+    def mixes_values(self) -> bool:
+        """Whether a lever reads the attention-mixed input moments (the O refit, mixed value pricing)."""
+        return self.o_refit or self.value_moment == "mixed"
 
     def check_against(self, model_config) -> int:
         """The target format's rules from ``config.json`` alone: the family, attention without biases or a sliding

@@ -50,6 +50,7 @@ class MlaReport(SizeReport):
     rope_key: str | None = None  # the rotary levers used (MlaConfig)
     unrotated: str | None = None
     latent_weights: str | None = None
+    value_moment: str | None = None
     rope_frequencies: list[int] | None = None  # the original frequencies the shared key turns by (MLA layout)
     rope_theta: float | None = None  # the output's rope theta: the one under which its rope dims turn by those
     layers: list[MlaLayer] = field(default_factory=list)
@@ -86,7 +87,7 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     stats = calibrate.collect(model, adapter, sites, statistics, inputs=True, progress=config.progress)
     inv_freq = rotary_frequencies(model)
     seen = attention.collect(model, adapter, sites, statistics, inv_freq, config.refit_windows, config.progress,
-                             mixed=config.o_refit) if config.needs_attention() else [None] * len(sites)
+                             mixed=config.mixes_values()) if config.needs_attention() else [None] * len(sites)
     settings = RotarySettings(**{f.name: getattr(config, f.name) for f in fields(RotarySettings)})
     parts = [_layer_parts(adapter, site, stats.sites[site.name].q_input, config.compute_dtype, settings, layer_seen,
                           inv_freq)
@@ -119,7 +120,8 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         kv_lora_rank=rank, full_rank=full_rank(kv_heads, head_dim, rope_dims),
         qk_nope_head_dim=nope_dims(kv_heads, head_dim, rope_dims), qk_rope_head_dim=rope_dims, split=split,
         split_losses=losses, rope_key=config.rope_key, unrotated=config.unrotated,
-        latent_weights=config.latent_weights, rope_frequencies=layers[0].rope_freqs.tolist(),
+        latent_weights=config.latent_weights, value_moment=config.value_moment,
+        rope_frequencies=layers[0].rope_freqs.tolist(),
         rope_theta=float(mla.config.rope_parameters["rope_theta"]),
         layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy) for site, lr in zip(sites, layers, strict=True)],
         check=check, params_before=parameter_count(model), params_after=parameter_count(mla),

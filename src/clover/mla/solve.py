@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lowrank import channel_energy, complex_channels, refit_readout, rotary_components, sym_sqrt, \
+from ..lowrank import channel_energy, complex_channels, joint_lowrank, refit_readout, rotary_components, sym_sqrt, \
     weighted_lowrank
 from . import rotation
 from .attention import LayerAttention
@@ -73,6 +73,7 @@ class LayerParts:
     rope_freqs: torch.Tensor  # the original frequencies the shared key turns by (``rotated_frequencies``)
     balance: float = 1.0  # per-layer factor on the key rows' weight (BKV's key/value energy balance; 1 otherwise)
     mixed: torch.Tensor | None = None  # (H, D, D) attention-mixed input moments: refit O to the latent's values
+    value_moment: torch.Tensor | None = None  # (D, D) what prices value errors, if not the input moment
 
 
 def interleave(z: torch.Tensor) -> torch.Tensor:
@@ -105,6 +106,7 @@ class RotarySettings:
     latent_weights: str = "clover"  # clover (query / O weighted) | bkv (plain, key and value energy balanced)
     freqfold: int = 1  # neighbouring frequencies sharing one PCA (TransMLA's FreqFold; 1: none)
     o_refit: bool = False  # refit each head's O block to the latent's values on attention-mixed inputs
+    value_moment: str = "input"  # input | mixed: the moment that prices value errors in the joint latent
 
 
 def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, cov: torch.Tensor,
@@ -144,8 +146,19 @@ def split_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
         values = value_root(o, kv_heads, group, head_dim, list(range(kv_heads)))
         balance = 1.0
     mixed = attention.mixed if settings.o_refit and attention is not None else None
+    moment = mixed_value_moment(attention.mixed, cov, v, values) if settings.value_moment == "mixed" else None
     return LayerParts(q_nope, q_rope, k_rope, torch.cat([k_nope, v], dim=1), chol, key_root, values, o,
-                      rope_energy, freqs, balance, mixed)
+                      rope_energy, freqs, balance, mixed, moment)
+
+
+def mixed_value_moment(mixed: torch.Tensor, cov: torch.Tensor, v: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """The attention-mixed input moment averaged over heads (what a value error reaches the output through), scaled
+    so that the values' total weighted energy is what it is under the input moment: it moves value errors between
+    directions, not between keys and values (the split does that)."""
+    moment = mixed.mean(0).to(cov.dtype)
+    weighted = v @ root
+    scale = ((cov @ weighted) * weighted).sum() / ((moment @ weighted) * weighted).sum().clamp_min(1e-300)
+    return moment * scale
 
 
 def rotated_frequencies(head_dim: int, rope_dims: int | None, how: str = "fastest") -> torch.Tensor:
@@ -214,12 +227,19 @@ def latent_layer(parts: LayerParts, rank: int, split: float) -> LayerMla:
     root_inv = torch.linalg.pinv(root, hermitian=True)
     lowrank = weighted_lowrank(parts.target, parts.chol, root, root_inv)
     down, up = lowrank.truncate(rank)
+    energy = lowrank.s.square()
+    kept = float(energy[:rank].sum() / energy.sum().clamp_min(1e-300))
+    if parts.value_moment is not None and rank < len(lowrank.s):  # values priced by another moment: refine
+        cov = parts.chol @ parts.chol.mT
+        key_weight = parts.key_root @ parts.key_root * (split * parts.balance)
+        joint = joint_lowrank(parts.target[:, :n_nope], parts.target[:, n_nope:], cov, parts.value_moment,
+                              key_weight, parts.value_root @ parts.value_root, down)
+        down, up = joint.down, joint.up
+        kept = 1 - joint.error / max(joint.total, 1e-300)
     if down.shape[1] < rank:  # more latent dims asked than the layer has: zero dims keep the function exact
         pad = rank - down.shape[1]
         down = torch.cat([down, down.new_zeros(down.shape[0], pad)], dim=1)
         up = torch.cat([up, up.new_zeros(pad, up.shape[1])], dim=0)
-    energy = lowrank.s.square()
-    kept = float(energy[:rank].sum() / energy.sum().clamp_min(1e-300))
     value_dim = parts.o.shape[1] // parts.q_nope.shape[0]  # the original head width
     kv_heads = (parts.target.shape[1] - n_nope) // value_dim
     up_v = up[:, n_nope:].reshape(rank, kv_heads, -1).permute(1, 0, 2)
