@@ -24,8 +24,8 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
 - O refit: each head's O block refit to the latent's values on attention-mixed inputs (as ``latent`` does);
 - mixed values: the joint latent prices value errors by the attention-mixed inputs O reads, keys still by the
   attention input (``value_moment="mixed"``, ``lowrank.joint_lowrank``); at KV 25% only, on the best row;
-- 64 calibration windows: the best KV 25% row calibrated on 64 validation windows instead of 16 (the last 4 still
-  choose the split);
+- 64 / 128 calibration windows: the best KV 25% row calibrated on that many validation windows instead of 16 (the
+  last 4 still choose the split);
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
@@ -95,8 +95,9 @@ LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's de
                            o_refit=True) for dims in (48, 40, 32, 24, 16)},
     fastest(32) + ", mixed values": dict(rope_key="query", unrotated="refit", rope_dims=32, rope_frequencies="fastest",
                                         o_refit=True, value_moment="mixed"),
-    fastest(32) + ", 64 calibration windows": dict(rope_key="query", unrotated="refit", rope_dims=32,
-                                                   rope_frequencies="fastest", o_refit=True, calib_windows=64),
+    **{fastest(32) + f", {n} calibration windows": dict(rope_key="query", unrotated="refit", rope_dims=32,
+                                                        rope_frequencies="fastest", o_refit=True, calib_windows=n)
+       for n in (64, 128)},
     "TransMLA recipe (RoRoPE + NoPE + BKV)": dict(rope_key="pca", unrotated="nope", latent_weights="bkv",
                                                  split=1.0, o_refit=False),
     "TransMLA recipe + FreqFold 4": dict(rope_key="pca", unrotated="nope", latent_weights="bkv", split=1.0,
@@ -118,7 +119,8 @@ SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.
               fastest(48): (0.5, 0.25), fastest(40): (0.25,), fastest(24): (0.25, 0.125),
               fastest(16): (0.25, 0.125),
               # levers on the best KV 25% row, where the goal is not met
-              fastest(32) + ", mixed values": (0.25,), fastest(32) + ", 64 calibration windows": (0.25,)})
+              fastest(32) + ", mixed values": (0.25,), fastest(32) + ", 64 calibration windows": (0.25,),
+              fastest(32) + ", 128 calibration windows": (0.25,)})
 BASE = "base (SmolLM2-135M)"
 # the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
 TASK = dict(name="wikitext2_next_sentence", docs=300, choices=4, context=1, max_words=30, seed=0)
