@@ -214,8 +214,7 @@ def test_joint_lowrank_keeps_the_svd_under_one_moment_and_is_stationary_under_tw
 
 def test_mixed_value_pricing_lowers_the_joint_error_it_is_solved_for(gqa):
     """Values priced by the attention-mixed inputs: the joint latent refined from the input-priced one has a smaller
-    error under the mixed pricing (keys by the input moment, values by the mixed one) than its start, and the value
-    error the O refit then meets, measured on the mixed inputs, is smaller too."""
+    error under the mixed pricing (keys by the input moment, values by the mixed one) than its start."""
     from dataclasses import fields
 
     from clover import calibrate
