@@ -141,11 +141,16 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
     console.print(table)
 
 
-def smollm2_calibrated(windows: int = 16, seqlen: int = 512):
-    """The offline default model and its calibration windows (WikiText-2 validation: never the test split the
-    benchmarks evaluate on), as the SmolLM2 benchmarks load them."""
+def validation_windows(tokenizer, windows: int = 16, seqlen: int = 512):
+    """Calibration windows from WikiText-2 validation: never the test split the benchmarks evaluate on."""
     from clover.data import calibration_batches, load_rows
+
+    return calibration_batches(tokenizer, load_rows(split="validation"), windows, seqlen)
+
+
+def smollm2_calibrated(windows: int = 16, seqlen: int = 512):
+    """The offline default model and its calibration windows, as the SmolLM2 benchmarks load them."""
     from clover.models import load
 
     lm = load("smollm2-135m")
-    return lm, calibration_batches(lm.tokenizer, load_rows(split="validation"), windows, seqlen)
+    return lm, validation_windows(lm.tokenizer, windows, seqlen)

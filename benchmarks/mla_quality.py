@@ -71,7 +71,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import REPO_ROOT, machine_info, machine_line, markdown_table, print_table, smollm2_calibrated, \
-    update_benchmarks_md, write_json  # noqa: E402
+    update_benchmarks_md, validation_windows, write_json  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "mla_quality.json"
 TASK_RESULTS = REPO_ROOT / "benchmarks" / "results" / "mla_quality_tasks.json"
@@ -83,6 +83,17 @@ def fastest(dims: int) -> str:
     return f"rope key query, refit, O refit, {dims} fastest rotated dims"
 
 
+def fastest_fields(dims: int, **more) -> dict:
+    """The ``MlaConfig`` fields of ``fastest(dims)``, and ``more`` for a row that adds one lever to it."""
+    return dict(rope_key="query", unrotated="refit", rope_dims=dims, rope_frequencies="fastest", o_refit=True, **more)
+
+
+KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not met: row suffix -> fields added
+    ", mixed values": dict(value_moment="mixed"),
+    **{f", {n} calibration windows": dict(calib_windows=n) for n in (64, 128)},
+}
+
+
 LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's defaults are the best levers found)
     "rope key pca, nope": dict(rope_key="pca", unrotated="nope", o_refit=False),
     "rope key query, nope": dict(rope_key="query", unrotated="nope", o_refit=False),
@@ -91,13 +102,8 @@ LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's de
     "rope key query, refit": dict(rope_key="query", unrotated="refit", o_refit=False),
     "rope key query, refit, 32 rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32, o_refit=False),
     "rope key query, refit, O refit": dict(rope_key="query", unrotated="refit", o_refit=True),
-    **{fastest(dims): dict(rope_key="query", unrotated="refit", rope_dims=dims, rope_frequencies="fastest",
-                           o_refit=True) for dims in (48, 40, 32, 24, 16)},
-    fastest(32) + ", mixed values": dict(rope_key="query", unrotated="refit", rope_dims=32, rope_frequencies="fastest",
-                                        o_refit=True, value_moment="mixed"),
-    **{fastest(32) + f", {n} calibration windows": dict(rope_key="query", unrotated="refit", rope_dims=32,
-                                                        rope_frequencies="fastest", o_refit=True, calib_windows=n)
-       for n in (64, 128)},
+    **{fastest(dims): fastest_fields(dims) for dims in (48, 40, 32, 24, 16)},
+    **{fastest(32) + suffix: fastest_fields(32, **more) for suffix, more in KV25_EXTRA.items()},
     "TransMLA recipe (RoRoPE + NoPE + BKV)": dict(rope_key="pca", unrotated="nope", latent_weights="bkv",
                                                  split=1.0, o_refit=False),
     "TransMLA recipe + FreqFold 4": dict(rope_key="pca", unrotated="nope", latent_weights="bkv", split=1.0,
@@ -117,10 +123,7 @@ SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.
               # the rotated-dims sweep where the latent is short (KV 25% and 12.5%); 32, its best at KV 25%, at
               # every size; a KV 12.5% cache (48 numbers) has no room for a latent beside 40 or 48 rotated dims
               fastest(48): (0.5, 0.25), fastest(40): (0.25,), fastest(24): (0.25, 0.125),
-              fastest(16): (0.25, 0.125),
-              # levers on the best KV 25% row, where the goal is not met
-              fastest(32) + ", mixed values": (0.25,), fastest(32) + ", 64 calibration windows": (0.25,),
-              fastest(32) + ", 128 calibration windows": (0.25,)})
+              fastest(16): (0.25, 0.125), **{fastest(32) + suffix: (0.25,) for suffix in KV25_EXTRA}})
 BASE = "base (SmolLM2-135M)"
 # the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
 TASK = dict(name="wikitext2_next_sentence", docs=300, choices=4, context=1, max_words=30, seed=0)
@@ -142,9 +145,7 @@ def convert(name: str, kept: float, lm, calib):
     fields = dict(LEVERS[name])
     windows = fields.pop("calib_windows", None)
     if windows:  # more validation windows than the benchmark's 16, the same length
-        from clover.data import calibration_batches, load_rows
-
-        calib = calibration_batches(lm.tokenizer, load_rows(split="validation"), windows, calib.shape[1])
+        calib = validation_windows(lm.tokenizer, windows, calib.shape[1])
     fields.setdefault("rope_frequencies", "spread")  # what the rows measured before the choice existed keep
     if kept * 2 * 3 * 64 <= fields.get("rope_dims", 64):  # below one full rotated key: partial RoPE
         fields["rope_dims"] = 16

@@ -194,14 +194,14 @@ def test_joint_lowrank_keeps_the_svd_under_one_moment_and_is_stationary_under_tw
     first, second = (torch.randn(30, n, generator=g, dtype=torch.float64) for n in (8, 12))
     cov_first, cov_second, weight_first, weight_second = spd(30), spd(30), spd(8), spd(12)
     root = torch.block_diag(sym_sqrt(weight_first)[0], sym_sqrt(weight_second)[0])
-    svd = weighted_lowrank(torch.cat([first, second], 1), torch.linalg.cholesky(cov_first), root,
-                           torch.linalg.inv(root))
+    chol = torch.linalg.cholesky(cov_first)
+    svd = weighted_lowrank(torch.cat([first, second], 1), chol, root, torch.linalg.inv(root))
     down, _ = svd.truncate(5)
-    same = joint_lowrank(first, second, cov_first, cov_first, weight_first, weight_second, down)
+    same = joint_lowrank(first, second, chol, cov_first, weight_first, weight_second, down)
     optimum = float(svd.s[5:].square().sum())  # the SVD is the global optimum under one moment
     assert abs(same.error - optimum) <= 1e-9 * same.total
-    start = joint_lowrank(first, second, cov_first, cov_second, weight_first, weight_second, down, iterations=0)
-    two = joint_lowrank(first, second, cov_first, cov_second, weight_first, weight_second, down, iterations=500,
+    start = joint_lowrank(first, second, chol, cov_second, weight_first, weight_second, down, iterations=0)
+    two = joint_lowrank(first, second, chol, cov_second, weight_first, weight_second, down, iterations=500,
                         tol=1e-13)
     assert two.error < 0.95 * start.error and two.total == start.total
     a = two.down.clone().requires_grad_(True)

@@ -74,22 +74,22 @@ def _weighted_error(cov: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     return ((cov @ residual) * (residual @ weight)).sum()
 
 
-def joint_lowrank(first: torch.Tensor, second: torch.Tensor, cov_first: torch.Tensor, cov_second: torch.Tensor,
+def joint_lowrank(first: torch.Tensor, second: torch.Tensor, chol: torch.Tensor, cov_second: torch.Tensor,
                   weight_first: torch.Tensor, weight_second: torch.Tensor, down: torch.Tensor,
                   iterations: int = 30, tol: float = 1e-6) -> JointLowRank:
     """A shared rank-r ``down`` (inputs, r) and read-outs ``up_1``, ``up_2`` minimising
 
         tr(E_1^T C_1 E_1 W_1) + tr(E_2^T C_2 E_2 W_2),  E_i = X_i - down up_i,
 
-    where ``first`` / ``second`` are X_1 (inputs, n_1) / X_2 (inputs, n_2), C_i their input moments and W_i their
-    output weights (PSD). Alternating least squares from ``down`` (a start such as the SVD under C_1 for both): with
+    where ``first`` / ``second`` are X_1 (inputs, n_1) / X_2 (inputs, n_2), C_i their input moments (``chol``: the
+    lower Cholesky factor of C_1, as ``weighted_lowrank`` takes it; ``cov_second``: C_2) and W_i their output
+    weights (PSD). Alternating least squares from ``down`` (a start such as the SVD under C_1 for both): with
     ``down`` fixed each ``up_i`` is its own least squares; with the ``up_i`` fixed the stationarity condition
     ``C_1 A P + C_2 A Q = G`` is solved exactly in the basis ``T`` that diagonalises both moments (``T^T C_1 T = I``,
     ``T^T C_2 T = diag(lam)``), where it decouples into one r x r system per row. Each step can only lower the error;
     it stops after ``iterations`` or when a step gains less than ``tol`` of it."""
     dtype = first.dtype
-    eye = torch.eye(first.shape[0], dtype=dtype)
-    chol = torch.linalg.cholesky(cov_first + 1e-12 * cov_first.diagonal().mean() * eye)
+    cov_first = chol @ chol.mT
     whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, cov_second, upper=False).mT,
                                              upper=False)
     lam, basis = torch.linalg.eigh((whitened + whitened.mT) / 2)

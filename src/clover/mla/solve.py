@@ -230,9 +230,8 @@ def latent_layer(parts: LayerParts, rank: int, split: float) -> LayerMla:
     energy = lowrank.s.square()
     kept = float(energy[:rank].sum() / energy.sum().clamp_min(1e-300))
     if parts.value_moment is not None and rank < len(lowrank.s):  # values priced by another moment: refine
-        cov = parts.chol @ parts.chol.mT
         key_weight = parts.key_root @ parts.key_root * (split * parts.balance)
-        joint = joint_lowrank(parts.target[:, :n_nope], parts.target[:, n_nope:], cov, parts.value_moment,
+        joint = joint_lowrank(parts.target[:, :n_nope], parts.target[:, n_nope:], parts.chol, parts.value_moment,
                               key_weight, parts.value_root @ parts.value_root, down)
         down, up = joint.down, joint.up
         kept = 1 - joint.error / max(joint.total, 1e-300)
