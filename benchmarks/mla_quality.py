@@ -26,6 +26,8 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
   attention input (``value_moment="mixed"``, ``lowrank.joint_lowrank``); at KV 25% only, on the best row;
 - 64 / 128 calibration windows: the best KV 25% row calibrated on that many validation windows instead of 16 (the
   last 4 still choose the split);
+- per-layer split: each layer's key/value split chosen on the 4 held-out windows, one layer at a time, from the one
+  best split (``split="layer"``); at KV 25% only, on the best row;
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
@@ -91,6 +93,8 @@ def fastest_fields(dims: int, **more) -> dict:
 KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not met: row suffix -> fields added
     ", mixed values": dict(value_moment="mixed"),
     **{f", {n} calibration windows": dict(calib_windows=n) for n in (64, 128)},
+    ", per-layer split": dict(split="layer"),
+    ", 64 calibration windows, per-layer split": dict(calib_windows=64, split="layer"),
 }
 
 
@@ -284,6 +288,8 @@ def main() -> None:
                            rope_dims=report.qk_rope_head_dim,
                            rope_energy=sum(layer.rope_energy for layer in report.layers) / len(report.layers),
                            check=report.check["relative_diff"])
+                if "layer" in report.split_losses:  # the held-out losses and each layer's choice
+                    row.update(split_losses=report.split_losses, layer_splits=[lr.split for lr in report.layers])
             rows.append(row)
             del model
             print(row, flush=True)

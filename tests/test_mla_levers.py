@@ -138,6 +138,7 @@ def test_original_attention_matches_the_model():
     (dict(freqfold=2), "TransMLA's recipe"),
     (dict(value_moment="output"), "unknown --value-moment"),
     (dict(value_moment="mixed", latent_weights="bkv"), "runs with --latent-weights clover"),
+    (dict(split="best"), "use auto, layer or a positive number"),
 ])
 def test_bad_lever_settings_are_refused(gqa, fields, message):
     with pytest.raises(CloverError, match=message):
@@ -250,6 +251,25 @@ def test_mixed_value_pricing_lowers_the_joint_error_it_is_solved_for(gqa):
     assert 0 < solved.kept_energy < 1
 
 
+def test_a_split_per_layer_is_chosen_on_held_out_windows_and_is_what_the_model_computes(gqa):
+    """``split="layer"`` starts from the one split ``auto`` chooses and lets each layer keep another grid value
+    where the held-out loss falls. The loss it reports is the returned model's own on the held-out windows (the
+    in-place trials left nothing behind), below the one split's here, where the layers choose differently."""
+    from clover import heldout
+    from clover.adapters import adapter_for
+
+    fields = dict(calibration=CALIB, kv_ratio=0.5, rope_dims=8, progress=False)
+    _, one = to_mla(gqa, MlaConfig(**fields))
+    mla, per = to_mla(gqa, MlaConfig(split="layer", **fields))
+    splits = [layer.split for layer in per.layers]
+    assert per.split == one.split and set(splits) <= {0.25, 1.0, 4.0, 16.0}
+    assert len(set(splits)) > 1  # this model's layers want different splits (so the search is exercised)
+    assert per.split_losses["layer"] < one.split_losses[f"{one.split:g}"]
+    measured = heldout.Reference(gqa, adapter_for(gqa), CALIB[-4:]).loss(mla)
+    assert measured == pytest.approx(per.split_losses["layer"], rel=1e-5)
+    assert per.check["passed"] and all(layer.split == one.split for layer in one.layers)
+
+
 def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     import json
 
@@ -264,12 +284,13 @@ def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     tiny_tokenizer().save_pretrained(folder)
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "out"), "--kv-ratio", "0.5",
                                  "--rope-key", "attention", "--unrotated", "refit", "--rope-dims", "8", "--o-refit",
-                                 "--value-moment", "mixed",
+                                 "--value-moment", "mixed", "--split", "layer",
                                  "--calib-samples", "6", "--calib-seqlen", "32", "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert (report["rope_key"], report["unrotated"], report["qk_rope_head_dim"]) == ("attention", "refit", 8)
-    assert report["value_moment"] == "mixed"
+    assert report["value_moment"] == "mixed" and "layer" in report["split_losses"]
+    assert all(layer["split"] in (0.25, 1, 4, 16) for layer in report["layers"])
     assert report["kv_lora_rank"] == 32 - 8  # half of 2 x 2 x 16, less the 8 rotated dims
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "x"), "--freqfold", "2",
                                  "--unrotated", "expected"])

@@ -34,7 +34,8 @@ def mla(
                                                  "dim (the only error left is the rotation the format cannot "
                                                  "hold).")] = 0.0,
     split: Annotated[str, typer.Option(help="Weight of key error against value error in the joint latent: auto "
-                                            "(chosen on held-out calibration windows) or a positive number.")]
+                                            "(one for every layer, chosen on held-out calibration windows), layer "
+                                            "(then each layer its own, chosen the same way) or a positive number.")]
     = "auto",
     preset: Annotated[Optional[str], typer.Option(help="vllm: refuse a kv_lora_rank vLLM's MLA kernels cannot run "
                                                        "(kv_lora_rank + rope dims must be 320 or 576).")] = None,
@@ -80,14 +81,15 @@ def mla(
     DeepseekV3ForCausalLM that transformers and llama.cpp (clover export --gguf) run without clover; or, with
     --layout gqa, a stock model of the same family with fewer KV heads."""
     from ..mla import MlaConfig, to_mla
+    from ..mla.config import SPLIT_SEARCHES
     from ..mla.convert import check_model
     from ..save import save_model, write_json
 
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
     try:
-        split_value: str | float = split if split == "auto" else float(split)
+        split_value: str | float = split if split in SPLIT_SEARCHES else float(split)
     except ValueError:
-        raise CloverError(f"--split {split!r}: use auto or a positive number") from None
+        raise CloverError(f"--split {split!r}: use auto, layer or a positive number") from None
     config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset, layout=layout, kv_heads=kv_heads,
                        rope_key=rope_key, unrotated=unrotated, rope_dims=rope_dims,
                        rope_frequencies=rope_frequencies, latent_weights=latent_weights, freqfold=freqfold,
@@ -101,8 +103,9 @@ def mla(
     if calib_note:
         report.notes.append(calib_note)
     payload = before_after(model, report, loaded, converted, text, None, seqlen, max_windows)
-    split_note = "" if report.split is None else (f", key/value split {report.split:g}, rope key {report.rope_key}, "
-                                                  f"unrotated {report.unrotated}")
+    per_layer = " per layer, from" if "layer" in report.split_losses else ""
+    split_note = "" if report.split is None else (f", key/value split{per_layer} {report.split:g}, rope key "
+                                                  f"{report.rope_key}, unrotated {report.unrotated}")
     table = Table(title=f"{model}: {report.layout} layout ({report.target}{split_note})")
     for col in ("KV heads", "kv_lora_rank (of full)", "qk_nope / qk_rope / v dims",
                 "rotated key keeps (min / median / max)", "latent keeps (min / median / max)",

@@ -17,6 +17,7 @@ UNROTATED = ("nope", "expected", "refit")
 ROPE_FREQUENCIES = ("fastest", "spread")
 LATENT_WEIGHTS = ("clover", "bkv")
 VALUE_MOMENTS = ("input", "mixed")
+SPLIT_SEARCHES = ("auto", "layer")  # one key/value split for every layer, or one per layer (both held out)
 
 
 @dataclass
@@ -28,7 +29,9 @@ class MlaConfig:
     every latent dim (the only error left is the rotation of the key components the format cannot rotate).
     One ``kv_lora_rank`` serves every layer (the engines need it). ``split``: weight of key errors against value
     errors in the joint latent; ``"auto"`` tries ``split_grid`` and keeps the one whose outputs stay closest to the
-    original's on the last ``holdout`` calibration windows. ``preset="vllm"``: refuse ranks vLLM's MLA kernels
+    original's on the last ``holdout`` calibration windows; ``"layer"`` starts there and then lets each layer keep
+    its own split from the grid, one layer at a time (first to last, the others as chosen so far), by the same
+    held-out measure: the format fixes one rank for every layer, not one split. ``preset="vllm"``: refuse ranks vLLM's MLA kernels
     cannot run (``kv_lora_rank + d`` in ``VLLM_SIZES``). ``calibration``: token ids (n, seqlen), validation text.
 
     Rotary levers (``solve.py``, ``rotation.py``): ``rope_key`` chooses each frequency's shared rotated component
@@ -103,13 +106,16 @@ class MlaConfig:
         if self.value_moment == "mixed" and self.latent_weights != "clover":
             raise CloverError("--value-moment mixed prices values by what O reads: it runs with --latent-weights "
                               "clover (TransMLA's bkv latent weighs keys and values by their plain energy)")
-        if self.split != "auto":
+        if self.split not in SPLIT_SEARCHES:
             if isinstance(self.split, str) or not self.split > 0:
-                raise CloverError(f"--split {self.split!r}: use auto or a positive number (the weight of key errors "
-                                  "against value errors in the joint latent)")
+                raise CloverError(f"--split {self.split!r}: use auto, layer or a positive number (the weight of key "
+                                  "errors against value errors in the joint latent)")
 
     def searches_split(self) -> bool:
-        return self.split == "auto" and len(self.split_grid) > 1
+        return self.split in SPLIT_SEARCHES and len(self.split_grid) > 1
+
+    def splits_per_layer(self) -> bool:
+        return self.split == "layer" and self.searches_split()
 
     def kv_lora_rank(self, kv_heads: int, head_dim: int) -> int:
         """The latent width that leaves ``1 - kv_ratio`` of the original cache (shared rope key included)."""

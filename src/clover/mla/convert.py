@@ -1,8 +1,9 @@
 """``to_mla``: a LLaMA-family model -> a stock DeepSeek-V3 (MLA) model with one latent rank, verified.
 
 Flow: calibrate (attention-input moments on validation text) -> per layer, the rotary split and the joint latent
-(``solve``) -> one ``kv_lora_rank`` from the KV budget -> the key/value split chosen on held-out windows ->
-the stock model (``deepseek``) -> checked against clover's reference of the same function (``reference``).
+(``solve``) -> one ``kv_lora_rank`` from the KV budget -> the key/value split chosen on held-out windows (one for
+every layer, then, with ``split="layer"``, each layer's own) -> the stock model (``deepseek``) -> checked against
+clover's reference of the same function (``reference``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..pairs import check_finite
 from ..sizes import SizeReport, parameter_count
 from ..verify import TOLERANCE, compare, model_outputs
 from . import attention, deepseek, gqa
-from .config import MlaConfig
+from .config import SPLIT_SEARCHES, MlaConfig
 from .reference import reference_model
 from .solve import LayerParts, RotarySettings, full_rank, latent_layer, nope_dims, split_layer
 
@@ -32,6 +33,7 @@ class MlaLayer:
     layer: int
     rope_energy: float  # query-weighted share of the key energy in the shared rotated key
     latent_energy: float  # weighted share of the joint latent kept at kv_lora_rank
+    split: float | None = None  # the key/value split this layer's latent was solved with
 
 
 @dataclass
@@ -45,8 +47,8 @@ class MlaReport(SizeReport):
     full_rank: int  # latent dims that keep every unrotated key component and value
     qk_nope_head_dim: int
     qk_rope_head_dim: int
-    split: float | None
-    split_losses: dict[str, float] = field(default_factory=dict)
+    split: float | None  # the one split every layer was solved with (with split="layer", where each layer started)
+    split_losses: dict[str, float] = field(default_factory=dict)  # held-out loss per grid split; "layer": per layer
     rope_key: str | None = None  # the rotary levers used (MlaConfig)
     unrotated: str | None = None
     latent_weights: str | None = None
@@ -99,7 +101,7 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     rope_dims = config.rope_dims or head_dim
 
     losses: dict[str, float] = {}
-    split = None if config.split == "auto" else float(config.split)
+    split = float(config.split) if config.split not in SPLIT_SEARCHES else None
     if split is None and searching:
         reference = heldout.Reference(model, adapter, held)
         for candidate in config.split_grid:
@@ -110,7 +112,11 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     elif split is None:
         split = float(config.split_grid[0])
     layers = [latent_layer(p, rank, split) for p in parts]
+    layer_splits = [split] * len(layers)
     mla = deepseek.build(model, layers, rank, head_dim)
+    if config.splits_per_layer():
+        layer_splits, losses["layer"] = split_per_layer(model, mla, parts, layers, layer_splits, rank, head_dim,
+                                                        config, reference, losses[f"{split:g}"])
     deepseek.balance_pairs(mla)
     check = verify(model, mla, layers, head_dim, adapter)
     size = next(model.parameters()).element_size()
@@ -123,7 +129,8 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         latent_weights=config.latent_weights, value_moment=config.value_moment,
         rope_frequencies=layers[0].rope_freqs.tolist(),
         rope_theta=float(mla.config.rope_parameters["rope_theta"]),
-        layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy) for site, lr in zip(sites, layers, strict=True)],
+        layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy, s)
+                for site, lr, s in zip(sites, layers, layer_splits, strict=True)],
         check=check, params_before=parameter_count(model), params_after=parameter_count(mla),
         kv_bytes_per_token_before=len(sites) * 2 * kv_heads * head_dim * size,
         kv_bytes_per_token_after=len(sites) * (rank + rope_dims) * size, calibration_tokens=stats.tokens,
@@ -138,6 +145,30 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
                             "rotated key keeps)")
     report.warn_if_larger()
     return mla, report
+
+
+def split_per_layer(model: nn.Module, mla: nn.Module, parts: list[LayerParts], layers: list, splits: list[float],
+                    rank: int, head_dim: int, config: MlaConfig, reference: heldout.Reference,
+                    loss: float) -> tuple[list[float], float]:
+    """One pass over the layers, first to last: each tries every other split of the grid with the rest of the model
+    as chosen so far, and keeps the one whose held-out loss is lowest. ``mla``, ``layers`` and ``splits`` (all
+    layers at the one best split, whose loss is ``loss``) are updated in place; returns ``(splits, final loss)``.
+    Rewriting one layer of the built model (``deepseek.write_layer``) makes a trial one held-out pass."""
+    blocks = list(zip(mla.model.layers, model.model.layers, strict=True))
+    steps = tqdm(range(len(layers)), desc="per-layer split", unit="layer", disable=not config.progress)
+    for i in steps:
+        (block, original), kept = blocks[i], splits[i]
+        for candidate in config.split_grid:
+            if float(candidate) == splits[i]:
+                continue
+            trial = latent_layer(parts[i], rank, float(candidate))
+            deepseek.write_layer(block.self_attn, original, trial, head_dim)
+            trial_loss = reference.loss(mla)
+            if trial_loss < loss:
+                loss, kept, layers[i] = trial_loss, float(candidate), trial
+        splits[i] = kept
+        deepseek.write_layer(block.self_attn, original, layers[i], head_dim)
+    return splits, loss
 
 
 def _to_gqa(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:

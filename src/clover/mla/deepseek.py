@@ -78,20 +78,28 @@ def build(model: nn.Module, layers: list[LayerMla], rank: int, head_dim: int) ->
     config.dtype = reference.dtype
     mla = DeepseekV3ForCausalLM(config).to(device=reference.device, dtype=reference.dtype).eval()
     copy_matching(mla, model.state_dict())
+    for block, original, layer in zip(mla.model.layers, model.model.layers, layers, strict=True):
+        write_layer(block.self_attn, original, layer, head_dim)
+    return mla
+
+
+def write_layer(attn: nn.Module, original: nn.Module, layer: LayerMla, head_dim: int) -> None:
+    """Write ``layer`` into one stock attention block ``attn``, in place; ``original``: the original model's decoder
+    layer at the same depth (its input norm bounds the latent's scale); ``head_dim``: the original query/key width.
+    The per-layer key/value split search rewrites one layer of a built model this way instead of building the whole
+    model for each trial."""
+    nope, rope = layer.q_nope.shape[-1], layer.q_rope.shape[-1]
     fold = math.sqrt((nope + rope) / head_dim)  # the format divides by sqrt(nope + rope), the model by sqrt(d)
     with torch.no_grad():
-        for block, original, layer in zip(mla.model.layers, model.model.layers, layers, strict=True):
-            attn = block.self_attn
-            q = torch.cat([layer.q_nope, layer.q_rope], dim=-1) * fold  # (H, D, nope + d)
-            attn.q_proj.weight.copy_(q.permute(0, 2, 1).reshape(-1, q.shape[1]))
-            scale = latent_scale(layer, original.input_layernorm)
-            attn.kv_a_proj_with_mqa.weight.copy_(torch.cat([layer.down * scale, layer.k_rope], dim=1).T)
-            attn.kv_a_layernorm.weight.fill_(math.sqrt(attn.kv_a_layernorm.variance_epsilon) / scale)
-            kv = torch.cat([layer.up_k[None].expand(layer.up_v.shape[0], -1, -1), layer.up_v], dim=-1)  # (G, r, .)
-            kv = kv.repeat_interleave(layer.group, dim=0)  # every head of a group reads its group's values
-            attn.kv_b_proj.weight.copy_(kv.permute(0, 2, 1).reshape(-1, rank))
-            attn.o_proj.weight.copy_(layer.o)
-    return mla
+        q = torch.cat([layer.q_nope, layer.q_rope], dim=-1) * fold  # (H, D, nope + d)
+        attn.q_proj.weight.copy_(q.permute(0, 2, 1).reshape(-1, q.shape[1]))
+        scale = latent_scale(layer, original.input_layernorm)
+        attn.kv_a_proj_with_mqa.weight.copy_(torch.cat([layer.down * scale, layer.k_rope], dim=1).T)
+        attn.kv_a_layernorm.weight.fill_(math.sqrt(attn.kv_a_layernorm.variance_epsilon) / scale)
+        kv = torch.cat([layer.up_k[None].expand(layer.up_v.shape[0], -1, -1), layer.up_v], dim=-1)  # (G, r, .)
+        kv = kv.repeat_interleave(layer.group, dim=0)  # every head of a group reads its group's values
+        attn.kv_b_proj.weight.copy_(kv.permute(0, 2, 1).reshape(-1, layer.down.shape[1]))
+        attn.o_proj.weight.copy_(layer.o)
 
 
 def balance_pairs(mla: DeepseekV3ForCausalLM) -> None:
