@@ -31,8 +31,9 @@ class MlaConfig:
     errors in the joint latent; ``"auto"`` tries ``split_grid`` and keeps the one whose outputs stay closest to the
     original's on the last ``holdout`` calibration windows; ``"layer"`` starts there and then lets each layer keep
     its own split from the grid, one layer at a time (first to last, the others as chosen so far), by the same
-    held-out measure: the format fixes one rank for every layer, not one split. ``preset="vllm"``: refuse ranks vLLM's MLA kernels
-    cannot run (``kv_lora_rank + d`` in ``VLLM_SIZES``). ``calibration``: token ids (n, seqlen), validation text.
+    held-out measure: the format fixes one rank for every layer, not one split. ``preset="vllm"``: refuse ranks
+    vLLM's MLA kernels cannot run (``kv_lora_rank + d`` in ``VLLM_SIZES``). ``calibration``: token ids (n, seqlen),
+    validation text.
 
     Rotary levers (``solve.py``, ``rotation.py``): ``rope_key`` chooses each frequency's shared rotated component
     (``pca``: the keys' own principal components, TransMLA's RoRoPE; ``query``: weighted by the query energy that
