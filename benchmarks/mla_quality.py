@@ -27,7 +27,8 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
 - 64 / 128 calibration windows: the best KV 25% row calibrated on that many validation windows instead of 16 (the
   last 4 still choose the split);
 - per-layer split: each layer's key/value split chosen on the 4 held-out windows, one layer at a time, from the one
-  best split (``split="layer"``); at KV 25% only, on the best row;
+  best split (``split="layer"``; "grid to 64": the grid of splits tried widened from 0.25..16 to 0.25..64, since
+  most late layers chose its top); at KV 25% only, on the best row;
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
@@ -95,6 +96,7 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
     **{f", {n} calibration windows": dict(calib_windows=n) for n in (64, 128)},
     ", per-layer split": dict(split="layer"),
     ", 64 calibration windows, per-layer split": dict(calib_windows=64, split="layer"),
+    ", per-layer split, grid to 64": dict(split="layer", split_grid=(0.25, 1.0, 4.0, 16.0, 64.0)),
 }
 
 
