@@ -28,7 +28,7 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
   last 4 still choose the split);
 - per-layer split: each layer's key/value split chosen on the 4 held-out windows, one layer at a time, from the one
   best split (``split="layer"``; "grid to 64": the grid of splits tried widened from 0.25..16 to 0.25..64, since
-  most late layers chose its top); at KV 25% only, on the best row;
+  most late layers chose its top); at KV 25% on the best row, and on the best rows of KV 50% and 12.5%;
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
@@ -100,6 +100,9 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
 }
 
 
+PER_LAYER_SIZES = {48: (0.5,), 24: (0.125,)}  # the per-layer split on the best rows of the other cache sizes
+
+
 LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's defaults are the best levers found)
     "rope key pca, nope": dict(rope_key="pca", unrotated="nope", o_refit=False),
     "rope key query, nope": dict(rope_key="query", unrotated="nope", o_refit=False),
@@ -110,6 +113,7 @@ LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's de
     "rope key query, refit, O refit": dict(rope_key="query", unrotated="refit", o_refit=True),
     **{fastest(dims): fastest_fields(dims) for dims in (48, 40, 32, 24, 16)},
     **{fastest(32) + suffix: fastest_fields(32, **more) for suffix, more in KV25_EXTRA.items()},
+    **{fastest(dims) + ", per-layer split": fastest_fields(dims, split="layer") for dims in PER_LAYER_SIZES},
     "TransMLA recipe (RoRoPE + NoPE + BKV)": dict(rope_key="pca", unrotated="nope", latent_weights="bkv",
                                                  split=1.0, o_refit=False),
     "TransMLA recipe + FreqFold 4": dict(rope_key="pca", unrotated="nope", latent_weights="bkv", split=1.0,
@@ -129,7 +133,8 @@ SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.
               # the rotated-dims sweep where the latent is short (KV 25% and 12.5%); 32, its best at KV 25%, at
               # every size; a KV 12.5% cache (48 numbers) has no room for a latent beside 40 or 48 rotated dims
               fastest(48): (0.5, 0.25), fastest(40): (0.25,), fastest(24): (0.25, 0.125),
-              fastest(16): (0.25, 0.125), **{fastest(32) + suffix: (0.25,) for suffix in KV25_EXTRA}})
+              fastest(16): (0.25, 0.125), **{fastest(32) + suffix: (0.25,) for suffix in KV25_EXTRA},
+              **{fastest(dims) + ", per-layer split": kept for dims, kept in PER_LAYER_SIZES.items()}})
 BASE = "base (SmolLM2-135M)"
 # the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
 TASK = dict(name="wikitext2_next_sentence", docs=300, choices=4, context=1, max_words=30, seed=0)
