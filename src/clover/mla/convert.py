@@ -25,7 +25,7 @@ from ..verify import TOLERANCE, compare, model_outputs
 from . import attention, deepseek, gqa
 from .config import SPLIT_SEARCHES, MlaConfig
 from .reference import reference_model
-from .solve import LayerParts, RotarySettings, full_rank, latent_layer, nope_dims, split_layer
+from .solve import LayerMla, LayerParts, RotarySettings, full_rank, latent_layer, nope_dims, split_layer
 
 
 @dataclass
@@ -147,8 +147,8 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     return mla, report
 
 
-def split_per_layer(model: nn.Module, mla: nn.Module, parts: list[LayerParts], layers: list, splits: list[float],
-                    rank: int, head_dim: int, config: MlaConfig, reference: heldout.Reference,
+def split_per_layer(model: nn.Module, mla: nn.Module, parts: list[LayerParts], layers: list[LayerMla],
+                    splits: list[float], rank: int, head_dim: int, config: MlaConfig, reference: heldout.Reference,
                     loss: float) -> tuple[list[float], float]:
     """One pass over the layers, first to last: each tries every other split of the grid with the rest of the model
     as chosen so far, and keeps the one whose held-out loss is lowest. ``mla``, ``layers`` and ``splits`` (all
