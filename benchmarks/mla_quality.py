@@ -669,6 +669,26 @@ def goals_of(payload: dict) -> list[str]:
     return lines + heal_goals(payload)
 
 
+def split_findings(payload: dict) -> list[str]:
+    """Each per-layer split row against the same conversion with one split for every layer: the held-out KL both
+    reach (the measure the search minimises), the test ppl, each layer's split and what the search cost."""
+    rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
+    lines = []
+    for (name, kept), row in rows.items():
+        if "layer" not in row.get("split_losses", {}):
+            continue
+        losses = row["split_losses"]
+        one = rows.get((name.split(", per-layer split")[0], kept))
+        against = (f"; test ppl {one['ppl']:.2f} -> {row['ppl']:.2f}, conversion {one['seconds']:.0f} s -> "
+                   f"{row['seconds']:.0f} s" if one else f"; test ppl {row['ppl']:.2f}, conversion "
+                   f"{row['seconds']:.0f} s")
+        start = losses[f"{row['split']:g}"]  # every layer at the one split the search starts from
+        lines.append(f"{name} at KV {kept:.1%}: held-out KL {start:.3f} with one split "
+                     f"({row['split']:g}) -> {losses['layer']:.3f} per layer{against}; splits by layer "
+                     f"{', '.join(f'{x:g}' for x in row['layer_splits'])}")
+    return lines
+
+
 def render(payload: dict) -> None:
     kept = sorted({r["kept"] for r in payload["rows"]}, reverse=True)
     names = list(dict.fromkeys(r["name"] for r in payload["rows"]))
@@ -691,6 +711,9 @@ def render(payload: dict) -> None:
     findings = core_scale_findings(payload)
     for line in findings:
         print("finding:", line)
+    splits = split_findings(payload)
+    for line in splits:
+        print("per-layer split:", line)
     machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(payload["runs"]))
     commands = "; ".join(f"run {i}: `{m['command']}`" if m.get("command") else f"run {i}: not recorded"
                          for i, m in enumerate(payload["runs"])) + " (each row names its run in the JSON)"
@@ -709,6 +732,8 @@ def render(payload: dict) -> None:
           "The TransMLA recipe rows are RoRoPE + NoPE + BKV (+ FreqFold) re-implemented from the paper's "
           "description; FreqFold has no 4 neighbours to fold among 16 rotated dims, so no KV 12.5% row." + not_run
           + "\n\n" + markdown_table(columns, table)
+          + ("\n\nPer-layer key/value split (`split=\"layer\"`) against one split for every layer:\n\n"
+             + "\n".join(f"- {line}" for line in splits) if splits else "")
           + heal_md + task_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
           + ("\n\nCLOVER's core scale, side by side:\n\n" + "\n".join(f"- {line}" for line in findings)
              if findings else "")
