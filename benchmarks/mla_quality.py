@@ -181,7 +181,7 @@ def main() -> None:
                         "run, reported beside the side-by-side comparison.")
     parser.add_argument("--heal-lr", default=str(HEAL["lr"]), help="Other than the default: a method at its own "
                         "learning rate, reported beside the comparison; several (comma-separated) run one after "
-                        "another on one conversion.")
+                        "another on one conversion; method=lr (lora=2e-3,pissa=1e-3) gives one method its own.")
     parser.add_argument("--heal-targets", default=HEAL_TARGETS, help="Other than the default (e.g. with rope, "
                         "the rotated query rows): CLOVER and, at the matched rank, LoRA / PiSSA train these; reported "
                         "beside the comparison, without controls (the original has no shared rotated key).")
@@ -267,13 +267,13 @@ def main() -> None:
             settings["core_scale"] = args.heal_core_scale
         if args.heal_lever not in LEVERS:
             raise SystemExit(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
-        lrs = [float(x) for x in args.heal_lr.split(",") if x.strip()]
+        lrs = methods_at_lr(args.heal_lr, methods)
         epsilons = [float(x) for x in args.heal_adam_eps.split(",") if x.strip()] or [None]
         conversions = {}  # one conversion serves every lr and epsilon
-        for lr in lrs:
+        for lr, at_lr in lrs.items():
             for eps in epsilons:
                 grid = dict(settings, lr=lr, **({} if eps is None else {"adam_eps": eps}))
-                for row in heal_runs(lm, calib, ppl, methods, seeds, healed, len(runs) - 1, grid, args.heal_lever,
+                for row in heal_runs(lm, calib, ppl, at_lr, seeds, healed, len(runs) - 1, grid, args.heal_lever,
                                      controls=not args.no_heal_controls, conversions=conversions):
                     healed.append(row)
                     print(row, flush=True)
@@ -368,6 +368,20 @@ def render_tasks() -> tuple[str, list[str]]:
           "and three from other paragraphs of the same article, 5 to 30 words each "
           f"(`clover.tasks.next_sentence_docs`). Machine and command: {machines}.\n\n" + markdown_table(columns, table))
     return md, lines
+
+
+def methods_at_lr(spec: str, methods: list[str]) -> dict[float, list[str]]:
+    """``--heal-lr``: each lr and the methods run at it, in order. A plain value (``1e-3,2e-3``) serves every
+    method; ``lora=2e-3,pissa=1e-3`` gives each method its own, so peers at their own best lr share one
+    conversion (the slow part) in one run."""
+    plan: dict[float, list[str]] = {}
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        method, _, value = entry.rpartition("=")
+        if method and method not in methods:
+            raise SystemExit(f"--heal-lr names {method!r}, which --heal-methods does not run: use one of {methods}")
+        for m in [method] if method else methods:
+            plan.setdefault(float(value), []).append(m)
+    return plan
 
 
 def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER, controls=True,
