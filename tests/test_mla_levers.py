@@ -270,6 +270,26 @@ def test_a_split_per_layer_is_chosen_on_held_out_windows_and_is_what_the_model_c
     assert per.check["passed"] and all(layer.split == one.split for layer in one.layers)
 
 
+def test_the_loss_from_a_layer_on_is_the_whole_models_loss(gqa):
+    """``heldout.FromLayer`` runs only the layers from ``start`` on (the per-layer search's trials): its loss must be
+    the full forward's, for every start and after a later layer is rewritten, so the search's choices are the ones
+    full passes would make."""
+    from clover import heldout
+    from clover.adapters import adapter_for
+
+    mla, _ = to_mla(gqa, MlaConfig(calibration=CALIB, kv_ratio=0.5, rope_dims=8, progress=False))
+    reference = heldout.Reference(gqa, adapter_for(gqa), CALIB[-4:])
+    tails = [heldout.FromLayer(reference, mla, start) for start in range(len(mla.model.layers))]
+    whole = reference.loss(mla)
+    assert whole > 0 and all(tail.loss() == pytest.approx(whole, rel=1e-6) for tail in tails)
+    last = mla.model.layers[-1].self_attn.kv_b_proj.weight
+    with torch.no_grad():
+        last.mul_(1.5)  # a rewrite of the last layer: every tail, started before or at it, sees it
+    moved = reference.loss(mla)
+    assert abs(moved - whole) > 1e-3 * whole
+    assert all(tail.loss() == pytest.approx(moved, rel=1e-6) for tail in tails)
+
+
 def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     import json
 

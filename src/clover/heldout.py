@@ -56,6 +56,54 @@ class Reference:
         return total / len(self.outputs)
 
 
+class _Reached(Exception):
+    """Raised by the capture hook: the forward has reached the layer, nothing after it is needed."""
+
+
+class FromLayer:
+    """The held-out loss of a decoder-only language model (``model.model.layers``, ``.norm``, ``lm_head``) whose
+    layers before ``start`` no longer change: a search that rewrites one layer at a time, first to last
+    (``mla.convert.split_per_layer``), then pays for the layers from ``start`` on and not for the settled ones. The
+    hidden states entering layer ``start``, and the arguments every layer gets (rotary embeddings, mask), are
+    captured once per window by a forward that stops there; ``loss`` runs the rest as the model's own forward does,
+    without a KV cache (a fresh cache per call holds the same keys), so it equals ``reference.loss(model)``."""
+
+    def __init__(self, reference: Reference, model: nn.Module, start: int):
+        if not reference.logits:
+            raise ValueError("FromLayer measures a language model's logits; this model has none")
+        self.reference, self.model, self.start = reference, model, start
+        self.entering: list[tuple[torch.Tensor, dict]] = []
+        layer = model.model.layers[start]
+
+        def capture(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
+            self.entering.append((hidden, kwargs))
+            raise _Reached
+
+        hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for row in reference.windows:
+                    try:
+                        model(**reference._inputs(model, row))
+                    except _Reached:
+                        pass
+        finally:
+            hook.remove()
+
+    def loss(self) -> float:
+        """Mean over the held-out windows of the KL from the original, running layers ``start`` on."""
+        total = 0.0
+        with torch.no_grad():
+            for (hidden, kwargs), reference in zip(self.entering, self.reference.outputs, strict=True):
+                for layer in self.model.model.layers[self.start:]:
+                    hidden = layer(hidden, **kwargs)
+                logits = self.model.lm_head(self.model.model.norm(hidden)).float()
+                total += fidelity_loss(reference, logits, True)
+        return total / len(self.entering)
+
+
 def _has_logits(model: nn.Module, inputs: dict) -> bool:
     with torch.no_grad():
         return getattr(model(**inputs), "logits", None) is not None

@@ -153,17 +153,19 @@ def split_per_layer(model: nn.Module, mla: nn.Module, parts: list[LayerParts], l
     """One pass over the layers, first to last: each tries every other split of the grid with the rest of the model
     as chosen so far, and keeps the one whose held-out loss is lowest. ``mla``, ``layers`` and ``splits`` (all
     layers at the one best split, whose loss is ``loss``) are updated in place; returns ``(splits, final loss)``.
-    Rewriting one layer of the built model (``deepseek.write_layer``) makes a trial one held-out pass."""
+    Rewriting one layer of the built model (``deepseek.write_layer``) makes a trial one held-out pass, and that pass
+    starts at the layer rewritten (``heldout.FromLayer``: the layers before it are settled)."""
     blocks = list(zip(mla.model.layers, model.model.layers, strict=True))
     steps = tqdm(range(len(layers)), desc="per-layer split", unit="layer", disable=not config.progress)
     for i in steps:
         (block, original), kept = blocks[i], splits[i]
+        tail = heldout.FromLayer(reference, mla, i)
         for candidate in config.split_grid:
             if float(candidate) == splits[i]:
                 continue
             trial = latent_layer(parts[i], rank, float(candidate))
             deepseek.write_layer(block.self_attn, original, trial, head_dim)
-            trial_loss = reference.loss(mla)
+            trial_loss = tail.loss()
             if trial_loss < loss:
                 loss, kept, layers[i] = trial_loss, float(candidate), trial
         splits[i] = kept
