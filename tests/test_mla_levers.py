@@ -272,22 +272,32 @@ def test_a_split_per_layer_is_chosen_on_held_out_windows_and_is_what_the_model_c
 
 def test_the_loss_from_a_layer_on_is_the_whole_models_loss(gqa):
     """``heldout.FromLayer`` runs only the layers from ``start`` on (the per-layer search's trials): its loss must be
-    the full forward's, for every start and after a later layer is rewritten, so the search's choices are the ones
-    full passes would make."""
+    the full forward's, for every start, after ``advance`` past settled layers, and after a later layer is rewritten,
+    so the search's choices are the ones full passes would make."""
     from clover import heldout
     from clover.adapters import adapter_for
 
     mla, _ = to_mla(gqa, MlaConfig(calibration=CALIB, kv_ratio=0.5, rope_dims=8, progress=False))
     reference = heldout.Reference(gqa, adapter_for(gqa), CALIB[-4:])
-    tails = [heldout.FromLayer(reference, mla, start) for start in range(len(mla.model.layers))]
+    count = len(mla.model.layers)
+    tails = [heldout.FromLayer(reference, mla, start) for start in range(count)]
     whole = reference.loss(mla)
     assert whole > 0 and all(tail.loss() == pytest.approx(whole, rel=1e-6) for tail in tails)
+    walker = heldout.FromLayer(reference, mla, 0)
+    for start in range(count):
+        assert walker.start == start and walker.loss() == pytest.approx(whole, rel=1e-6)
+        if start < count - 1:
+            walker.advance()  # settles every layer but the last, which the rewrite below changes
     last = mla.model.layers[-1].self_attn.kv_b_proj.weight
     with torch.no_grad():
         last.mul_(1.5)  # a rewrite of the last layer: every tail, started before or at it, sees it
     moved = reference.loss(mla)
     assert abs(moved - whole) > 1e-3 * whole
-    assert all(tail.loss() == pytest.approx(moved, rel=1e-6) for tail in tails)
+    assert all(tail.loss() == pytest.approx(moved, rel=1e-6) for tail in [*tails, walker])
+    walker.advance()
+    assert walker.loss() == pytest.approx(moved, rel=1e-6)  # only the final norm and the head are left
+    with pytest.raises(ValueError, match="settled already"):
+        walker.advance()
 
 
 def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):

@@ -66,7 +66,9 @@ class FromLayer:
     (``mla.convert.split_per_layer``), then pays for the layers from ``start`` on and not for the settled ones. The
     hidden states entering layer ``start``, and the arguments every layer gets (rotary embeddings, mask), are
     captured once per window by a forward that stops there; ``loss`` runs the rest as the model's own forward does,
-    without a KV cache (a fresh cache per call holds the same keys), so it equals ``reference.loss(model)``."""
+    without a KV cache (a fresh cache per call holds the same keys), so it equals ``reference.loss(model)``.
+    ``advance`` settles layer ``start``: one pass of it over the captured states gives the next layer's, so a search
+    over every layer runs each settled layer once, not once per later layer."""
 
     def __init__(self, reference: Reference, model: nn.Module, start: int):
         if not reference.logits:
@@ -91,6 +93,16 @@ class FromLayer:
                         pass
         finally:
             hook.remove()
+
+    def advance(self) -> None:
+        """Layer ``start`` is settled: run it once on the captured states, and start later losses after it."""
+        layers = self.model.model.layers
+        if self.start >= len(layers):
+            raise ValueError(f"all {len(layers)} layers are settled already")
+        layer = layers[self.start]
+        with torch.no_grad():
+            self.entering = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in self.entering]
+        self.start += 1
 
     def loss(self) -> float:
         """Mean over the held-out windows of the KL from the original, running layers ``start`` on."""

@@ -154,12 +154,13 @@ def split_per_layer(model: nn.Module, mla: nn.Module, parts: list[LayerParts], l
     as chosen so far, and keeps the one whose held-out loss is lowest. ``mla``, ``layers`` and ``splits`` (all
     layers at the one best split, whose loss is ``loss``) are updated in place; returns ``(splits, final loss)``.
     Rewriting one layer of the built model (``deepseek.write_layer``) makes a trial one held-out pass, and that pass
-    starts at the layer rewritten (``heldout.FromLayer``: the layers before it are settled)."""
+    starts at the layer rewritten (``heldout.FromLayer``: the layers before it are settled, and each settled layer
+    runs once more, to give the next layer its inputs)."""
     blocks = list(zip(mla.model.layers, model.model.layers, strict=True))
     steps = tqdm(range(len(layers)), desc="per-layer split", unit="layer", disable=not config.progress)
+    tail = heldout.FromLayer(reference, mla, 0)
     for i in steps:
         (block, original), kept = blocks[i], splits[i]
-        tail = heldout.FromLayer(reference, mla, i)
         for candidate in config.split_grid:
             if float(candidate) == splits[i]:
                 continue
@@ -170,6 +171,7 @@ def split_per_layer(model: nn.Module, mla: nn.Module, parts: list[LayerParts], l
                 loss, kept, layers[i] = trial_loss, float(candidate), trial
         splits[i] = kept
         deepseek.write_layer(block.self_attn, original, layers[i], head_dim)
+        tail.advance()
     return splits, loss
 
 
