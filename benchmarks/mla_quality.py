@@ -45,12 +45,13 @@ peer that leaves the model worse than the training-free conversion gets no verdi
 scales one target's lr (``finetune.lr_scales``; LoRA / PiSSA scale the modules it adapts): part of the lr, so it
 joins the lr sweep rather than making a budget of its own; so does ``--heal-adam-eps 1e-3,3e-3`` (Adam's epsilon,
 each value its own run on one conversion), and ``--heal-core-scale spectrum`` (CLOVER's cores stepping strong
-directions more, ``finetune.modules._scaled_start``). Each method's lr (and scales, epsilon, core scale) for a
-verdict is the one with the lowest late held-out KL at seed 0 (``late_heldout_loss``: validation windows each
-scored before the step that trains on them), where every lr tried recorded it; rows from before it was recorded
-fall back to the lowest mean test ppl over 2 or more seeds. Where CLOVER ran at both core scales, each at its own
-best lr is read against the other over seeds (``core_scale_findings``). Runs already in the JSON with the same
-settings are kept, so an interrupted ``--heal`` resumes.
+directions more, ``finetune.modules._scaled_start``; peers in the same run are unaffected). Each method's lr (and
+scales, epsilon, core scale) for a verdict is the one with the lowest late held-out KL at seed 0
+(``late_heldout_loss``: validation windows each scored before the step that trains on them), where every lr tried
+recorded it; rows from before it was recorded fall back to the lowest mean test ppl over 2 or more seeds. Where
+CLOVER ran at both core scales, each at its own best lr is read against the other over seeds
+(``core_scale_findings``). Runs already in the JSON with the same settings are kept, so an interrupted ``--heal``
+resumes.
 
 Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
 (``clover.tasks.next_sentence_docs``: a context sentence, its true next sentence among three from other
@@ -193,8 +194,8 @@ def main() -> None:
     parser.add_argument("--heal-adam-eps", default="", help="Adam's epsilon, or several (comma-separated, each its "
                         "own run on one conversion), the same for every method; part of the lr sweep.")
     parser.add_argument("--heal-core-scale", default="unit", help="CLOVER's core scale (finetune.modules."
-                        "_scaled_start): spectrum steps strong directions more; with --heal-methods clover, part of "
-                        "its lr sweep.")
+                        "_scaled_start): spectrum steps strong directions more; part of CLOVER's lr sweep (the peers "
+                        "in the same run keep theirs).")
     parser.add_argument("--no-heal-controls", action="store_true", help="Skip the controls: for a peer at another "
                         "learning rate, which only the CLOVER-vs-peer verdict reads.")
     parser.add_argument("--heal-lever", default=HEAL_LEVER, help="The KV 25%% conversion healed (a row name); "
@@ -261,20 +262,20 @@ def main() -> None:
             from clover.finetune.lr_scales import parse_lr_scales
 
             settings["lr_scales"] = dict(parse_lr_scales(args.heal_lr_scales))
-        if args.heal_core_scale != "unit":
-            if methods != ["clover"]:
-                raise SystemExit("--heal-core-scale scales CLOVER's cores: run it with --heal-methods clover")
-            settings["core_scale"] = args.heal_core_scale
+        core_scale = {} if args.heal_core_scale == "unit" else {"core_scale": args.heal_core_scale}
+        if core_scale and "clover" not in methods:
+            raise SystemExit("--heal-core-scale scales CLOVER's cores: run it with clover among --heal-methods")
         if args.heal_lever not in LEVERS:
             raise SystemExit(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
         lrs = methods_at_lr(args.heal_lr, methods)
         epsilons = [float(x) for x in args.heal_adam_eps.split(",") if x.strip()] or [None]
         conversions = {}  # one conversion serves every lr and epsilon
         for lr, at_lr in lrs.items():
-            for eps in epsilons:
-                grid = dict(settings, lr=lr, **({} if eps is None else {"adam_eps": eps}))
-                for row in heal_runs(lm, calib, ppl, at_lr, seeds, healed, len(runs) - 1, grid, args.heal_lever,
-                                     controls=not args.no_heal_controls, conversions=conversions):
+            for eps, method in ((eps, method) for eps in epsilons for method in at_lr):
+                grid = dict(settings, lr=lr, **({} if eps is None else {"adam_eps": eps}),
+                            **(core_scale if method == "clover" else {}))  # the peers have no cores to scale
+                for row in heal_runs(lm, calib, ppl, [method], seeds, healed, len(runs) - 1, grid,
+                                     args.heal_lever, controls=not args.no_heal_controls, conversions=conversions):
                     healed.append(row)
                     print(row, flush=True)
                     save()
