@@ -581,6 +581,22 @@ def budgets_of(groups: list, conversion=lambda lever: lever) -> list[tuple[dict,
     return budgets
 
 
+def kl_comparison(clover: dict, theirs: dict) -> str:
+    """The late held-out KL of two summaries side by side (lower fits the original better), read against its spread
+    where both have 2 or more seeds; empty where either has rows from before it was recorded."""
+    import statistics
+
+    if not (clover["heldout"] and theirs["heldout"]):
+        return ""
+    own, other = list(clover["heldout"].values()), list(theirs["heldout"].values())
+    text = f"; late held-out KL {statistics.fmean(own):.3f} vs {statistics.fmean(other):.3f}"
+    if min(len(own), len(other)) < 2:
+        return text
+    gap = statistics.fmean(other) - statistics.fmean(own)
+    se = math.sqrt(statistics.variance(own) / len(own) + statistics.variance(other) / len(other))
+    return f"{text}, difference {gap:.3f}, 2 SE {2 * se:.3f} -> CLOVER {separation(gap, se)}"
+
+
 def se_of(a: dict, b: dict) -> float:
     """The standard error of the difference of two summaries' seed means."""
     return math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
@@ -647,7 +663,8 @@ def heal_goals(payload: dict) -> list[str]:
                                                                          (peer, settings, theirs)) if run["n"] < 2]
             if short:
                 lines.append(f"CLOVER healing{scope}{source} vs {peer}: the lr chosen has one seed "
-                             f"({', '.join(short)}) -> no verdict until it has 3")
+                             f"({', '.join(short)}; {clover['mean']:.2f} vs {theirs['mean']:.2f} ppl"
+                             f"{kl_comparison(clover, theirs)}) -> no verdict until it has 3")
                 continue
             gap = theirs["mean"] - clover["mean"]
             se = se_of(clover, theirs)
@@ -655,7 +672,8 @@ def heal_goals(payload: dict) -> list[str]:
             lines.append(f"CLOVER healing{scope}{source} ({lr_label(own_settings)} by {own_rule}, {clover['n']} "
                          f"seeds) vs {peer} ({lr_label(settings)} by {rule}, {theirs['n']} seeds): "
                          f"{clover['mean']:.2f} vs {theirs['mean']:.2f} ppl, difference {gap:.2f}, 2 SE {2 * se:.2f} "
-                         f"-> ahead beyond the spread: {'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}")
+                         f"-> ahead beyond the spread: {'yes' if verdict == 'ahead' else 'NO (' + verdict + ')'}"
+                         f"{kl_comparison(clover, theirs)}")
     return lines
 
 
