@@ -66,6 +66,7 @@ checked and printed, met or not.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shlex
@@ -271,7 +272,7 @@ def main() -> None:
         epsilons = [float(x) for x in args.heal_adam_eps.split(",") if x.strip()] or [None]
         conversions = {}  # one conversion serves every lr and epsilon
         for lr, at_lr in lrs.items():
-            for eps, method in ((eps, method) for eps in epsilons for method in at_lr):
+            for eps, method in itertools.product(epsilons, at_lr):
                 grid = dict(settings, lr=lr, **({} if eps is None else {"adam_eps": eps}),
                             **(core_scale if method == "clover" else {}))  # the peers have no cores to scale
                 for row in heal_runs(lm, calib, ppl, [method], seeds, healed, len(runs) - 1, grid,
@@ -589,10 +590,10 @@ def kl_comparison(clover: dict, theirs: dict) -> str:
     if not (clover["heldout"] and theirs["heldout"]):
         return ""
     own, other = list(clover["heldout"].values()), list(theirs["heldout"].values())
-    text = f"; late held-out KL {statistics.fmean(own):.3f} vs {statistics.fmean(other):.3f}"
+    text = f"; late held-out KL {mean_kl(clover):.3f} vs {mean_kl(theirs):.3f}"
     if min(len(own), len(other)) < 2:
         return text
-    gap = statistics.fmean(other) - statistics.fmean(own)
+    gap = mean_kl(theirs) - mean_kl(clover)
     se = math.sqrt(statistics.variance(own) / len(own) + statistics.variance(other) / len(other))
     return f"{text}, difference {gap:.3f}, 2 SE {2 * se:.3f} -> CLOVER {separation(gap, se)}"
 
