@@ -72,6 +72,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -209,6 +210,9 @@ def main() -> None:
         render(json.loads(args.render.read_text()))
         return
 
+    names, kept_list = chosen_rows(args)
+    plan = heal_plan(args) if args.heal else None  # every flag is checked before the model and the data load
+
     from clover.data import load_text
     from clover.evaluate import perplexity
 
@@ -224,14 +228,6 @@ def main() -> None:
     def ppl(model) -> float:
         return perplexity(model, lm.tokenizer, text, seqlen=512, max_windows=args.windows, progress=False).ppl
 
-    names = list(LEVERS) + [LATENT]
-    if args.rows:
-        wanted = [n.strip() for n in args.rows.split(";")]
-        unknown = [n for n in wanted if n not in names]
-        if unknown:
-            raise SystemExit(f"unknown rows {unknown}: use {names}")
-        names = wanted
-    kept_list = [float(k) for k in args.kept.split(",")] if args.kept else None
     rows = []
     runs = [info]
     resume = args.rows or args.heal or args.missing
@@ -251,35 +247,14 @@ def main() -> None:
         write_json(RESULTS, payload)
         return payload
 
-    if args.heal:
-        methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
-        seeds = [int(x) for x in args.heal_seeds.split(",") if x.strip()]
-        settings = dict(HEAL, steps=args.heal_steps)
-        if args.heal_targets != HEAL_TARGETS:
-            settings["targets"] = args.heal_targets
-        if args.heal_warmup:
-            settings["warmup_steps"] = args.heal_warmup
-        if args.heal_lr_scales:
-            from clover.finetune.lr_scales import parse_lr_scales
-
-            settings["lr_scales"] = dict(parse_lr_scales(args.heal_lr_scales))
-        core_scale = {} if args.heal_core_scale == "unit" else {"core_scale": args.heal_core_scale}
-        if core_scale and "clover" not in methods:
-            raise SystemExit("--heal-core-scale scales CLOVER's cores: run it with clover among --heal-methods")
-        if args.heal_lever not in LEVERS:
-            raise SystemExit(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
-        lrs = methods_at_lr(args.heal_lr, methods)
-        epsilons = [float(x) for x in args.heal_adam_eps.split(",") if x.strip()] or [None]
+    if plan:
         conversions = {}  # one conversion serves every lr and epsilon
-        for lr, at_lr in lrs.items():
-            for eps, method in itertools.product(epsilons, at_lr):
-                grid = dict(settings, lr=lr, **({} if eps is None else {"adam_eps": eps}),
-                            **(core_scale if method == "clover" else {}))  # the peers have no cores to scale
-                for row in heal_runs(lm, calib, ppl, [method], seeds, healed, len(runs) - 1, grid,
-                                     args.heal_lever, controls=not args.no_heal_controls, conversions=conversions):
-                    healed.append(row)
-                    print(row, flush=True)
-                    save()
+        for method, grid in plan.grids():
+            for row in heal_runs(lm, calib, ppl, [method], plan.seeds, healed, len(runs) - 1, grid, args.heal_lever,
+                                 controls=not args.no_heal_controls, conversions=conversions):
+                healed.append(row)
+                print(row, flush=True)
+                save()
         render(save())
         return
     have = {(r["name"], r["kept"]) for r in rows}
@@ -304,6 +279,99 @@ def main() -> None:
             print(row, flush=True)
             save()
     render(save())
+
+
+def bad(message: str) -> SystemExit:
+    """Bad input: one line naming the problem and the fix, exit code 2 (raised before any work)."""
+    print(message, file=sys.stderr)
+    return SystemExit(2)
+
+
+def chosen_rows(args) -> tuple[list[str], list[float] | None]:
+    """The training-free rows (``--rows``) and cache sizes (``--kept``) a run measures; None: each row's SIZES."""
+    names = list(LEVERS) + [LATENT]
+    if args.rows:
+        wanted = [n.strip() for n in args.rows.split(";")]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise bad(f"unknown rows {unknown}: use names from {names}")
+        names = wanted
+    if not args.kept:
+        return names, None
+    try:
+        kept_list = [float(k) for k in args.kept.split(",")]
+    except ValueError:
+        raise bad(f"--kept {args.kept!r} is not a list of fractions: use e.g. 0.5,0.25") from None
+    if not all(0 < k <= 1 for k in kept_list):
+        raise bad(f"--kept {args.kept!r}: each fraction of the cache kept must be in (0, 1]")
+    return names, kept_list
+
+
+@dataclass
+class HealPlan:
+    """What ``--heal`` runs, from its flags: the methods at their learning rates, the seeds, and the settings every
+    run shares (a row's identity in the JSON)."""
+
+    seeds: list[int]
+    settings: dict
+    lrs: dict[float, list[str]]  # lr -> the methods run at it, in order
+    epsilons: list[float | None]
+    core_scale: dict  # CLOVER's only: the peers have no cores to scale
+
+    def grids(self):
+        """Each (method, settings) run, in order: every epsilon of one lr before the next lr."""
+        for lr, at_lr in self.lrs.items():
+            for eps, method in itertools.product(self.epsilons, at_lr):
+                yield method, dict(self.settings, lr=lr, **({} if eps is None else {"adam_eps": eps}),
+                                   **(self.core_scale if method == "clover" else {}))
+
+
+def heal_plan(args) -> HealPlan:
+    """The ``--heal`` flags read and checked, each healing config the run will build included (``HealConfig.check``),
+    so a bad flag stops the run before the model loads rather than after a 15-minute conversion."""
+    from clover.errors import CloverError
+
+    methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
+    try:
+        seeds = [int(x) for x in args.heal_seeds.split(",") if x.strip()]
+        epsilons = [float(x) for x in args.heal_adam_eps.split(",") if x.strip()] or [None]
+    except ValueError:
+        raise bad(f"--heal-seeds {args.heal_seeds!r} / --heal-adam-eps {args.heal_adam_eps!r}: use comma-separated "
+                  "integers / numbers") from None
+    if not methods or not seeds:
+        raise bad("--heal-methods and --heal-seeds each need at least one entry")
+    settings = dict(HEAL, steps=args.heal_steps)
+    if args.heal_targets != HEAL_TARGETS:
+        settings["targets"] = args.heal_targets
+    if args.heal_warmup:
+        settings["warmup_steps"] = args.heal_warmup
+    try:
+        if args.heal_lr_scales:
+            from clover.finetune.lr_scales import parse_lr_scales
+
+            settings["lr_scales"] = dict(parse_lr_scales(args.heal_lr_scales))
+    except CloverError as error:
+        raise bad(str(error)) from None
+    core_scale = {} if args.heal_core_scale == "unit" else {"core_scale": args.heal_core_scale}
+    if core_scale and "clover" not in methods:
+        raise bad("--heal-core-scale scales CLOVER's cores: run it with clover among --heal-methods")
+    if args.heal_lever not in LEVERS:
+        raise bad(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
+    plan = HealPlan(seeds, settings, methods_at_lr(args.heal_lr, methods), epsilons, core_scale)
+    for method, grid in plan.grids():
+        try:
+            heal_config(method, grid, seeds[0], grid.get("targets", HEAL_TARGETS)).check()
+        except CloverError as error:
+            raise bad(str(error)) from None
+    return plan
+
+
+def heal_config(method: str, settings: dict, seed: int, targets: str):
+    """The ``HealConfig`` of one healing run: ``settings`` as the JSON records them, ``targets`` comma-separated."""
+    from clover.heal import HealConfig
+
+    run_settings = {key: value for key, value in settings.items() if key != "targets"}
+    return HealConfig(method=method, targets=tuple(targets.split(",")), seed=seed, progress=False, **run_settings)
 
 
 def task_rows(lm, calib, info) -> None:
@@ -380,9 +448,13 @@ def methods_at_lr(spec: str, methods: list[str]) -> dict[float, list[str]]:
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         method, _, value = entry.rpartition("=")
         if method and method not in methods:
-            raise SystemExit(f"--heal-lr names {method!r}, which --heal-methods does not run: use one of {methods}")
+            raise bad(f"--heal-lr names {method!r}, which --heal-methods does not run: use one of {methods}")
+        try:
+            lr = float(value)
+        except ValueError:
+            raise bad(f"--heal-lr {value!r} is not a number: use e.g. 1e-3 or lora=2e-3") from None
         for m in [method] if method else methods:
-            plan.setdefault(float(value), []).append(m)
+            plan.setdefault(lr, []).append(m)
     return plan
 
 
@@ -396,7 +468,7 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
 
     from clover.data import load_rows
     from clover.finetune.data import token_windows
-    from clover.heal import HealConfig, distill, heal
+    from clover.heal import distill, heal
 
     windows = token_windows(lm.tokenizer, ["\n\n".join(load_rows(split="validation"))], settings["seqlen"])
     have = {(r["kind"], r["method"], r["seed"]) for r in done if in_group(r, settings, lever)}
@@ -411,9 +483,7 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
             conversions[lever], _ = convert(lever, HEAL_KEPT, lm, calib)
         student = copy.deepcopy(conversions[lever] if kind == "healed" else lm.model)
         targets = settings.get("targets", HEAL_TARGETS) if kind == "healed" else "k,vo,up"  # the original: rotary
-        run_settings = {key: value for key, value in settings.items() if key != "targets"}
-        config = HealConfig(method=method, targets=tuple(targets.split(",")), seed=seed, progress=False,
-                            **run_settings)
+        config = heal_config(method, settings, seed, targets)
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
             tuned, report = (heal if kind == "healed" else distill)(student, lm.model, lm.tokenizer, windows, config,
