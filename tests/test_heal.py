@@ -190,6 +190,8 @@ def test_heal_refuses_what_is_not_an_mla_conversion(pair, tmp_path):
              tmp_path / "run", log=quiet)
     with pytest.raises(CloverError, match="unknown healing method 'dora'"):
         HealConfig(method="dora").check()
+    with pytest.raises(CloverError, match="both train the Q-K scores"):  # the names are checked before any load
+        HealConfig(targets=("qk", "k")).check()
 
 
 def test_cli_heals_saves_and_refuses(pair, tmp_path):
@@ -233,3 +235,5 @@ def test_cli_heals_saves_and_refuses(pair, tmp_path):
     refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o6"), *common, "--method", "lora", "--core-scale",
              "spectrum"], "use it with --method clover")
     refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o7"), *common, "--adam-eps", "0"], "not positive")
+    refused([str(tmp_path / "mla"), "--out", str(tmp_path / "o8"), *common, "--targets", "vo,zz"],
+            "unknown fine-tuning target")

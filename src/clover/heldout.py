@@ -50,10 +50,8 @@ class Reference:
 
     def loss(self, model: nn.Module) -> float:
         """Mean over the windows of ``fidelity_loss`` (lower is closer to the original)."""
-        total = 0.0
-        for row, reference in zip(self.windows, self.outputs, strict=True):
-            total += fidelity_loss(reference, model_outputs(model, self._inputs(model, row)), self.logits)
-        return total / len(self.outputs)
+        outputs = (model_outputs(model, self._inputs(model, row)) for row in self.windows)
+        return mean_fidelity(zip(self.outputs, outputs, strict=True), self.logits)
 
 
 class _Reached(Exception):
@@ -106,19 +104,27 @@ class FromLayer:
 
     def loss(self) -> float:
         """Mean over the held-out windows of the KL from the original, running layers ``start`` on."""
-        total = 0.0
         with torch.no_grad():
-            for (hidden, kwargs), reference in zip(self.entering, self.reference.outputs, strict=True):
-                for layer in self.model.model.layers[self.start:]:
-                    hidden = layer(hidden, **kwargs)
-                logits = self.model.lm_head(self.model.model.norm(hidden)).float()
-                total += fidelity_loss(reference, logits, True)
-        return total / len(self.entering)
+            outputs = (self._logits(hidden, kwargs) for hidden, kwargs in self.entering)
+            return mean_fidelity(zip(self.reference.outputs, outputs, strict=True), True)
+
+    def _logits(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The rest of the forward from layer ``start``: the remaining layers, the final norm and the head."""
+        for layer in self.model.model.layers[self.start:]:
+            hidden = layer(hidden, **kwargs)
+        return self.model.lm_head(self.model.model.norm(hidden)).float()
 
 
 def _has_logits(model: nn.Module, inputs: dict) -> bool:
     with torch.no_grad():
         return getattr(model(**inputs), "logits", None) is not None
+
+
+def mean_fidelity(pairs, logits: bool) -> float:
+    """The mean of ``fidelity_loss`` over (original output, rewritten output) pairs, one per held-out window: what
+    ``Reference.loss`` and ``FromLayer.loss`` both report, summed in window order."""
+    losses = [fidelity_loss(reference, output, logits) for reference, output in pairs]
+    return sum(losses) / len(losses)
 
 
 def fidelity_loss(reference: torch.Tensor, output: torch.Tensor, logits: bool) -> float:

@@ -55,15 +55,9 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     return (qk, "vo") + (("up",) if adapter.mlp_up(model) else ())
 
 
-def resolve_targets(model: nn.Module, targets) -> tuple[Adapter, list[AttentionSite], tuple[str, ...]]:
-    """Validate ``targets`` against the model; every failure names the fix."""
-    adapter = adapter_for(model)
-    sites = adapter.sites(model)
-    if not sites:
-        raise CloverError(f"no attention blocks found in this {_family(model)} model: "
-                          "pass a full model (with its attention layers)")
-    if targets is None:
-        targets = default_targets(model)
+def target_names(targets) -> tuple[str, ...]:
+    """``targets`` (a tuple, or names separated by commas) checked as names, without a model: known, at least one,
+    not both Q-K forms. Settings call it before any weights load; ``resolve_targets`` adds what needs the model."""
     if isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     targets = tuple(dict.fromkeys(targets))
@@ -74,6 +68,17 @@ def resolve_targets(model: nn.Module, targets) -> tuple[Adapter, list[AttentionS
         raise CloverError(f"unknown fine-tuning target(s) {unknown}: use some of {', '.join(TARGETS)}")
     if "qk" in targets and "k" in targets:
         raise CloverError("targets 'qk' and 'k' both train the Q-K scores: pick one")
+    return targets
+
+
+def resolve_targets(model: nn.Module, targets) -> tuple[Adapter, list[AttentionSite], tuple[str, ...]]:
+    """Validate ``targets`` against the model; every failure names the fix."""
+    adapter = adapter_for(model)
+    sites = adapter.sites(model)
+    if not sites:
+        raise CloverError(f"no attention blocks found in this {_family(model)} model: "
+                          "pass a full model (with its attention layers)")
+    targets = target_names(default_targets(model) if targets is None else targets)
     if "qk" in targets and any(site.rotary for site in sites):
         raise CloverError(ROTARY_QK)
     hidden = [site for site in sites if _keys_hidden(adapter, site)]

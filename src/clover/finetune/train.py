@@ -25,7 +25,7 @@ from ..errors import CloverError
 from .attach import TuneConfig, attach, is_attached, merge_, trainable_parameters
 from .lr_scales import module_scales, parameter_scales, parse_lr_scales, split_groups
 from .modules import CORE_SCALES
-from .targets import lora_parameter_count, match_lora, target_modules
+from .targets import lora_parameter_count, match_lora, target_modules, target_names
 
 METHODS = ("clover", "lora", "pissa", "dora", "full")
 RUN_MARKER = "clover_finetune.json"
@@ -66,6 +66,8 @@ class FinetuneConfig:
     def check(self) -> None:
         if self.method not in METHODS:
             raise CloverError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.targets is not None:  # None: the model's default targets, known only once it loads
+            target_names(self.targets)
         for name in ("steps", "batch_size", "grad_accum", "save_steps", "lora_r", "logging_steps"):
             if getattr(self, name) < 1:
                 raise CloverError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")

@@ -155,7 +155,7 @@ def split_per_layer(model: nn.Module, mla: nn.Module, parts: list[LayerParts], l
     layers at the one best split, whose loss is ``loss``) are updated in place; returns ``(splits, final loss)``.
     Rewriting one layer of the built model (``deepseek.write_layer``) makes a trial one held-out pass, and that pass
     starts at the layer rewritten (``heldout.FromLayer``: the layers before it are settled, and each settled layer
-    runs once more, to give the next layer its inputs)."""
+    but the last runs once more, to give the next layer its inputs)."""
     blocks = list(zip(mla.model.layers, model.model.layers, strict=True))
     steps = tqdm(range(len(layers)), desc="per-layer split", unit="layer", disable=not config.progress)
     tail = heldout.FromLayer(reference, mla, 0)
@@ -171,7 +171,8 @@ def split_per_layer(model: nn.Module, mla: nn.Module, parts: list[LayerParts], l
                 loss, kept, layers[i] = trial_loss, float(candidate), trial
         splits[i] = kept
         deepseek.write_layer(block.self_attn, original, layers[i], head_dim)
-        tail.advance()
+        if i + 1 < len(layers):  # the last layer has no later one to give inputs to
+            tail.advance()
     return splits, loss
 
 
