@@ -50,8 +50,9 @@ scales, epsilon, core scale) for a verdict is the one with the lowest late held-
 (``late_heldout_loss``: validation windows each scored before the step that trains on them), where every lr tried
 recorded it; rows from before it was recorded fall back to the lowest mean test ppl over 2 or more seeds. Where
 CLOVER ran at both core scales, each at its own best lr is read against the other over seeds
-(``core_scale_findings``). Runs already in the JSON with the same settings are kept, so an interrupted ``--heal``
-resumes.
+(``core_scale_findings``). A verdict reads the difference of seed means against 2 SE with at least
+``VERDICT_SEEDS`` (3) seeds a side; a comparison with fewer prints its figures and no verdict. Runs already in the
+JSON with the same settings are kept, so an interrupted ``--heal`` resumes.
 
 Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
 (``clover.tasks.next_sentence_docs``: a context sentence, its true next sentence among three from other
@@ -127,6 +128,7 @@ HEAL_LEVER, HEAL_KEPT = "rope key query, refit, O refit", 0.25  # the comparison
 AS_SOLVED = " (pairs as solved, before balancing)"  # how a conversion is named for rows run before balance_pairs
 HEAL_METHODS, HEAL_SEEDS, CONTROL_SEEDS = ("clover", "lora", "pissa"), (0, 1, 2), (0, 1, 2)
 SWEEP_SEED = 0  # an lr sweep runs this seed; the lr it picks (by the late held-out KL) then runs every seed
+VERDICT_SEEDS = 3  # a verdict reads 2 SE over at least this many seeds a side (the issue's 3): fewer shows figures
 HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of validation text per run
 HEAL_TARGETS = "qk,vo,up"  # what the comparison trains; a run with others records them in its settings
 # every lever at every size, but for two that cannot be: FreqFold has no 4 neighbours to fold among KV 12.5%'s 16
@@ -654,14 +656,14 @@ def budgets_of(groups: list, conversion=lambda lever: lever) -> list[tuple[dict,
 
 def kl_comparison(clover: dict, theirs: dict) -> str:
     """The late held-out KL of two summaries side by side (lower fits the original better), read against its spread
-    where both have 2 or more seeds; empty where either has rows from before it was recorded."""
+    where both have VERDICT_SEEDS or more seeds; empty where either has rows from before it was recorded."""
     import statistics
 
     if not (clover["heldout"] and theirs["heldout"]):
         return ""
     own, other = list(clover["heldout"].values()), list(theirs["heldout"].values())
     text = f"; late held-out KL {mean_kl(clover):.3f} vs {mean_kl(theirs):.3f}"
-    if min(len(own), len(other)) < 2:
+    if min(len(own), len(other)) < VERDICT_SEEDS:
         return text
     gap = mean_kl(theirs) - mean_kl(clover)
     se = math.sqrt(statistics.variance(own) / len(own) + statistics.variance(other) / len(other))
@@ -680,7 +682,7 @@ def core_scale_findings(payload: dict) -> list[str]:
     lines = []
     for budget, lever in budgets_of(groups, function_of):  # CLOVER's rows serve either split (lever_of)
         picks = {scale: best_of(groups, "clover", budget, lever, scale) for scale in ("spectrum", "unit")}
-        if not all(pick and pick[1]["n"] >= 2 for pick in picks.values()):
+        if not all(pick and pick[1]["n"] >= VERDICT_SEEDS for pick in picks.values()):
             continue
         (own, spectrum, _), (other, unit, _) = picks["spectrum"], picks["unit"]
         own = {key: value for key, value in own.items() if key != "core_scale"}  # named once, below
@@ -730,12 +732,12 @@ def heal_goals(payload: dict) -> list[str]:
                              f"{theirs['mean']:.2f} ppl at {lr_label(settings)}, above the training-free "
                              f"{start:.2f}) -> no verdict")
                 continue
-            short = [f"{name} at {lr_label(s)}" for name, s, run in (("CLOVER", own_settings, clover),
-                                                                         (peer, settings, theirs)) if run["n"] < 2]
+            short = [f"{name} at {lr_label(s)}: {run['n']} seed{'s' * (run['n'] > 1)}" for name, s, run in
+                     (("CLOVER", own_settings, clover), (peer, settings, theirs)) if run["n"] < VERDICT_SEEDS]
             if short:
-                lines.append(f"CLOVER healing{scope}{source} vs {peer}: the lr chosen has one seed "
+                lines.append(f"CLOVER healing{scope}{source} vs {peer}: too few seeds "
                              f"({', '.join(short)}; {clover['mean']:.2f} vs {theirs['mean']:.2f} ppl"
-                             f"{kl_comparison(clover, theirs)}) -> no verdict until it has 3")
+                             f"{kl_comparison(clover, theirs)}) -> no verdict until each side has {VERDICT_SEEDS}")
                 continue
             gap = theirs["mean"] - clover["mean"]
             se = se_of(clover, theirs)
