@@ -212,8 +212,14 @@ def main() -> None:
         render(json.loads(args.render.read_text()))
         return
 
-    names, kept_list = chosen_rows(args)
-    plan = heal_plan(args) if args.heal else None  # every flag is checked before the model and the data load
+    from clover.errors import CloverError
+
+    try:  # every flag is checked before the model and the data load: one line, exit code 2
+        names, kept_list = chosen_rows(args)
+        plan = heal_plan(args) if args.heal else None
+    except CloverError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
     from clover.data import load_text
     from clover.evaluate import perplexity
@@ -283,29 +289,26 @@ def main() -> None:
     render(save())
 
 
-def bad(message: str) -> SystemExit:
-    """Bad input: one line naming the problem and the fix, exit code 2 (raised before any work)."""
-    print(message, file=sys.stderr)
-    return SystemExit(2)
-
-
 def chosen_rows(args) -> tuple[list[str], list[float] | None]:
-    """The training-free rows (``--rows``) and cache sizes (``--kept``) a run measures; None: each row's SIZES."""
+    """The training-free rows (``--rows``) and cache sizes (``--kept``) a run measures; None: each row's SIZES.
+    Bad input raises ``CloverError``."""
+    from clover.errors import CloverError
+
     names = list(LEVERS) + [LATENT]
     if args.rows:
         wanted = [n.strip() for n in args.rows.split(";")]
         unknown = [n for n in wanted if n not in names]
         if unknown:
-            raise bad(f"unknown rows {unknown}: use names from {names}")
+            raise CloverError(f"unknown rows {unknown}: use names from {names}")
         names = wanted
     if not args.kept:
         return names, None
     try:
         kept_list = [float(k) for k in args.kept.split(",")]
     except ValueError:
-        raise bad(f"--kept {args.kept!r} is not a list of fractions: use e.g. 0.5,0.25") from None
+        raise CloverError(f"--kept {args.kept!r} is not a list of fractions: use e.g. 0.5,0.25") from None
     if not all(0 < k <= 1 for k in kept_list):
-        raise bad(f"--kept {args.kept!r}: each fraction of the cache kept must be in (0, 1]")
+        raise CloverError(f"--kept {args.kept!r}: each fraction of the cache kept must be in (0, 1]")
     return names, kept_list
 
 
@@ -330,7 +333,7 @@ class HealPlan:
 
 def heal_plan(args) -> HealPlan:
     """The ``--heal`` flags read and checked, each healing config the run will build included (``HealConfig.check``),
-    so a bad flag stops the run before the model loads rather than after a 15-minute conversion."""
+    so a bad flag stops the run (``CloverError``) before the model loads rather than after a 15-minute conversion."""
     from clover.errors import CloverError
 
     methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
@@ -338,33 +341,27 @@ def heal_plan(args) -> HealPlan:
         seeds = [int(x) for x in args.heal_seeds.split(",") if x.strip()]
         epsilons = [float(x) for x in args.heal_adam_eps.split(",") if x.strip()] or [None]
     except ValueError:
-        raise bad(f"--heal-seeds {args.heal_seeds!r} / --heal-adam-eps {args.heal_adam_eps!r}: use comma-separated "
-                  "integers / numbers") from None
+        raise CloverError(f"--heal-seeds {args.heal_seeds!r} / --heal-adam-eps {args.heal_adam_eps!r}: use "
+                          "comma-separated integers / numbers") from None
     if not methods or not seeds:
-        raise bad("--heal-methods and --heal-seeds each need at least one entry")
+        raise CloverError("--heal-methods and --heal-seeds each need at least one entry")
     settings = dict(HEAL, steps=args.heal_steps)
     if args.heal_targets != HEAL_TARGETS:
         settings["targets"] = args.heal_targets
     if args.heal_warmup:
         settings["warmup_steps"] = args.heal_warmup
-    try:
-        if args.heal_lr_scales:
-            from clover.finetune.lr_scales import parse_lr_scales
+    if args.heal_lr_scales:
+        from clover.finetune.lr_scales import parse_lr_scales
 
-            settings["lr_scales"] = dict(parse_lr_scales(args.heal_lr_scales))
-    except CloverError as error:
-        raise bad(str(error)) from None
+        settings["lr_scales"] = dict(parse_lr_scales(args.heal_lr_scales))
     core_scale = {} if args.heal_core_scale == "unit" else {"core_scale": args.heal_core_scale}
     if core_scale and "clover" not in methods:
-        raise bad("--heal-core-scale scales CLOVER's cores: run it with clover among --heal-methods")
+        raise CloverError("--heal-core-scale scales CLOVER's cores: run it with clover among --heal-methods")
     if args.heal_lever not in LEVERS:
-        raise bad(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
+        raise CloverError(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
     plan = HealPlan(seeds, settings, methods_at_lr(args.heal_lr, methods), epsilons, core_scale)
     for method, grid in plan.grids():
-        try:
-            heal_config(method, grid, seeds[0], grid.get("targets", HEAL_TARGETS)).check()
-        except CloverError as error:
-            raise bad(str(error)) from None
+        heal_config(method, grid, seeds[0], grid.get("targets", HEAL_TARGETS)).check()
     return plan
 
 
@@ -445,16 +442,18 @@ def render_tasks() -> tuple[str, list[str]]:
 def methods_at_lr(spec: str, methods: list[str]) -> dict[float, list[str]]:
     """``--heal-lr``: each lr and the methods run at it, in order. A plain value (``1e-3,2e-3``) serves every
     method; ``lora=2e-3,pissa=1e-3`` gives each method its own, so peers at their own best lr share one
-    conversion (the slow part) in one run."""
+    conversion (the slow part) in one run. Bad input raises ``CloverError``."""
+    from clover.errors import CloverError
+
     plan: dict[float, list[str]] = {}
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         method, _, value = entry.rpartition("=")
         if method and method not in methods:
-            raise bad(f"--heal-lr names {method!r}, which --heal-methods does not run: use one of {methods}")
+            raise CloverError(f"--heal-lr names {method!r}, which --heal-methods does not run: use one of {methods}")
         try:
             lr = float(value)
         except ValueError:
-            raise bad(f"--heal-lr {value!r} is not a number: use e.g. 1e-3 or lora=2e-3") from None
+            raise CloverError(f"--heal-lr {value!r} is not a number: use e.g. 1e-3 or lora=2e-3") from None
         for m in [method] if method else methods:
             plan.setdefault(lr, []).append(m)
     return plan
