@@ -54,6 +54,13 @@ CLOVER ran at both core scales, each at its own best lr is read against the othe
 ``VERDICT_SEEDS`` (3) seeds a side; a comparison with fewer prints its figures and no verdict. Runs already in the
 JSON with the same settings are kept, so an interrupted ``--heal`` resumes.
 
+Reach (``--heal-reach``, peers only): why a peer heals better. A CLOVER core moves its product only inside the span
+of its frozen factors; LoRA's update is rank-limited but may leave those spans. Each peer run is healed as above,
+then CLOVER's cores on the same conversion are fitted to the healed weights (``finetune.reach.project_``, weighted
+by the inputs' second moments on the calibration windows, and plain): the fitted model's ppl says how much of the
+peer's gain CLOVER's cores could hold, the conversion plus the rest alone says how much lies out of their reach.
+Rows go to the JSON's ``reach`` list (resumable the same way).
+
 Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
 (``clover.tasks.next_sentence_docs``: a context sentence, its true next sentence among three from other
 paragraphs of the same article; the hub's task data is out of reach here), for the base model, the strongest lever
@@ -204,10 +211,15 @@ def main() -> None:
                         "learning rate, which only the CLOVER-vs-peer verdict reads.")
     parser.add_argument("--heal-lever", default=HEAL_LEVER, help="The KV 25%% conversion healed (a row name); "
                         "other than the default: reported beside the comparison, against the same controls.")
+    parser.add_argument("--heal-reach", action="store_true", help="With --heal, for the peers (LoRA / PiSSA): heal, "
+                        "then fit CLOVER's cores to the healed model (finetune.reach, plain and weighted by the "
+                        "calibration inputs) and measure what they reach and what they leave out; adding to the saved "
+                        "run's reach rows.")
     parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
                         "for the base, the strongest lever and the TransMLA recipe at KV 50%% and 25%% (TASK_PLAN), "
                         "adding to its own results file.")
     args = parser.parse_args()
+    args.heal = args.heal or args.heal_reach  # reaching a peer's healing heals it first
     if args.render:
         render(json.loads(args.render.read_text()))
         return
@@ -249,12 +261,24 @@ def main() -> None:
         runs = saved["runs"] + [info]
     base = ppl(lm.model)
 
-    def save() -> dict:
+    def save(reach: list | None = None) -> dict:
         """Everything measured so far, written after every row so that a cut run keeps it."""
-        payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed}
+        payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed,
+                   "reach": reach if reach is not None else (saved or {}).get("reach", [])}
         write_json(RESULTS, payload)
         return payload
 
+    if plan and args.heal_reach:
+        conversions = {}
+        reached = saved.get("reach", []) if saved else []
+        for method, grid in plan.grids():
+            for row in reach_runs(lm, calib, ppl, method, plan.seeds, reached, len(runs) - 1, grid, args.heal_lever,
+                                  conversions):
+                reached.append(row)
+                print(row, flush=True)
+                save(reach=reached)
+        render(save(reach=reached))
+        return
     if plan:
         conversions = {}  # one conversion serves every lr and epsilon
         for method, grid in plan.grids():
@@ -359,6 +383,9 @@ def heal_plan(args) -> HealPlan:
         raise CloverError("--heal-core-scale scales CLOVER's cores: run it with clover among --heal-methods")
     if args.heal_lever not in LEVERS:
         raise CloverError(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
+    if args.heal_reach and "clover" in methods:
+        raise CloverError("--heal-reach fits CLOVER's cores to a peer's healing; CLOVER's own change is inside its "
+                          "cores' reach by construction (tests/test_reach.py): drop clover from --heal-methods")
     plan = HealPlan(seeds, settings, methods_at_lr(args.heal_lr, methods), epsilons, core_scale)
     for method, grid in plan.grids():
         heal_config(method, grid, seeds[0], grid.get("targets", HEAL_TARGETS)).check()
@@ -459,19 +486,39 @@ def methods_at_lr(spec: str, methods: list[str]) -> dict[float, list[str]]:
     return plan
 
 
+def tune(lm, calib, windows, kind: str, method: str, seed: int, settings: dict, lever: str, conversions: dict):
+    """One healing run (``kind`` "healed": the conversion of ``lever``, made once into ``conversions``) or control
+    (the original toward itself): ``(tuned model, HealReport, seconds)``."""
+    import copy
+    import tempfile
+
+    from clover.heal import distill, heal
+
+    if kind == "healed" and lever not in conversions:
+        conversions[lever], _ = convert(lever, HEAL_KEPT, lm, calib)
+    student = copy.deepcopy(conversions[lever] if kind == "healed" else lm.model)
+    targets = settings.get("targets", HEAL_TARGETS) if kind == "healed" else "k,vo,up"  # the original: rotary
+    config = heal_config(method, settings, seed, targets)
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        tuned, report = (heal if kind == "healed" else distill)(student, lm.model, lm.tokenizer, windows, config,
+                                                                folder, log=lambda *_: None)
+        return tuned, report, time.perf_counter() - start
+
+
+def healing_windows(lm, settings: dict):
+    from clover.data import load_rows
+    from clover.finetune.data import token_windows
+
+    return token_windows(lm.tokenizer, ["\n\n".join(load_rows(split="validation"))], settings["seqlen"])
+
+
 def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER, controls=True,
               conversions: dict | None = None):
     """Healed conversions of ``lever`` and (``controls``) controls not yet in ``done`` (same settings; a control
     tunes the original, so it serves every lever): one row per method, seed and kind. ``conversions`` keeps the
     conversion for the next call (another epsilon heals the same one)."""
-    import copy
-    import tempfile
-
-    from clover.data import load_rows
-    from clover.finetune.data import token_windows
-    from clover.heal import distill, heal
-
-    windows = token_windows(lm.tokenizer, ["\n\n".join(load_rows(split="validation"))], settings["seqlen"])
+    windows = healing_windows(lm, settings)
     have = {(r["kind"], r["method"], r["seed"]) for r in done if in_group(r, settings, lever)}
     conversions = {} if conversions is None else conversions
     plan = [("healed", m, s) for m in methods for s in seeds] + \
@@ -480,23 +527,54 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
     for kind, method, seed in plan:
         if (kind, method, seed) in have:
             continue
-        if kind == "healed" and lever not in conversions:
-            conversions[lever], _ = convert(lever, HEAL_KEPT, lm, calib)
-        student = copy.deepcopy(conversions[lever] if kind == "healed" else lm.model)
-        targets = settings.get("targets", HEAL_TARGETS) if kind == "healed" else "k,vo,up"  # the original: rotary
-        config = heal_config(method, settings, seed, targets)
-        with tempfile.TemporaryDirectory() as folder:
-            start = time.perf_counter()
-            tuned, report = (heal if kind == "healed" else distill)(student, lm.model, lm.tokenizer, windows, config,
-                                                                    folder, log=lambda *_: None)
-            seconds = time.perf_counter() - start
+        tuned, report, seconds = tune(lm, calib, windows, kind, method, seed, settings, lever, conversions)
         row = {"kind": kind, "method": method, "seed": seed, "ppl": ppl(tuned), "trainable": report.trainable,
                "lora_r": report.lora_r, "train_kl": report.train_kl, "heldout_kl": report.heldout_kl,
                "seconds": round(seconds, 1),
                "settings": dict(settings), "run": run}
         row["balanced"] = True  # every conversion now leaves its pairs in CLOVER's form (mla/deepseek.py)
         yield row if kind == "control" or lever == HEAL_LEVER else {**row, "lever": lever}
-        del tuned, student
+        del tuned
+
+
+def reach_runs(lm, calib, ppl, method, seeds, done, run, settings, lever, conversions: dict):
+    """Per seed not yet in ``done``: the peer's healing of ``lever``, then CLOVER's cores fitted to it
+    (``finetune.reach.project_``, weighted by the inputs' second moments on the calibration windows, and plain),
+    and the change the weighted fit leaves out put on the conversion alone. One row per seed: the four models'
+    test ppl and the share of the change out of reach per target."""
+    import copy
+
+    from clover.finetune.reach import input_moments, project_
+
+    targets = settings.get("targets", HEAL_TARGETS)
+    windows = healing_windows(lm, settings)
+    have = {r["seed"] for r in done if r["method"] == method and r["settings"] == settings and r["lever"] == lever}
+    moments = None
+    for seed in seeds:
+        if seed in have:
+            continue
+        tuned, report, seconds = tune(lm, calib, windows, "healed", method, seed, settings, lever, conversions)
+        start = conversions[lever]
+        if moments is None:  # what each side reads in the conversion, on the benchmark's calibration windows
+            moments = input_moments(start, [{"input_ids": calib[i:i + 4]} for i in range(0, len(calib), 4)],
+                                    targets)
+        row = {"method": method, "seed": seed, "settings": dict(settings), "lever": lever, "run": run,
+               "lora_r": report.lora_r, "heldout_kl": report.heldout_kl, "seconds": round(seconds, 1),
+               "ppl": ppl(tuned)}
+        for fit, weights in (("weighted", moments), ("plain", None)):
+            inside = copy.deepcopy(start)
+            reach = project_(inside, tuned, targets, weights)
+            row[f"ppl_inside_{fit}"], row[f"outside_{fit}"] = ppl(inside), reach.outside
+            if fit == "weighted":  # the conversion plus only what the fit could not express
+                outside = copy.deepcopy(start)
+                rest = {name: value + tuned.state_dict()[name] - inside.state_dict()[name]
+                        for name, value in start.state_dict().items()}
+                outside.load_state_dict(rest)
+                row["ppl_outside_alone"] = ppl(outside)
+                del outside
+            del inside
+        yield row
+        del tuned
 
 
 def lever_of(row: dict) -> str:
@@ -749,6 +827,61 @@ def heal_goals(payload: dict) -> list[str]:
     return lines
 
 
+def render_reach(payload: dict) -> tuple[str, list[str]]:
+    """Per peer and settings, over seeds: its healing, CLOVER's cores fitted to it (weighted, plain), the rest of
+    its change alone, the share of the change out of the cores' reach per target, beside the training-free start
+    and CLOVER's own healing at the same budget (its lr by held-out KL)."""
+    import statistics
+
+    rows = payload.get("reach", [])
+    if not rows:
+        return "", []
+    groups: dict = {}
+    for row in rows:
+        key = (row["method"], json.dumps(row["settings"], sort_keys=True), row["lever"])
+        groups.setdefault(key, []).append(row)
+    heal = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+    unhealed = training_free(payload)
+    columns = ["peer", "seeds", "start", "CLOVER healed", "peer healed", "cores fitted, weighted",
+               "cores fitted, plain", "the rest alone", "change out of reach (weighted fit)",
+               "out of reach (plain fit)"]
+    table, lines = [], []
+
+    def mean(key, found):
+        return statistics.fmean(r[key] for r in found)
+
+    def shares(key, found):
+        names = found[0][key]
+        return ", ".join(f"{t} {statistics.fmean(r[key][t] for r in found):.0%}" for t in names)
+
+    for (method, settings, lever), found in groups.items():
+        settings = json.loads(settings)
+        own = best_of(heal, "clover", without_lr(settings), function_of(lever))
+        clover = f"{own[1]['mean']:.2f} ({own[1]['n']})" if own else "-"
+        start = unhealed.get(function_of(lever), math.nan)
+        label = f"{method}, {lr_label(settings)}, {settings_label(without_lr(settings), lever)}"
+        table.append([label, str(len(found)), f"{start:.2f}", clover, f"{mean('ppl', found):.2f}",
+                      f"{mean('ppl_inside_weighted', found):.2f}", f"{mean('ppl_inside_plain', found):.2f}",
+                      f"{mean('ppl_outside_alone', found):.2f}", shares("outside_weighted", found),
+                      shares("outside_plain", found)])
+        lines.append(f"{label} ({len(found)} seeds): healed {mean('ppl', found):.2f} ppl from {start:.2f}; CLOVER's "
+                     f"cores fitted to it {mean('ppl_inside_weighted', found):.2f} (plain fit "
+                     f"{mean('ppl_inside_plain', found):.2f}); what they leave out, alone on the conversion, "
+                     f"{mean('ppl_outside_alone', found):.2f}; CLOVER's own healing {clover}; share of the change "
+                     f"out of reach: {shares('outside_weighted', found)}")
+    title = (f"What CLOVER's cores can reach of a peer's healing (KV {HEAL_KEPT:.0%}, WikiText-2 test ppl, mean over "
+             "seeds; `--heal-reach`)")
+    print_table(title, columns, table)
+    md = (f"\n\n{title}. Each peer heals as in the table above; then every CLOVER core of the conversion is set to "
+          "the least-squares fit of the healed weights (`clover.finetune.reach.project_`): a Q-K or V-O product, a "
+          "rope query block or an MLP up block moves only inside the span of its frozen factors, so the fit is the "
+          "closest model CLOVER's cores can express. Weighted: errors priced by the second moments of what each side "
+          "reads on the 16 calibration windows; plain: the weights' Frobenius norm. The rest alone: the conversion "
+          "plus only what the weighted fit leaves out. Out of reach: that share of the change's energy, in the fit's "
+          "metric, per target.\n\n" + markdown_table(columns, table))
+    return md, lines
+
+
 def goals_of(payload: dict) -> list[str]:
     base = payload["base_ppl"]
     rows = payload["rows"]
@@ -826,6 +959,9 @@ def render(payload: dict) -> None:
     task_md, task_lines = render_tasks()
     for line in task_lines:
         print("second metric:", line)
+    reach_md, reach_lines = render_reach(payload)
+    for line in reach_lines:
+        print("reach:", line)
     have = {(r["name"], r["kept"]) for r in payload["rows"]}
     missing = [f"{name} at KV {', '.join(f'{k:.1%}' for k in SIZES[name] if (name, k) not in have)}"
                for name in SIZES if any((name, k) not in have for k in SIZES[name])]
@@ -839,11 +975,13 @@ def render(payload: dict) -> None:
           + "\n\n" + markdown_table(columns, table)
           + ("\n\nPer-layer key/value split (`split=\"layer\"`) against one split for every layer:\n\n"
              + "\n".join(f"- {line}" for line in splits) if splits else "")
-          + heal_md + task_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
+          + heal_md + reach_md + task_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
           + ("\n\nCLOVER's core scale, side by side:\n\n" + "\n".join(f"- {line}" for line in findings)
              if findings else "")
           + ("\n\nSecond metric, side by side:\n\n" + "\n".join(f"- {line}" for line in task_lines)
-             if task_lines else ""))
+             if task_lines else "")
+          + ("\n\nCLOVER's reach of the peers' healing:\n\n" + "\n".join(f"- {line}" for line in reach_lines)
+             if reach_lines else ""))
     update_benchmarks_md("mla_quality", md)
 
 
