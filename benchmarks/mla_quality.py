@@ -860,10 +860,16 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
                       f"{held:.0%}", f"{mean('ppl_inside_plain', found):.2f}",
                       shares("outside_weighted", found),
                       shares("outside_plain", found)])
+        fits = [r["ppl_inside_weighted"] for r in found]
+        against = ""  # CLOVER's own healing against the fit, read like a peer: beyond 2 SE only
+        if own and min(own[1]["n"], len(fits)) >= VERDICT_SEEDS:
+            fitted = {"mean": inside, "sd": statistics.stdev(fits), "n": len(fits)}
+            gap, se = inside - own[1]["mean"], se_of(own[1], fitted)
+            against = f" (difference {gap:.2f}, 2 SE {2 * se:.2f} -> CLOVER's own against the fit: {separation(gap, se)})"
         lines.append(f"{label} ({len(found)} seeds): healed {healed:.2f} ppl from {start:.2f}; CLOVER's cores "
                      f"fitted to it {inside:.2f}, {held:.0%} of its gain (plain fit "
-                     f"{mean('ppl_inside_plain', found):.2f}); CLOVER's own healing {clover}; share of the change "
-                     f"out of reach (weighted fit): {shares('outside_weighted', found)}")
+                     f"{mean('ppl_inside_plain', found):.2f}); CLOVER's own healing {clover}{against}; share of the "
+                     f"change out of reach (weighted fit): {shares('outside_weighted', found)}")
     title = (f"What CLOVER's cores can reach of a peer's healing (KV {HEAL_KEPT:.0%}, WikiText-2 test ppl, mean over "
              "seeds; `--heal-reach`)")
     print_table(title, columns, table)
