@@ -555,8 +555,7 @@ def reach_runs(lm, calib, ppl, method, seeds, done, run, settings, lever, conver
         tuned, report, seconds = tune(lm, calib, windows, "healed", method, seed, settings, lever, conversions)
         start = conversions[lever]
         if moments is None:  # what each side reads in the conversion, on the benchmark's calibration windows
-            moments = input_moments(start, [{"input_ids": calib[i:i + 4]} for i in range(0, len(calib), 4)],
-                                    targets)
+            moments = input_moments(start, calib, targets)
         row = {"method": method, "seed": seed, "settings": dict(settings), "lever": lever, "run": run,
                "lora_r": report.lora_r, "heldout_kl": report.heldout_kl, "seconds": round(seconds, 1),
                "ppl": ppl(tuned)}
@@ -865,7 +864,8 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
         if own and min(own[1]["n"], len(fits)) >= VERDICT_SEEDS:
             fitted = {"mean": inside, "sd": statistics.stdev(fits), "n": len(fits)}
             gap, se = inside - own[1]["mean"], se_of(own[1], fitted)
-            against = f" (difference {gap:.2f}, 2 SE {2 * se:.2f} -> CLOVER's own against the fit: {separation(gap, se)})"
+            against = (f" (difference {gap:.2f}, 2 SE {2 * se:.2f} -> CLOVER's own against the fit: "
+                       f"{separation(gap, se)})")
         lines.append(f"{label} ({len(found)} seeds): healed {healed:.2f} ppl from {start:.2f}; CLOVER's cores "
                      f"fitted to it {inside:.2f}, {held:.0%} of its gain (plain fit "
                      f"{mean('ppl_inside_plain', found):.2f}); CLOVER's own healing {clover}{against}; share of the "

@@ -47,7 +47,7 @@ def tuned_by_cores(model, seed: int = 0):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_a_change_the_cores_made_comes_back_whole(mla, weighted):
     tuned = tuned_by_cores(mla)
-    moments = input_moments(mla, [{"input_ids": CALIB}], TARGETS) if weighted else None
+    moments = input_moments(mla, CALIB, TARGETS) if weighted else None
     projected = copy.deepcopy(mla)
     report = project_(projected, tuned, TARGETS, moments)
     assert set(report.outside) == set(TARGETS) and report.weighted == weighted

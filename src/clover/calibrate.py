@@ -38,7 +38,8 @@ class Calibration:
     tokens: int = 0
 
 
-def _homogeneous_moment(x: torch.Tensor) -> torch.Tensor:
+def homogeneous_moment(x: torch.Tensor) -> torch.Tensor:
+    """``sum [x, 1]^T [x, 1]`` over every row of ``x`` (float64): the sum behind each input statistic here."""
     x = x.reshape(-1, x.shape[-1]).double()
     ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
     xh = torch.cat([x, ones], dim=1)
@@ -85,13 +86,13 @@ def attach(adapter: Adapter, sites: list[AttentionSite], stats: dict[str, SiteSt
         k_width = head_dims.k.weight.shape[0]
         if inputs:
             def q_in(_m, args, _out, st=st):
-                st.q_input = _add(st.q_input, _homogeneous_moment(args[0]))
+                st.q_input = _add(st.q_input, homogeneous_moment(args[0]))
                 st.tokens += args[0].shape[:-1].numel()
 
             register(mods["q"], q_in)
             if site.separate_kv_input:  # else Q, K and V read the same states
                 def kv_in(_m, args, _out, st=st):
-                    st.kv_input = _add(st.kv_input, _homogeneous_moment(args[0]))
+                    st.kv_input = _add(st.kv_input, homogeneous_moment(args[0]))
                     st.kv_tokens += args[0].shape[:-1].numel()
 
                 register(mods["k"], kv_in)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for
+from ..calibrate import collect, homogeneous_moment
 from ..errors import CloverError
 from ..pairs import factors
 from .attach import STATE_ATTR, TuneConfig, attach, merge_
@@ -52,53 +53,33 @@ def _projectable(model: nn.Module, targets) -> tuple[str, ...]:
     return targets
 
 
-def _hooked_modules(model: nn.Module, targets) -> dict[str, nn.Module]:
-    """Every module whose input one side of a target reads, by name (the outputs' sides read the residual
-    stream's metric, identity, and need none)."""
+def input_moments(model: nn.Module, batches: torch.Tensor, targets) -> dict[str, torch.Tensor]:
+    """``E[[x, 1][x, 1]^T]`` (float64) of what every side of the targets reads, over ``batches`` (n, seqlen) of token
+    ids: the weights of ``project_``'s fit. The attention sides are ``calibrate.collect``'s statistics (the query's
+    input, and the K/V input, keyed ``<site>:query`` / ``<site>:kv``); the MLP up blocks' inputs are hooked beside
+    them with the same sum, keyed by module name. The homogeneous 1 is last, as in ``pairs``' factors."""
     targets = _projectable(model, targets)
     adapter = adapter_for(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    out = {}
-    for site in adapter.sites(model):
-        projections = adapter.projections(site)
-        readers = {"qk": [projections["q"], projections["k"]], "vo": [projections["v"]],
-                   "rope": [adapter.shared_rope_query(site)[0]] if "rope" in targets else []}
-        for t in targets:
-            out.update((names[id(m)], m) for m in readers.get(t, []))
-    if "up" in targets:
-        out.update(adapter.mlp_up(model))
-    return out
-
-
-@torch.no_grad()
-def input_moments(model: nn.Module, batches, targets) -> dict[str, torch.Tensor]:
-    """``E[[x, 1][x, 1]^T]`` (float64) of the input of every module a target's side reads, over ``batches`` (dicts
-    of model inputs): the weights of ``project_``'s fit. The homogeneous 1 is last, as in ``pairs``' factors."""
-    modules = _hooked_modules(model, targets)
     sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
 
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return record
+    def record(name):
+        def hook(_module, args, _out):
+            sums[name] = sums[name] + homogeneous_moment(args[0]) if name in sums else homogeneous_moment(args[0])
+        return hook
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    hooks = [m.register_forward_hook(record(n)) for n, m in (adapter.mlp_up(model) if "up" in targets else [])]
     was_training = model.training
-    model.eval()
+    model.eval()  # the statistics of the model as it runs, without dropout
     try:
-        for batch in batches:
-            model(**batch)
+        stats = collect(model, adapter, adapter.sites(model), batches, progress=False)
     finally:
-        for h in handles:
+        for h in hooks:
             h.remove()
         model.train(was_training)
-    if not counts:
-        raise CloverError("no calibration batches reached the targeted modules: pass at least one batch of tokens")
-    return {n: sums[n] / counts[n] for n in sums}
+    out = {n: total / stats.tokens for n, total in sums.items()}  # every token passes every MLP
+    for name, st in stats.sites.items():
+        out[f"{name}:query"], out[f"{name}:kv"] = st.q_input, st.kv_input
+    return out
 
 
 def _side(moments: dict | None, name: str, rows: int, repeat: int = 1) -> torch.Tensor | None:
@@ -167,24 +148,23 @@ def project_(start: nn.Module, tuned: nn.Module, targets, moments: dict | None =
             if not isinstance(tuner, SiteTuner):
                 raise CloverError(f"internal: no projection for a {type(tuner).__name__}")
             site = tuner._site[0]
-            mine = adapter.projections(site)
             w = adapter.read(tuned_sites[site.name])
             for kind in tuner.kinds:
                 if kind == "rope":
                     query, rows = adapter.shared_rope_query(tuned_sites[site.name])
                     goal = query.weight[rows].mT  # (heads, D, rope): W_h^T = basis_h @ core_h
                     eye = torch.eye(goal.shape[-1], dtype=goal.dtype, device=goal.device).expand_as(tuner.rope_core)
-                    fit("rope", tuner, "rope_core", tuner.rope_right, eye, goal,
-                        a=_side(moments, names[id(tuner._rope_query[0])], goal.shape[1]))
+                    fit("rope", tuner, "rope_core", tuner.rope_right, eye, goal,  # the query's rows: its input
+                        a=_side(moments, f"{site.name}:query", goal.shape[1]))
                     continue
                 left, right = factors(w, kind)
                 goal = left @ right.mT
                 p, q = getattr(tuner, f"{kind}_left"), getattr(tuner, f"{kind}_right")
                 if kind == "qk":  # left: the query's input per head of the group; right: the key's input
-                    a = _side(moments, names[id(mine["q"])], left.shape[1], w.group_size)
-                    b = _side(moments, names[id(mine["k"])], right.shape[1])
+                    a = _side(moments, f"{site.name}:query", left.shape[1], w.group_size)
+                    b = _side(moments, f"{site.name}:kv", right.shape[1])
                 else:  # left: the output's rows (the residual stream, identity); right: the value's input
-                    a, b = None, _side(moments, names[id(mine["v"])], right.shape[1])
+                    a, b = None, _side(moments, f"{site.name}:kv", right.shape[1])
                 fit(kind, tuner, f"{kind}_core", p, q, goal, a, b)
     merge_(start, verify=False)
     shares = {t: outside[t] / changed[t] if changed[t] > 0 else 0.0 for t in outside}
