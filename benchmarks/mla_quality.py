@@ -54,12 +54,15 @@ CLOVER ran at both core scales, each at its own best lr is read against the othe
 ``VERDICT_SEEDS`` (3) seeds a side; a comparison with fewer prints its figures and no verdict. Runs already in the
 JSON with the same settings are kept, so an interrupted ``--heal`` resumes.
 
-Reach (``--heal-reach``, peers only): why a peer heals better. A CLOVER core moves its product only inside the span
-of its frozen factors; LoRA's update is rank-limited but may leave those spans. Each peer run is healed as above,
-then CLOVER's cores on the same conversion are fitted to the healed weights (``finetune.reach.project_``, weighted
-by the inputs' second moments on the calibration windows, and plain): the fitted model's ppl says how much of the
-peer's gain CLOVER's cores could hold, and the share of the change out of reach where the rest lies. Rows go to the
-JSON's ``reach`` list (resumable the same way).
+Reach (``--heal-reach``): why a peer heals better. A CLOVER core moves its product only inside the span of its
+frozen factors; LoRA's update is rank-limited but may leave those spans. Each peer run is healed as above, then
+CLOVER's cores on the same conversion are fitted to the healed weights (``finetune.reach.project_``, weighted by the
+inputs' second moments on the calibration windows, and plain): the fitted model's ppl says how much of the peer's
+gain CLOVER's cores could hold, and the share of the change out of reach where the rest lies. Every model is also
+scored by its KL from the original on the test windows (``heal.mean_kl``; the plain fit by ppl only), the measure
+on which LoRA leads, and ``clover`` among the methods heals CLOVER the same way (no fit) as the reference. Rows go
+to the JSON's ``reach`` list (resumable the same way; a row measured before the test KL is re-measured and
+replaced).
 
 Second metric (``--tasks``): lm-eval accuracy on a local next-sentence task built from WikiText-2 test paragraphs
 (``clover.tasks.next_sentence_docs``: a context sentence, its true next sentence among three from other
@@ -74,6 +77,7 @@ checked and printed, met or not.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -211,9 +215,10 @@ def main() -> None:
                         "learning rate, which only the CLOVER-vs-peer verdict reads.")
     parser.add_argument("--heal-lever", default=HEAL_LEVER, help="The KV 25%% conversion healed (a row name); "
                         "other than the default: reported beside the comparison, against the same controls.")
-    parser.add_argument("--heal-reach", action="store_true", help="With --heal, for the peers (LoRA / PiSSA): heal, "
-                        "then fit CLOVER's cores to the healed model (finetune.reach, plain and weighted by the "
-                        "calibration inputs) and measure what they reach and what they leave out; adding to the saved "
+    parser.add_argument("--heal-reach", action="store_true", help="With --heal: heal each method; for the peers "
+                        "(LoRA / PiSSA) then fit CLOVER's cores to the healed model (finetune.reach, plain and weighted by the "
+                        "calibration inputs) and measure what they reach and what they leave out, by test ppl and "
+                        "test KL from the original (clover: its own healing, the reference); adding to the saved "
                         "run's reach rows.")
     parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
                         "for the base, the strongest lever and the TransMLA recipe at KV 50%% and 25%% (TASK_PLAN), "
@@ -248,6 +253,17 @@ def main() -> None:
     def ppl(model) -> float:
         return perplexity(model, lm.tokenizer, text, seqlen=512, max_windows=args.windows, progress=False).ppl
 
+    @functools.cache
+    def test_windows():
+        from clover.finetune.data import token_windows
+
+        return token_windows(lm.tokenizer, [text], 512).windows[:args.windows]
+
+    def kl(model) -> float:  # KL from the original on the same test windows as ppl (--heal-reach)
+        from clover.heal import mean_kl
+
+        return mean_kl(model, lm.model, test_windows())
+
     rows = []
     runs = [info]
     resume = args.rows or args.heal or args.missing
@@ -272,9 +288,9 @@ def main() -> None:
         conversions = {}
         reached = saved.get("reach", []) if saved else []
         for method, grid in plan.grids():
-            for row in reach_runs(lm, calib, ppl, method, plan.seeds, reached, len(runs) - 1, grid, args.heal_lever,
-                                  conversions):
-                reached.append(row)
+            for row in reach_runs(lm, calib, ppl, kl, method, plan.seeds, reached, len(runs) - 1, grid,
+                                  args.heal_lever, conversions):
+                reached = [r for r in reached if not same_reach(r, row)] + [row]
                 print(row, flush=True)
                 save(reach=reached)
         render(save(reach=reached))
@@ -383,9 +399,6 @@ def heal_plan(args) -> HealPlan:
         raise CloverError("--heal-core-scale scales CLOVER's cores: run it with clover among --heal-methods")
     if args.heal_lever not in LEVERS:
         raise CloverError(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
-    if args.heal_reach and "clover" in methods:
-        raise CloverError("--heal-reach fits CLOVER's cores to a peer's healing; CLOVER's own change is inside its "
-                          "cores' reach by construction (tests/test_reach.py): drop clover from --heal-methods")
     plan = HealPlan(seeds, settings, methods_at_lr(args.heal_lr, methods), epsilons, core_scale)
     for method, grid in plan.grids():
         heal_config(method, grid, seeds[0], grid.get("targets", HEAL_TARGETS)).check()
@@ -537,35 +550,46 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
         del tuned
 
 
-def reach_runs(lm, calib, ppl, method, seeds, done, run, settings, lever, conversions: dict):
-    """Per seed not yet in ``done``: the peer's healing of ``lever``, then CLOVER's cores fitted to it
-    (``finetune.reach.project_``, weighted by the inputs' second moments on the calibration windows, and plain).
-    One row per seed: the three models' test ppl and the share of the change out of reach per target."""
+def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, conversions: dict):
+    """Per seed not yet in ``done`` with a test KL: the method's healing of ``lever``, its test ppl and test KL
+    (``kl``: KL from the original on the test windows, ``heal.mean_kl``), and, for a peer, CLOVER's cores fitted to
+    it (``finetune.reach.project_``, weighted by the inputs' second moments on the calibration windows, and plain).
+    CLOVER's own healing is measured the same way with no fit (its change is inside its cores' reach by
+    construction, tests/test_reach.py): the reference the fits are read against. One row per seed."""
     import copy
 
     from clover.finetune.reach import input_moments, project_
 
     targets = settings.get("targets", HEAL_TARGETS)
     windows = healing_windows(lm, settings)
-    have = {r["seed"] for r in done if r["method"] == method and r["settings"] == settings and r["lever"] == lever}
+    have = {r["seed"] for r in done if r["method"] == method and r["settings"] == settings and r["lever"] == lever
+            and "test_kl" in r}
     moments = None
     for seed in seeds:
         if seed in have:
             continue
         tuned, report, seconds = tune(lm, calib, windows, "healed", method, seed, settings, lever, conversions)
         start = conversions[lever]
-        if moments is None:  # what each side reads in the conversion, on the benchmark's calibration windows
-            moments = input_moments(start, calib, targets)
         row = {"method": method, "seed": seed, "settings": dict(settings), "lever": lever, "run": run,
                "lora_r": report.lora_r, "heldout_kl": report.heldout_kl, "seconds": round(seconds, 1),
-               "ppl": ppl(tuned)}
-        for fit, weights in (("weighted", moments), ("plain", None)):
-            inside = copy.deepcopy(start)
-            reach = project_(inside, tuned, targets, weights)
-            row[f"ppl_inside_{fit}"], row[f"outside_{fit}"] = ppl(inside), reach.outside
-            del inside
+               "ppl": ppl(tuned), "test_kl": kl(tuned), "test_kl_start": kl(start)}
+        if method != "clover":
+            if moments is None:  # what each side reads in the conversion, on the benchmark's calibration windows
+                moments = input_moments(start, calib, targets)
+            for fit, weights in (("weighted", moments), ("plain", None)):
+                inside = copy.deepcopy(start)
+                reach = project_(inside, tuned, targets, weights)
+                row[f"ppl_inside_{fit}"], row[f"outside_{fit}"] = ppl(inside), reach.outside
+                if fit == "weighted":  # the KL question is the best fit's; the plain fit keeps its ppl only
+                    row["test_kl_inside_weighted"] = kl(inside)
+                del inside
         yield row
         del tuned
+
+
+def same_reach(a: dict, b: dict) -> bool:
+    """Two reach rows of one healing run (a row re-measured with the test KL replaces the one without)."""
+    return all(a[key] == b[key] for key in ("method", "seed", "settings", "lever"))
 
 
 def lever_of(row: dict) -> str:
@@ -821,9 +845,11 @@ def heal_goals(payload: dict) -> list[str]:
 def render_reach(payload: dict) -> tuple[str, list[str]]:
     """Per peer and settings, over seeds: its healing, CLOVER's cores fitted to it (weighted, plain) and the share
     of the change out of the cores' reach per target, beside the training-free start and CLOVER's own healing at
-    the same budget (its lr by held-out KL). Run 68's rows also hold ``ppl_outside_alone``, the conversion plus the
-    weight difference healed - fitted: the fit writes each Q-K and V-O pair in the cores' factorization, not the
-    healed model's, so that difference mixes two factorizations of each pair and measured nothing; not shown."""
+    the same budget (its lr by held-out KL); where the rows carry it, the KL from the original on the test windows
+    of the peer, its fit and CLOVER's own healing run beside them (``--heal-reach`` with clover), read over seeds.
+    Run 68's rows also hold ``ppl_outside_alone``, the conversion plus the weight difference healed - fitted: the
+    fit writes each Q-K and V-O pair in the cores' factorization, not the healed model's, so that difference mixes
+    two factorizations of each pair and measured nothing; not shown."""
     import statistics
 
     rows = payload.get("reach", [])
@@ -837,17 +863,33 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
     unhealed = training_free(payload)
     columns = ["peer", "seeds", "start", "CLOVER healed", "peer healed", "cores fitted, weighted",
                "gain held", "cores fitted, plain", "change out of reach (weighted fit)",
-               "out of reach (plain fit)"]
+               "out of reach (plain fit)", "test KL: start, peer, fit, CLOVER"]
     table, lines = [], []
 
     def mean(key, found):
         return statistics.fmean(r[key] for r in found)
 
+    def summary(key, found) -> dict:
+        values = [r[key] for r in found]
+        return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "n": len(values)}
+
     def shares(key, found):
         names = found[0][key]
         return ", ".join(f"{t} {statistics.fmean(r[key][t] for r in found):.0%}" for t in names)
 
+    def read(lower: dict, higher: dict) -> str:
+        """``lower`` against ``higher`` (a KL or ppl: lower is better) over seeds, beyond 2 SE only."""
+        if min(lower["n"], higher["n"]) < VERDICT_SEEDS:
+            return "no verdict under 3 seeds a side"
+        gap, se = higher["mean"] - lower["mean"], se_of(lower, higher)
+        return f"difference {gap:.3f}, 2 SE {2 * se:.3f} -> {separation(gap, se)}"
+
+    own_kl = {(json.dumps(without_lr(json.loads(settings)), sort_keys=True), lever): found
+              for (method, settings, lever), found in groups.items() if method == "clover"}
     for (method, settings, lever), found in groups.items():
+        if method == "clover":  # the reference the peers' rows are read against, not a peer
+            continue
         settings = json.loads(settings)
         own = best_of(heal, "clover", without_lr(settings), function_of(lever))
         clover = f"{own[1]['mean']:.2f} ({own[1]['n']})" if own else "-"
@@ -855,10 +897,18 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
         label = f"{method}, {lr_label(settings)}, {settings_label(without_lr(settings), lever)}"
         healed, inside = mean("ppl", found), mean("ppl_inside_weighted", found)
         held = (start - inside) / (start - healed)
+        measured = [r for r in found if "test_kl" in r]
+        reference = own_kl.get((json.dumps(without_lr(settings), sort_keys=True), lever), [])
+        kl_cell = "-"
+        if measured:
+            peer_kl, fit_kl = summary("test_kl", measured), summary("test_kl_inside_weighted", measured)
+            own_cell = f"{summary('test_kl', reference)['mean']:.3f} ({len(reference)})" if reference else "-"
+            kl_cell = (f"{mean('test_kl_start', measured):.3f}, {peer_kl['mean']:.3f}, {fit_kl['mean']:.3f}, "
+                       f"{own_cell}")
         table.append([label, str(len(found)), f"{start:.2f}", clover, f"{healed:.2f}", f"{inside:.2f}",
                       f"{held:.0%}", f"{mean('ppl_inside_plain', found):.2f}",
                       shares("outside_weighted", found),
-                      shares("outside_plain", found)])
+                      shares("outside_plain", found), kl_cell])
         fits = [r["ppl_inside_weighted"] for r in found]
         against = ""  # CLOVER's own healing against the fit, read like a peer: beyond 2 SE only
         if own and min(own[1]["n"], len(fits)) >= VERDICT_SEEDS:
@@ -870,6 +920,17 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
                      f"fitted to it {inside:.2f}, {held:.0%} of its gain (plain fit "
                      f"{mean('ppl_inside_plain', found):.2f}); CLOVER's own healing {clover}{against}; share of the "
                      f"change out of reach (weighted fit): {shares('outside_weighted', found)}")
+        if measured and reference:
+            own_summary = summary("test_kl", reference)
+            lost = (fit_kl["mean"] - peer_kl["mean"]) / (mean("test_kl_start", measured) - peer_kl["mean"])
+            lines.append(f"{label}, test KL from the original ({len(measured)} seeds; CLOVER's own "
+                         f"{lr_label(reference[0]['settings'])}, {len(reference)} seeds): "
+                         f"start {mean('test_kl_start', measured):.3f}, peer {peer_kl['mean']:.3f}, CLOVER's cores "
+                         f"fitted to it {fit_kl['mean']:.3f} ({lost:.0%} of the peer's KL gain lost out of reach), "
+                         f"CLOVER's own {own_summary['mean']:.3f} (test ppl {mean('ppl', reference):.2f}); "
+                         f"CLOVER's own against the peer: "
+                         f"{read(own_summary, peer_kl)}; against the fit: {read(own_summary, fit_kl)}; the fit "
+                         f"against the peer: {read(fit_kl, peer_kl)}")
     title = (f"What CLOVER's cores can reach of a peer's healing (KV {HEAL_KEPT:.0%}, WikiText-2 test ppl, mean over "
              "seeds; `--heal-reach`)")
     print_table(title, columns, table)
@@ -881,7 +942,10 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
           "windows; plain: the weights' Frobenius norm. Gain held: the weighted fit's share of the peer's drop in ppl "
           "from the start. Out of reach: the share of the change's energy, in the fit's metric, per target; the "
           "peer's whole change, start to healed, is 100%. CLOVER healed: its own healing at the same steps, targets "
-          "and warmup (its lr by held-out KL; seeds in brackets).\n\n" + markdown_table(columns, table))
+          "and warmup (its lr by held-out KL; seeds in brackets). Test KL: KL(original || model) per token on the "
+          "same test windows as the ppl (`clover.heal.mean_kl`), for the start, the peer, the weighted fit and "
+          "CLOVER's own healing run beside them at its lr (seeds in brackets; '-' where rows predate it).\n\n"
+          + markdown_table(columns, table))
     return md, lines
 
 

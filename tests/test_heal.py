@@ -20,7 +20,7 @@ from clover.finetune import TuneConfig, attach, clover_parameter_count, merge_
 from clover.finetune.data import TokenWindows
 from clover.finetune.train import late_heldout_loss
 from clover.heal import HealConfig, distill, heal
-from clover.heal.distill import kl_per_token
+from clover.heal.distill import kl_per_token, mean_kl
 from clover.mla import MlaConfig, to_mla
 from clover.save import save_model
 
@@ -54,6 +54,16 @@ def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
     logits = torch.randn(2, 5, 11)
     assert float(kl_per_token(logits, logits)) == 0.0
     assert float(kl_per_token(logits, logits.flip(-1))) > 0.0
+
+
+def test_mean_kl_is_the_token_weighted_objective_over_held_out_windows(pair):
+    teacher, mla = pair
+    with torch.no_grad():
+        whole = float(kl_per_token(mla(HELD).logits, teacher(HELD).logits))
+    # batches of 3 over 8 windows: the last is short, and still weighs by its tokens
+    assert mean_kl(mla, teacher, HELD, batch_size=3) == pytest.approx(whole, rel=1e-5)
+    assert mean_kl(mla, teacher, HELD) > 0.0
+    assert mean_kl(teacher, teacher, HELD) == pytest.approx(0.0, abs=1e-7 * whole)
 
 
 def test_clover_cores_are_no_wider_than_the_latent_and_every_entry_learns():

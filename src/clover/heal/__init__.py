@@ -7,6 +7,7 @@ every tensor the engine format fixes came back unchanged).
 """
 
 from .config import METHODS, HealConfig
+from .distill import mean_kl
 from .run import HealReport, distill, heal
 
-__all__ = ["METHODS", "HealConfig", "HealReport", "distill", "heal"]
+__all__ = ["METHODS", "HealConfig", "HealReport", "distill", "heal", "mean_kl"]

@@ -33,3 +33,23 @@ def kl_loss(teacher: nn.Module):
         return kl_per_token(student(input_ids=ids, use_cache=False).logits, target)
 
     return loss
+
+
+def mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """KL(teacher || student) per token over token ``windows`` (n, seqlen) that neither model trains on: the
+    healing objective read as a held-out metric, so that models healed differently (or fitted to another's
+    healing) compare on the same text. Every position counts (a next-token distribution needs no label); the sum
+    runs in float64 so that 40 x 512 tokens add up without losing digits."""
+    teacher.eval()
+    student.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    device = next(student.parameters()).device
+    with torch.no_grad():
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start:start + batch_size].to(device)
+            count = ids.numel()
+            target = teacher(input_ids=ids, use_cache=False).logits
+            total += kl_per_token(student(input_ids=ids, use_cache=False).logits, target).double() * count
+            tokens += count
+    return (total / tokens).item()
