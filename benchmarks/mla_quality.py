@@ -216,10 +216,10 @@ def main() -> None:
     parser.add_argument("--heal-lever", default=HEAL_LEVER, help="The KV 25%% conversion healed (a row name); "
                         "other than the default: reported beside the comparison, against the same controls.")
     parser.add_argument("--heal-reach", action="store_true", help="With --heal: heal each method; for the peers "
-                        "(LoRA / PiSSA) then fit CLOVER's cores to the healed model (finetune.reach, plain and weighted by the "
-                        "calibration inputs) and measure what they reach and what they leave out, by test ppl and "
-                        "test KL from the original (clover: its own healing, the reference); adding to the saved "
-                        "run's reach rows.")
+                        "(LoRA / PiSSA) then fit CLOVER's cores to the healed model (finetune.reach, plain and "
+                        "weighted by the calibration inputs) and measure what they reach and what they leave out, by "
+                        "test ppl and test KL from the original (clover: its own healing, the reference); adding to "
+                        "the saved run's reach rows.")
     parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
                         "for the base, the strongest lever and the TransMLA recipe at KV 50%% and 25%% (TASK_PLAN), "
                         "adding to its own results file.")
@@ -290,7 +290,7 @@ def main() -> None:
         for method, grid in plan.grids():
             for row in reach_runs(lm, calib, ppl, kl, method, plan.seeds, reached, len(runs) - 1, grid,
                                   args.heal_lever, conversions):
-                reached = [r for r in reached if not same_reach(r, row)] + [row]
+                reached = with_reach_row(reached, row)
                 print(row, flush=True)
                 save(reach=reached)
         render(save(reach=reached))
@@ -587,9 +587,12 @@ def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, co
         del tuned
 
 
-def same_reach(a: dict, b: dict) -> bool:
-    """Two reach rows of one healing run (a row re-measured with the test KL replaces the one without)."""
-    return all(a[key] == b[key] for key in ("method", "seed", "settings", "lever"))
+def with_reach_row(rows: list, row: dict) -> list:
+    """``rows`` with ``row`` in: in place of the row of the same healing run (method, seed, settings, conversion)
+    where one was measured before the test KL, so the table keeps its order; else appended."""
+    key = ("method", "seed", "settings", "lever")
+    same = [i for i, r in enumerate(rows) if all(r[k] == row[k] for k in key)]
+    return rows[:same[0]] + [row] + rows[same[0] + 1:] if same else rows + [row]
 
 
 def lever_of(row: dict) -> str:
