@@ -849,7 +849,8 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
     """Per peer and settings, over seeds: its healing, CLOVER's cores fitted to it (weighted, plain) and the share
     of the change out of the cores' reach per target, beside the training-free start and CLOVER's own healing at
     the same budget (its lr by held-out KL); where the rows carry it, the KL from the original on the test windows
-    of the peer, its fit and CLOVER's own healing run beside them (``--heal-reach`` with clover), read over seeds.
+    of the peer, its fit and CLOVER's own healing run beside them at that lr (``--heal-reach`` with clover), read
+    over seeds.
     Run 68's rows also hold ``ppl_outside_alone``, the conversion plus the weight difference healed - fitted: the
     fit writes each Q-K and V-O pair in the cores' factorization, not the healed model's, so that difference mixes
     two factorizations of each pair and measured nothing; not shown."""
@@ -884,11 +885,11 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
     def read(lower: dict, higher: dict) -> str:
         """``lower`` against ``higher`` (a KL or ppl: lower is better) over seeds, beyond 2 SE only."""
         if min(lower["n"], higher["n"]) < VERDICT_SEEDS:
-            return "no verdict under 3 seeds a side"
+            return f"no verdict under {VERDICT_SEEDS} seeds a side"
         gap, se = higher["mean"] - lower["mean"], se_of(lower, higher)
         return f"difference {gap:.3f}, 2 SE {2 * se:.3f} -> {separation(gap, se)}"
 
-    own_kl = {(json.dumps(without_lr(json.loads(settings)), sort_keys=True), lever): found
+    own_kl = {(json.dumps(json.loads(settings), sort_keys=True), lever): found
               for (method, settings, lever), found in groups.items() if method == "clover"}
     for (method, settings, lever), found in groups.items():
         if method == "clover":  # the reference the peers' rows are read against, not a peer
@@ -901,7 +902,8 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
         healed, inside = mean("ppl", found), mean("ppl_inside_weighted", found)
         held = (start - inside) / (start - healed)
         measured = [r for r in found if "test_kl" in r]
-        reference = own_kl.get((json.dumps(without_lr(settings), sort_keys=True), lever), [])
+        # CLOVER's reach rows at the lr (and core scale) its healing runs chose by held-out KL, never by test KL
+        reference = own_kl.get((json.dumps(own[0], sort_keys=True), lever), []) if own else []
         kl_cell = "-"
         if measured:
             peer_kl, fit_kl = summary("test_kl", measured), summary("test_kl_inside_weighted", measured)
