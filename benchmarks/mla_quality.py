@@ -564,7 +564,7 @@ def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, co
     windows = healing_windows(lm, settings)
     have = {r["seed"] for r in done if r["method"] == method and r["settings"] == settings and r["lever"] == lever
             and "test_kl" in r}
-    moments = None
+    moments = start_kl = None
     for seed in seeds:
         if seed in have:
             continue
@@ -572,7 +572,10 @@ def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, co
         start = conversions[lever]
         row = {"method": method, "seed": seed, "settings": dict(settings), "lever": lever, "run": run,
                "lora_r": report.lora_r, "heldout_kl": report.heldout_kl, "seconds": round(seconds, 1),
-               "ppl": ppl(tuned), "test_kl": kl(tuned), "test_kl_start": kl(start)}
+               "ppl": ppl(tuned), "test_kl": kl(tuned)}
+        if start_kl is None:  # the conversion's, the same for every seed
+            start_kl = kl(start)
+        row["test_kl_start"] = start_kl
         if method != "clover":
             if moments is None:  # what each side reads in the conversion, on the benchmark's calibration windows
                 moments = input_moments(start, calib, targets)
@@ -643,6 +646,15 @@ def settings_label(settings: dict, lever: str = HEAL_LEVER) -> str:
                      + ([f"from {lever}"] if lever != HEAL_LEVER else []))
 
 
+def spread(values) -> dict:
+    """Seed values as a verdict reads them: mean, sample sd (0 for one seed) and n (``se_of`` takes two)."""
+    import statistics
+
+    values = list(values)
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
 def heal_summary(payload: dict, settings: dict | None = None, lever: str = HEAL_LEVER) -> dict:
     """Per (kind, method): ppl over seeds (mean, sd, n), the late held-out KL per seed (None where a row predates
     it) and the run's trainable count / LoRA rank, for the rows run with ``settings`` (default: the comparison's)
@@ -657,9 +669,8 @@ def heal_summary(payload: dict, settings: dict | None = None, lever: str = HEAL_
     for key, rows in out.items():
         values = [r["ppl"] for r in rows]
         heldout = {r["seed"]: r.get("heldout_kl") for r in rows}
-        summary[key] = {"heldout": heldout if None not in heldout.values() else None,
-                        "mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                        "n": len(values), "trainable": rows[0]["trainable"], "lora_r": rows[0]["lora_r"],
+        summary[key] = {"heldout": heldout if None not in heldout.values() else None, **spread(values),
+                        "trainable": rows[0]["trainable"], "lora_r": rows[0]["lora_r"],
                         "seconds": statistics.fmean(r["seconds"] for r in rows)}
     return summary
 
@@ -873,11 +884,6 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
     def mean(key, found):
         return statistics.fmean(r[key] for r in found)
 
-    def summary(key, found) -> dict:
-        values = [r[key] for r in found]
-        return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "n": len(values)}
-
     def shares(key, found):
         names = found[0][key]
         return ", ".join(f"{t} {statistics.fmean(r[key][t] for r in found):.0%}" for t in names)
@@ -906,18 +912,18 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
         reference = own_kl.get((json.dumps(own[0], sort_keys=True), lever), []) if own else []
         kl_cell = "-"
         if measured:
-            peer_kl, fit_kl = summary("test_kl", measured), summary("test_kl_inside_weighted", measured)
-            own_cell = f"{summary('test_kl', reference)['mean']:.3f} ({len(reference)})" if reference else "-"
+            peer_kl = spread(r["test_kl"] for r in measured)
+            fit_kl = spread(r["test_kl_inside_weighted"] for r in measured)
+            own_cell = f"{mean('test_kl', reference):.3f} ({len(reference)})" if reference else "-"
             kl_cell = (f"{mean('test_kl_start', measured):.3f}, {peer_kl['mean']:.3f}, {fit_kl['mean']:.3f}, "
                        f"{own_cell}")
         table.append([label, str(len(found)), f"{start:.2f}", clover, f"{healed:.2f}", f"{inside:.2f}",
                       f"{held:.0%}", f"{mean('ppl_inside_plain', found):.2f}",
                       shares("outside_weighted", found),
                       shares("outside_plain", found), kl_cell])
-        fits = [r["ppl_inside_weighted"] for r in found]
+        fitted = spread(r["ppl_inside_weighted"] for r in found)
         against = ""  # CLOVER's own healing against the fit, read like a peer: beyond 2 SE only
-        if own and min(own[1]["n"], len(fits)) >= VERDICT_SEEDS:
-            fitted = {"mean": inside, "sd": statistics.stdev(fits), "n": len(fits)}
+        if own and min(own[1]["n"], fitted["n"]) >= VERDICT_SEEDS:
             gap, se = inside - own[1]["mean"], se_of(own[1], fitted)
             against = (f" (difference {gap:.2f}, 2 SE {2 * se:.2f} -> CLOVER's own against the fit: "
                        f"{separation(gap, se)})")
@@ -926,7 +932,7 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
                      f"{mean('ppl_inside_plain', found):.2f}); CLOVER's own healing {clover}{against}; share of the "
                      f"change out of reach (weighted fit): {shares('outside_weighted', found)}")
         if measured and reference:
-            own_summary = summary("test_kl", reference)
+            own_summary = spread(r["test_kl"] for r in reference)
             lost = (fit_kl["mean"] - peer_kl["mean"]) / (mean("test_kl_start", measured) - peer_kl["mean"])
             lines.append(f"{label}, test KL from the original ({len(measured)} seeds; CLOVER's own "
                          f"{lr_label(reference[0]['settings'])}, {len(reference)} seeds): "
