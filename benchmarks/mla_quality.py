@@ -288,9 +288,11 @@ def main() -> None:
         conversions = {}
         reached = saved.get("reach", []) if saved else []
         for method, grid in plan.grids():
-            for row in reach_runs(lm, calib, ppl, kl, method, plan.seeds, reached, len(runs) - 1, grid,
-                                  args.heal_lever, conversions):
+            for row, healing in reach_runs(lm, calib, ppl, kl, method, plan.seeds, reached, len(runs) - 1, grid,
+                                           args.heal_lever, conversions):
                 reached = with_reach_row(reached, row)
+                if not any(same_run(healing, r) for r in healed):  # a seed healed before keeps its first row
+                    healed.append(healing)
                 print(row, flush=True)
                 save(reach=reached)
         render(save(reach=reached))
@@ -541,13 +543,17 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
         if (kind, method, seed) in have:
             continue
         tuned, report, seconds = tune(lm, calib, windows, kind, method, seed, settings, lever, conversions)
-        row = {"kind": kind, "method": method, "seed": seed, "ppl": ppl(tuned), "trainable": report.trainable,
-               "lora_r": report.lora_r, "train_kl": report.train_kl, "heldout_kl": report.heldout_kl,
-               "seconds": round(seconds, 1),
-               "settings": dict(settings), "run": run}
-        row["balanced"] = True  # every conversion now leaves its pairs in CLOVER's form (mla/deepseek.py)
-        yield row if kind == "control" or lever == HEAL_LEVER else {**row, "lever": lever}
+        yield healing_row(kind, method, seed, ppl(tuned), report, seconds, settings, run, lever)
         del tuned
+
+
+def healing_row(kind, method, seed, test_ppl, report, seconds, settings, run, lever) -> dict:
+    """One row of the healing table (``payload["heal"]``): a healed conversion of ``lever`` or a control."""
+    row = {"kind": kind, "method": method, "seed": seed, "ppl": test_ppl, "trainable": report.trainable,
+           "lora_r": report.lora_r, "train_kl": report.train_kl, "heldout_kl": report.heldout_kl,
+           "seconds": round(seconds, 1), "settings": dict(settings), "run": run}
+    row["balanced"] = True  # every conversion now leaves its pairs in CLOVER's form (mla/deepseek.py)
+    return row if kind == "control" or lever == HEAL_LEVER else {**row, "lever": lever}
 
 
 def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, conversions: dict):
@@ -555,7 +561,8 @@ def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, co
     (``kl``: KL from the original on the test windows, ``heal.mean_kl``), and, for a peer, CLOVER's cores fitted to
     it (``finetune.reach.project_``, weighted by the inputs' second moments on the calibration windows, and plain).
     CLOVER's own healing is measured the same way with no fit (its change is inside its cores' reach by
-    construction, tests/test_reach.py): the reference the fits are read against. One row per seed."""
+    construction, tests/test_reach.py): the reference the fits are read against. Per seed: (reach row, the same
+    run as a row of the healing table), so a setting reached first also counts in the healing comparison."""
     import copy
 
     from clover.finetune.reach import input_moments, project_
@@ -586,7 +593,7 @@ def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, co
                 if fit == "weighted":  # the KL question is the best fit's; the plain fit keeps its ppl only
                     row["test_kl_inside_weighted"] = kl(inside)
                 del inside
-        yield row
+        yield row, healing_row("healed", method, seed, row["ppl"], report, seconds, settings, run, lever)
         del tuned
 
 
@@ -606,6 +613,11 @@ def lever_of(row: dict) -> str:
     whichever split they started from."""
     lever = row.get("lever", HEAL_LEVER)
     return lever + AS_SOLVED if row["method"] != "clover" and not row.get("balanced") else lever
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two healing rows are the same run: kind, method, seed, settings and conversion."""
+    return all(a[k] == b[k] for k in ("kind", "method", "seed", "settings")) and lever_of(a) == lever_of(b)
 
 
 def function_of(lever: str) -> str:
