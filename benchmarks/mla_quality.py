@@ -142,6 +142,7 @@ SWEEP_SEED = 0  # an lr sweep runs this seed; the lr it picks (by the late held-
 VERDICT_SEEDS = 3  # a verdict reads 2 SE over at least this many seeds a side (the issue's 3): fewer shows figures
 HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of validation text per run
 HEAL_TARGETS = "qk,vo,up"  # what the comparison trains; a run with others records them in its settings
+SHARP_ETAS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # first-step sizes the sharpness probe tries (--heal-sharpness)
 # every lever at every size, but for two that cannot be: FreqFold has no 4 neighbours to fold among KV 12.5%'s 16
 # rotated dims, and the latent keeping all of its dims is the original model
 SIZES = {name: KEPT for name in LEVERS}
@@ -220,6 +221,9 @@ def main() -> None:
                         "weighted by the calibration inputs) and measure what they reach and what they leave out, by "
                         "test ppl and test KL from the original (clover: its own healing, the reference); adding to "
                         "the saved run's reach rows.")
+    parser.add_argument("--heal-sharpness", action="store_true", help="With --heal / --heal-reach: first probe "
+                        "CLOVER's cores on the conversion, one target at a time: the KL after one first Adam step of "
+                        "each size in SHARP_ETAS (which target caps a shared lr), adding to the saved run.")
     parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
                         "for the base, the strongest lever and the TransMLA recipe at KV 50%% and 25%% (TASK_PLAN), "
                         "adding to its own results file.")
@@ -280,12 +284,25 @@ def main() -> None:
     def save(reach: list | None = None) -> dict:
         """Everything measured so far, written after every row so that a cut run keeps it."""
         payload = {"runs": runs, "windows": args.windows, "base_ppl": base, "rows": rows, "heal": healed,
-                   "reach": reach if reach is not None else (saved or {}).get("reach", [])}
+                   "reach": reach if reach is not None else (saved or {}).get("reach", []), "sharpness": sharp}
         write_json(RESULTS, payload)
         return payload
 
+    sharp = (saved or {}).get("sharpness", [])
+    conversions = {}  # one conversion serves every lr, epsilon and probe
+    if plan and args.heal_sharpness:
+        for method, grid in plan.grids():
+            probe = {"lever": args.heal_lever, "targets": grid.get("targets", HEAL_TARGETS),
+                     "core_scale": grid.get("core_scale", "unit")}
+            if method != "clover" or any(all(r[k] == v for k, v in probe.items()) for r in sharp):
+                continue
+            if args.heal_lever not in conversions:
+                conversions[args.heal_lever], _ = convert(args.heal_lever, HEAL_KEPT, lm, calib)
+            sharp.append({**probe, "run": len(runs) - 1,
+                          **first_step_sharpness(lm, conversions[args.heal_lever], grid)})
+            print(sharp[-1], flush=True)
+            save()
     if plan and args.heal_reach:
-        conversions = {}
         reached = saved.get("reach", []) if saved else []
         for method, grid in plan.grids():
             for row, healing in reach_runs(lm, calib, ppl, kl, method, plan.seeds, reached, len(runs) - 1, grid,
@@ -298,7 +315,6 @@ def main() -> None:
         render(save(reach=reached))
         return
     if plan:
-        conversions = {}  # one conversion serves every lr and epsilon
         for method, grid in plan.grids():
             for row in heal_runs(lm, calib, ppl, [method], plan.seeds, healed, len(runs) - 1, grid, args.heal_lever,
                                  controls=not args.no_heal_controls, conversions=conversions):
@@ -595,6 +611,77 @@ def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, co
                 del inside
         yield row, healing_row("healed", method, seed, row["ppl"], report, seconds, settings, run, lever)
         del tuned
+
+
+def first_step_sharpness(lm, start, settings: dict) -> dict:
+    """How far one Adam step can move each CLOVER target of the conversion ``start``: the change in KL from the
+    original on 8 calibration windows after the first step of each size in SHARP_ETAS (every core entry moved by
+    the size against its gradient's sign, which is Adam's first update whatever the gradient's scale), one target's
+    cores at a time and then all together, the gradient taken on 8 other windows. Why: one lr serves every target,
+    so a target whose KL rises at a step the others still gain from caps the lr for all of them, and a per-target
+    scale (``--heal-lr-scales``) frees the rest. Deterministic: no sampling, fixed windows."""
+    import copy
+
+    import torch
+
+    from clover.finetune.attach import TuneConfig, attach
+    from clover.heal.distill import kl_loss
+
+    windows = healing_windows(lm, settings).windows
+    grad_ids, eval_ids = windows[:8], windows[100:108]
+    model = copy.deepcopy(start)
+    attach(model, TuneConfig(targets=tuple(settings.get("targets", HEAL_TARGETS).split(",")),
+                             core_scale=settings.get("core_scale", "unit"), progress=False))
+    loss = kl_loss(lm.model)
+    cores = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    loss(model, {"input_ids": grad_ids}).backward()
+    signs = {name: p.grad.sign() for name, p in cores.items()}
+    first = {name: p.detach().clone() for name, p in cores.items()}
+    model.eval()
+
+    def kl_after(names, eta: float) -> float:
+        with torch.no_grad():
+            for name in names:
+                cores[name].copy_(first[name] - eta * signs[name])
+            value = loss(model, {"input_ids": eval_ids}).item()
+            for name in names:
+                cores[name].copy_(first[name])
+        return value
+
+    by_target: dict[str, list[str]] = {}
+    for name in cores:  # cores are named by their target: qk_core, vo_core, up_core, rope_core
+        by_target.setdefault(name.rsplit(".", 1)[-1].removesuffix("_core"), []).append(name)
+    by_target["all"] = list(cores)
+    start_kl = kl_after([], 0.0)
+    return {"start_kl": start_kl, "etas": list(SHARP_ETAS),
+            "delta": {target: [kl_after(names, eta) - start_kl for eta in SHARP_ETAS]
+                      for target, names in by_target.items()}}
+
+
+def render_sharpness(payload: dict) -> tuple[str, list[str]]:
+    """The sharpness probe's rows (``first_step_sharpness``): a table of KL changes per target and step size, and
+    per target the step that lowered the KL most and the first that raised it."""
+    rows = payload.get("sharpness", [])
+    if not rows:
+        return "", []
+    etas = rows[0]["etas"]
+    columns = ["conversion, cores", "target"] + [f"step {eta:g}" for eta in etas]
+    table, lines = [], []
+    for row in rows:
+        label = f"{row['lever']}, {row['core_scale']} cores, targets {row['targets']}"
+        for target, deltas in row["delta"].items():
+            table.append([label, target] + [f"{d:+.3f}" for d in deltas])
+            best = min(range(len(etas)), key=lambda i: deltas[i])
+            worse = next((f"from step {eta:g}" for eta, d in zip(etas, deltas) if d > 0), "at no step tried")
+            lines.append(f"{label}, {target}: best first step {etas[best]:g} (KL {deltas[best]:+.3f} from "
+                         f"{row['start_kl']:.3f}); KL above the start {worse}")
+    title = (f"CLOVER's first Adam step per target (KV {HEAL_KEPT:.0%}; change in KL from the original on 8 "
+             "validation windows, the gradient from 8 others; `--heal-sharpness`)")
+    print_table(title, columns, table)
+    md = (f"\n\n{title}. Each target's cores alone (all: every core) move by the step against the sign of their "
+          "gradient, which is what Adam's first update does whatever the gradient's size; a target whose KL rises "
+          "at a step the others still gain from caps one lr shared by all.\n\n" + markdown_table(columns, table))
+    return md, lines
 
 
 def with_reach_row(rows: list, row: dict) -> list:
@@ -1052,6 +1139,9 @@ def render(payload: dict) -> None:
     reach_md, reach_lines = render_reach(payload)
     for line in reach_lines:
         print("reach:", line)
+    sharp_md, sharp_lines = render_sharpness(payload)
+    for line in sharp_lines:
+        print("sharpness:", line)
     have = {(r["name"], r["kept"]) for r in payload["rows"]}
     missing = [f"{name} at KV {', '.join(f'{k:.1%}' for k in SIZES[name] if (name, k) not in have)}"
                for name in SIZES if any((name, k) not in have for k in SIZES[name])]
@@ -1065,7 +1155,7 @@ def render(payload: dict) -> None:
           + "\n\n" + markdown_table(columns, table)
           + ("\n\nPer-layer key/value split (`split=\"layer\"`) against one split for every layer:\n\n"
              + "\n".join(f"- {line}" for line in splits) if splits else "")
-          + heal_md + reach_md + task_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
+          + heal_md + reach_md + sharp_md + task_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
           + ("\n\nCLOVER's core scale, side by side:\n\n" + "\n".join(f"- {line}" for line in findings)
              if findings else "")
           + ("\n\nSecond metric, side by side:\n\n" + "\n".join(f"- {line}" for line in task_lines)
