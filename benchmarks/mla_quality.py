@@ -159,6 +159,12 @@ TASK_ROWS, TASK_KEPT = ("rope key query, refit, O refit", "TransMLA recipe (RoRo
 TASK_PLAN = [(BASE, 1.0)] + [(name, kept) for kept in TASK_KEPT for name in TASK_ROWS]  # (row, KV kept), in order
 
 
+def section(title: str, text: str, columns: list[str], table: list[list[str]]) -> str:
+    """A table printed to the terminal, and returned as BENCHMARKS.md markdown under its title and ``text``."""
+    print_table(title, columns, table)
+    return f"\n\n{title}. {text}\n\n" + markdown_table(columns, table)
+
+
 def separation(gap: float, se: float) -> str:
     """A difference (positive: ours better) read against its standard error: a verdict only beyond 2 SE."""
     return "ahead" if gap > 2 * se else ("behind" if -gap > 2 * se else "not separated")
@@ -479,7 +485,6 @@ def render_tasks() -> tuple[str, list[str]]:
     task = payload["task"]
     title = (f"Second metric: lm-eval accuracy on a local next-sentence task ({task['docs']} documents from WikiText-2 "
              f"test, {task['choices']} choices, seed {task['seed']}; chance {1 / task['choices']:.2f})")
-    print_table(title, columns, table)
     lines = []
     for kept in TASK_KEPT:
         mine, peer = got.get((TASK_ROWS[0], kept)), got.get((TASK_ROWS[1], kept))
@@ -490,11 +495,10 @@ def render_tasks() -> tuple[str, list[str]]:
                          f"TransMLA recipe {peer['acc_norm']:.3f}, difference {gap:+.3f}, 2 SE {2 * se:.3f} -> "
                          f"{separation(gap, se)}")
     machines = "; ".join(f"run {i}: {machine_line(m)}, `{m['command']}`" for i, m in enumerate(payload["runs"]))
-    md = (f"\n\n{title}. acc_norm (per-byte log-likelihood, the fair one when choices differ in length) +- the "
-          "harness's standard error; the context is one sentence of a paragraph, the choices its true next sentence "
-          "and three from other paragraphs of the same article, 5 to 30 words each "
-          f"(`clover.tasks.next_sentence_docs`). Machine and command: {machines}.\n\n" + markdown_table(columns, table))
-    return md, lines
+    return section(title, "acc_norm (per-byte log-likelihood, the fair one when choices differ in length) +- the "
+                   "harness's standard error; the context is one sentence of a paragraph, the choices its true next "
+                   "sentence and three from other paragraphs of the same article, 5 to 30 words each "
+                   f"(`clover.tasks.next_sentence_docs`). Machine and command: {machines}.", columns, table), lines
 
 
 def methods_at_lr(spec: str, methods: list[str]) -> dict[float, list[str]]:
@@ -677,11 +681,9 @@ def render_sharpness(payload: dict) -> tuple[str, list[str]]:
                          f"{row['start_kl']:.3f}); KL above the start {worse}")
     title = (f"CLOVER's first Adam step per target (KV {HEAL_KEPT:.0%}; change in KL from the original on 8 "
              "validation windows, the gradient from 8 others; `--heal-sharpness`)")
-    print_table(title, columns, table)
-    md = (f"\n\n{title}. Each target's cores alone (all: every core) move by the step against the sign of their "
-          "gradient, which is what Adam's first update does whatever the gradient's size; a target whose KL rises "
-          "at a step the others still gain from caps one lr shared by all.\n\n" + markdown_table(columns, table))
-    return md, lines
+    return section(title, "Each target's cores alone (all: every core) move by the step against the sign of their "
+                   "gradient, which is what Adam's first update does whatever the gradient's size; a target whose KL "
+                   "rises at a step the others still gain from caps one lr shared by all.", columns, table), lines
 
 
 def with_reach_row(rows: list, row: dict) -> list:
@@ -806,8 +808,7 @@ def render_heal(payload: dict) -> str:
     title = (f"Healed at KV {HEAL_KEPT:.0%} (training-free {start}; base {base:.2f}): KL distillation from the "
              f"original on WikiText-2 validation, {HEAL['steps']} steps x {HEAL['batch_size']} x {HEAL['seqlen']} "
              f"tokens, lr {HEAL['lr']:g}, from {HEAL_LEVER} unless the row says otherwise")
-    print_table(title, columns, table)
-    return (f"\n\n{title}. LoRA / PiSSA ranks are matched to CLOVER's trainable count on the same modules; the "
+    return section(title, "LoRA / PiSSA ranks are matched to CLOVER's trainable count on the same modules; the "
             "control is the original tuned the same way toward itself (same method, settings and data; its objective "
             f"starts at zero, and it serves every conversion). Rows from a conversion named '...{AS_SOLVED}' ran "
             "before `clover mla` wrote each exact pair in CLOVER's form (`mla/deepseek.py`, `balance_pairs`): the same "
@@ -815,7 +816,7 @@ def render_heal(payload: dict) -> str:
             "serve both, since its first step is that rewrite. Late KL, held out: the mean KL logged over the last "
             "quarter of steps, on validation windows each drawn once and scored before the step that trains on them "
             "(mean over seeds; '-' for rows run before it was recorded); where every lr tried has it, each method's "
-            f"lr is chosen by it at seed {SWEEP_SEED}, not by the test ppl.\n\n" + markdown_table(columns, table))
+            f"lr is chosen by it at seed {SWEEP_SEED}, not by the test ppl.", columns, table)
 
 
 LR_KEYS = ("lr", "lr_scales", "adam_eps", "core_scale")  # what a method's sweep varies: its pick is its "lr"
@@ -1043,8 +1044,7 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
                          f"against the peer: {read(fit_kl, peer_kl)}")
     title = (f"What CLOVER's cores can reach of a peer's healing (KV {HEAL_KEPT:.0%}, WikiText-2 test ppl, mean over "
              "seeds; `--heal-reach`)")
-    print_table(title, columns, table)
-    md = (f"\n\n{title}. Each peer heals as in the table above; then every CLOVER core of the conversion is set to "
+    md = section(title, "Each peer heals as in the table above; then every CLOVER core of the conversion is set to "
           "the least-squares fit of the healed weights (`clover.finetune.reach.project_`): a Q-K or V-O product, a "
           "rope query block or an MLP up block moves only inside the span of its frozen factors, so the fit is the "
           "closest model CLOVER's cores can express in weights (not in function: a lower bound on what they could "
@@ -1054,8 +1054,8 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
           "peer's whole change, start to healed, is 100%. CLOVER healed: its own healing at the same steps, targets "
           "and warmup (its lr by held-out KL; seeds in brackets). Test KL: KL(original || model) per token on the "
           "same test windows as the ppl (`clover.heal.mean_kl`), for the start, the peer, the weighted fit and "
-          "CLOVER's own healing run beside them at its lr (seeds in brackets; '-' where rows predate it).\n\n"
-          + markdown_table(columns, table))
+          "CLOVER's own healing run beside them at its lr (seeds in brackets; '-' where rows predate it).",
+                 columns, table)
     return md, lines
 
 
