@@ -235,6 +235,10 @@ def main() -> None:
                         "adding to its own results file.")
     args = parser.parse_args()
     args.heal = args.heal or args.heal_reach  # reaching a peer's healing heals it first
+    if args.heal_sharpness and not args.heal:
+        print("error: --heal-sharpness probes the conversion a healing run heals: add --heal or --heal-reach",
+              file=sys.stderr)
+        sys.exit(2)
     if args.render:
         render(json.loads(args.render.read_text()))
         return
@@ -421,6 +425,8 @@ def heal_plan(args) -> HealPlan:
     core_scale = {} if args.heal_core_scale == "unit" else {"core_scale": args.heal_core_scale}
     if core_scale and "clover" not in methods:
         raise CloverError("--heal-core-scale scales CLOVER's cores: run it with clover among --heal-methods")
+    if args.heal_sharpness and "clover" not in methods:
+        raise CloverError("--heal-sharpness probes CLOVER's cores: run it with clover among --heal-methods")
     if args.heal_lever not in LEVERS:
         raise CloverError(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
     plan = HealPlan(seeds, settings, methods_at_lr(args.heal_lr, methods), epsilons, core_scale)
