@@ -306,10 +306,8 @@ def main() -> None:
                      "core_scale": grid.get("core_scale", "unit")}
             if method != "clover" or any(all(r[k] == v for k, v in probe.items()) for r in sharp):
                 continue
-            if args.heal_lever not in conversions:
-                conversions[args.heal_lever], _ = convert(args.heal_lever, HEAL_KEPT, lm, calib)
             sharp.append({**probe, "run": len(runs) - 1,
-                          **first_step_sharpness(lm, conversions[args.heal_lever], grid)})
+                          **first_step_sharpness(lm, healed_start(args.heal_lever, lm, calib, conversions), grid)})
             print(sharp[-1], flush=True)
             save()
     if plan and args.heal_reach:
@@ -527,6 +525,14 @@ def methods_at_lr(spec: str, methods: list[str]) -> dict[float, list[str]]:
     return plan
 
 
+def healed_start(lever: str, lm, calib, conversions: dict):
+    """The KV 25% conversion of ``lever`` that healing starts from: made once per run into ``conversions`` (15
+    minutes on 2 cores), then shared by every lr, epsilon, seed and probe."""
+    if lever not in conversions:
+        conversions[lever], _ = convert(lever, HEAL_KEPT, lm, calib)
+    return conversions[lever]
+
+
 def tune(lm, calib, windows, kind: str, method: str, seed: int, settings: dict, lever: str, conversions: dict):
     """One healing run (``kind`` "healed": the conversion of ``lever``, made once into ``conversions``) or control
     (the original toward itself): ``(tuned model, HealReport, seconds)``."""
@@ -535,9 +541,7 @@ def tune(lm, calib, windows, kind: str, method: str, seed: int, settings: dict, 
 
     from clover.heal import distill, heal
 
-    if kind == "healed" and lever not in conversions:
-        conversions[lever], _ = convert(lever, HEAL_KEPT, lm, calib)
-    student = copy.deepcopy(conversions[lever] if kind == "healed" else lm.model)
+    student = copy.deepcopy(healed_start(lever, lm, calib, conversions) if kind == "healed" else lm.model)
     targets = settings.get("targets", HEAL_TARGETS) if kind == "healed" else "k,vo,up"  # the original: rotary
     config = heal_config(method, settings, seed, targets)
     with tempfile.TemporaryDirectory() as folder:
@@ -602,7 +606,7 @@ def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, co
         if seed in have:
             continue
         tuned, report, seconds = tune(lm, calib, windows, "healed", method, seed, settings, lever, conversions)
-        start = conversions[lever]
+        start = healed_start(lever, lm, calib, conversions)
         row = {"method": method, "seed": seed, "settings": dict(settings), "lever": lever, "run": run,
                "lora_r": report.lora_r, "heldout_kl": report.heldout_kl, "seconds": round(seconds, 1),
                "ppl": ppl(tuned), "test_kl": kl(tuned)}
