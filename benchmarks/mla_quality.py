@@ -42,10 +42,11 @@ conversion beside the comparison; ``--heal-targets`` trains other targets (``rop
 only LoRA / PiSSA reached before; the peers' rank is matched again) and ``--heal-warmup`` warms the learning rate
 up, both reported beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another lr). A
 peer that leaves the model worse than the training-free conversion gets no verdict. ``--heal-lr-scales up=0.5``
-scales one target's lr (``finetune.lr_scales``; LoRA / PiSSA scale the modules it adapts): part of the lr, so it
-joins the lr sweep rather than making a budget of its own; so does ``--heal-adam-eps 1e-3,3e-3`` (Adam's epsilon,
-each value its own run on one conversion), and ``--heal-core-scale spectrum`` (CLOVER's cores stepping strong
-directions more, ``finetune.modules._scaled_start``; peers in the same run are unaffected). Each method's lr (and
+scales one target's lr (``finetune.lr_scales``; LoRA / PiSSA scale the modules it adapts; ``lora:up=2`` one
+method's only): part of the lr, so it joins the lr sweep rather than making a budget of its own; so does
+``--heal-adam-eps 1e-3,3e-3`` (Adam's epsilon, each value its own run on one conversion), and
+``--heal-core-scale spectrum`` (CLOVER's cores stepping strong directions more, ``finetune.modules._scaled_start``;
+peers in the same run are unaffected). Each method's lr (and
 scales, epsilon, core scale) for a verdict is the one with the lowest late held-out KL at seed 0
 (``late_heldout_loss``: validation windows each scored before the step that trains on them), where every lr tried
 recorded it; rows from before it was recorded fall back to the lowest mean test ppl over 2 or more seeds. Where
@@ -210,9 +211,10 @@ def main() -> None:
                         "beside the comparison, without controls (the original has no shared rotated key).")
     parser.add_argument("--heal-warmup", type=int, default=0, help="Warmup steps (linear), the same for every "
                         "method; other than 0: reported beside the comparison.")
-    parser.add_argument("--heal-lr-scales", default="", help="Per-target lr multipliers, e.g. up=0.5 (the same for "
-                        "every method: LoRA / PiSSA scale the modules the target adapts), reported beside the "
-                        "comparison.")
+    parser.add_argument("--heal-lr-scales", default="", help="Per-target lr multipliers, e.g. up=0.5 (LoRA / PiSSA "
+                        "scale the modules the target adapts), reported beside the comparison; method:target=x "
+                        "(clover:vo=0.25,lora:up=2) gives one method its own (LoRA / PiSSA refuse, when their run "
+                        "starts, different scales for two targets that adapt one module: qk and vo share kv_b_proj).")
     parser.add_argument("--heal-adam-eps", default="", help="Adam's epsilon, or several (comma-separated, each its "
                         "own run on one conversion), the same for every method; part of the lr sweep.")
     parser.add_argument("--heal-core-scale", default="unit", help="CLOVER's core scale (finetune.modules."
@@ -388,12 +390,15 @@ class HealPlan:
     lrs: dict[float, list[str]]  # lr -> the methods run at it, in order
     epsilons: list[float | None]
     core_scale: dict  # CLOVER's only: the peers have no cores to scale
+    lr_scales: dict[str, dict]  # method -> its per-target lr multipliers (none: one rate)
 
     def grids(self):
         """Each (method, settings) run, in order: every epsilon of one lr before the next lr."""
         for lr, at_lr in self.lrs.items():
             for eps, method in itertools.product(self.epsilons, at_lr):
+                scales = self.lr_scales.get(method)
                 yield method, dict(self.settings, lr=lr, **({} if eps is None else {"adam_eps": eps}),
+                                   **({"lr_scales": scales} if scales else {}),
                                    **(self.core_scale if method == "clover" else {}))
 
 
@@ -416,10 +421,6 @@ def heal_plan(args) -> HealPlan:
         settings["targets"] = args.heal_targets
     if args.heal_warmup:
         settings["warmup_steps"] = args.heal_warmup
-    if args.heal_lr_scales:
-        from clover.finetune.lr_scales import parse_lr_scales
-
-        settings["lr_scales"] = dict(parse_lr_scales(args.heal_lr_scales))
     core_scale = {} if args.heal_core_scale == "unit" else {"core_scale": args.heal_core_scale}
     if core_scale and "clover" not in methods:
         raise CloverError("--heal-core-scale scales CLOVER's cores: run it with clover among --heal-methods")
@@ -427,7 +428,8 @@ def heal_plan(args) -> HealPlan:
         raise CloverError("--heal-sharpness probes CLOVER's cores: run it with clover among --heal-methods")
     if args.heal_lever not in LEVERS:
         raise CloverError(f"unknown --heal-lever {args.heal_lever!r}: use one of {list(LEVERS)}")
-    plan = HealPlan(seeds, settings, methods_at_lr(args.heal_lr, methods), epsilons, core_scale)
+    plan = HealPlan(seeds, settings, methods_at_lr(args.heal_lr, methods), epsilons, core_scale,
+                    lr_scales_by_method(args.heal_lr_scales, methods))
     for method, grid in plan.grids():
         heal_config(method, grid, seeds[0], grid.get("targets", HEAL_TARGETS)).check()
     return plan
@@ -523,6 +525,25 @@ def methods_at_lr(spec: str, methods: list[str]) -> dict[float, list[str]]:
         for m in [method] if method else methods:
             plan.setdefault(lr, []).append(m)
     return plan
+
+
+def lr_scales_by_method(spec: str, methods: list[str]) -> dict[str, dict]:
+    """``--heal-lr-scales``: each method's per-target lr multipliers. ``vo=0.25`` serves every method;
+    ``clover:vo=0.25,lora:up=2`` gives each method its own (LoRA's ``kv_b_proj`` serves both Q-K and V-O, so it cannot
+    take CLOVER's V-O split), so both picks share one conversion in one run; a method's own entry overrides a
+    shared one for the same target. Bad input raises ``CloverError``."""
+    from clover.errors import CloverError
+    from clover.finetune.lr_scales import parse_lr_scales
+
+    shared, own = [], {method: [] for method in methods}
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        method, _, scale = entry.rpartition(":")
+        if method and method not in methods:
+            raise CloverError(f"--heal-lr-scales names {method!r}, which --heal-methods does not run: use one of "
+                              f"{methods}")
+        (own[method] if method else shared).append(scale)
+    return {method: dict(parse_lr_scales(",".join(shared))) | dict(parse_lr_scales(",".join(own[method])))
+            for method in methods}
 
 
 def healed_start(lever: str, lm, calib, conversions: dict):
