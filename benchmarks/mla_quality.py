@@ -542,8 +542,9 @@ def lr_scales_by_method(spec: str, methods: list[str]) -> dict[str, dict]:
             raise CloverError(f"--heal-lr-scales names {method!r}, which --heal-methods does not run: use one of "
                               f"{methods}")
         (own[method] if method else shared).append(scale)
-    return {method: dict(parse_lr_scales(",".join(shared))) | dict(parse_lr_scales(",".join(own[method])))
-            for method in methods}
+    merged = {method: dict(parse_lr_scales(",".join(shared))) | dict(parse_lr_scales(",".join(own[method])))
+              for method in methods}
+    return {method: dict(sorted(scales.items())) for method, scales in merged.items()}  # one order, one label
 
 
 def healed_start(lever: str, lm, calib, conversions: dict):
