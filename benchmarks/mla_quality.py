@@ -85,7 +85,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -232,6 +232,9 @@ def main() -> None:
     parser.add_argument("--heal-sharpness", action="store_true", help="With --heal / --heal-reach: first probe "
                         "CLOVER's cores on the conversion, one target at a time: the KL after one first Adam step of "
                         "each size in SHARP_ETAS (which target caps a shared lr), adding to the saved run.")
+    parser.add_argument("--conversion-cache", type=Path, default=None, help="With --heal / --heal-reach: a folder "
+                        "that keeps each healed conversion, keyed by everything it is made from (conversion_key), so "
+                        "a later run with the same key loads it in seconds instead of converting for 15 minutes.")
     parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
                         "for the base, the strongest lever and the TransMLA recipe at KV 50%% and 25%% (TASK_PLAN), "
                         "adding to its own results file.")
@@ -240,6 +243,11 @@ def main() -> None:
     if args.heal_sharpness and not args.heal:
         print("error: --heal-sharpness probes the conversion a healing run heals: add --heal or --heal-reach",
               file=sys.stderr)
+        sys.exit(2)
+    if args.conversion_cache and (not args.heal or args.conversion_cache.exists()
+                                  and not args.conversion_cache.is_dir()):
+        print(f"error: --conversion-cache {args.conversion_cache} keeps the conversions healing starts from: pass a "
+              "folder (not a file), with --heal or --heal-reach", file=sys.stderr)
         sys.exit(2)
     if args.render:
         render(json.loads(args.render.read_text()))
@@ -301,7 +309,7 @@ def main() -> None:
         return payload
 
     sharp = (saved or {}).get("sharpness", [])
-    conversions = {}  # one conversion serves every lr, epsilon and probe
+    conversions = Conversions(args.conversion_cache)  # one conversion serves every lr, epsilon and probe
     if plan and args.heal_sharpness:
         for method, grid in plan.grids():
             probe = {"lever": args.heal_lever, "targets": grid.get("targets", HEAL_TARGETS),
@@ -309,7 +317,7 @@ def main() -> None:
             if method != "clover" or any(all(r[k] == v for k, v in probe.items()) for r in sharp):
                 continue
             sharp.append({**probe, "run": len(runs) - 1,
-                          **first_step_sharpness(lm, healed_start(args.heal_lever, lm, calib, conversions), grid)})
+                          **first_step_sharpness(lm, conversions.start(args.heal_lever, lm, calib), grid)})
             print(sharp[-1], flush=True)
             save()
     if plan and args.heal_reach:
@@ -547,23 +555,68 @@ def lr_scales_by_method(spec: str, methods: list[str]) -> dict[str, dict]:
     return {method: dict(sorted(scales.items())) for method, scales in merged.items()}  # one order, one label
 
 
-def healed_start(lever: str, lm, calib, conversions: dict):
-    """The KV 25% conversion of ``lever`` that healing starts from: made once per run into ``conversions`` (15
-    minutes on 2 cores), then shared by every lr, epsilon, seed and probe."""
-    if lever not in conversions:
-        conversions[lever], _ = convert(lever, HEAL_KEPT, lm, calib)
-    return conversions[lever]
+@dataclass
+class Conversions:
+    """The KV 25% conversions healing starts from, each made once per run (15 minutes on 2 cores) and shared by
+    every lr, epsilon, seed and probe. With ``cache`` (``--conversion-cache``) each is also saved there under its
+    ``conversion_key``, and a later run with the same key loads it instead of converting again."""
+
+    cache: Path | None = None
+    made: dict = field(default_factory=dict)
+
+    def start(self, lever: str, lm, calib):
+        if lever not in self.made:
+            self.made[lever] = self._load_or_convert(lever, lm, calib)
+        return self.made[lever]
+
+    def _load_or_convert(self, lever: str, lm, calib):
+        if self.cache is None:
+            return convert(lever, HEAL_KEPT, lm, calib)[0]
+        from clover.models import load
+        from clover.save import save_model
+
+        folder = self.cache / conversion_key(lever, lm, calib)
+        if folder.is_dir():
+            return load(str(folder)).model
+        model, _ = convert(lever, HEAL_KEPT, lm, calib)
+        save_model(model, None, folder)  # atomic: a cut run leaves no half-written entry
+        return model
 
 
-def tune(lm, calib, windows, kind: str, method: str, seed: int, settings: dict, lever: str, conversions: dict):
-    """One healing run (``kind`` "healed": the conversion of ``lever``, made once into ``conversions``) or control
+def conversion_key(lever: str, lm, calib) -> str:
+    """A cached conversion's name: a hash of everything it is made from (the lever's fields and size, the original's
+    embedding weights, the calibration windows, the code that converts: the clover package, ``convert`` and
+    ``validation_windows``, and the torch / transformers versions), so any change to them makes a new entry."""
+    import hashlib
+    import inspect
+
+    import torch
+    import transformers
+
+    import clover
+
+    digest = hashlib.sha256(json.dumps([lever, LEVERS[lever], HEAL_KEPT, torch.__version__, transformers.__version__],
+                                       sort_keys=True, default=str).encode())
+    for source in (convert, validation_windows):
+        digest.update(inspect.getsource(source).encode())
+    digest.update(lm.model.get_input_embeddings().weight.detach().cpu().numpy().tobytes())
+    digest.update(calib.cpu().numpy().tobytes())
+    package = Path(clover.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + path.read_bytes())
+    return f"kv{round(HEAL_KEPT * 100)}-{digest.hexdigest()[:16]}"
+
+
+def tune(lm, calib, windows, kind: str, method: str, seed: int, settings: dict, lever: str,
+         conversions: Conversions):
+    """One healing run (``kind`` "healed": the conversion of ``lever``, made once by ``conversions``) or control
     (the original toward itself): ``(tuned model, HealReport, seconds)``."""
     import copy
     import tempfile
 
     from clover.heal import distill, heal
 
-    student = copy.deepcopy(healed_start(lever, lm, calib, conversions) if kind == "healed" else lm.model)
+    student = copy.deepcopy(conversions.start(lever, lm, calib) if kind == "healed" else lm.model)
     targets = settings.get("targets", HEAL_TARGETS) if kind == "healed" else "k,vo,up"  # the original: rotary
     config = heal_config(method, settings, seed, targets)
     with tempfile.TemporaryDirectory() as folder:
@@ -581,13 +634,13 @@ def healing_windows(lm, settings: dict):
 
 
 def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER, controls=True,
-              conversions: dict | None = None):
+              conversions: Conversions | None = None):
     """Healed conversions of ``lever`` and (``controls``) controls not yet in ``done`` (same settings; a control
     tunes the original, so it serves every lever): one row per method, seed and kind. ``conversions`` keeps the
     conversion for the next call (another epsilon heals the same one)."""
     windows = healing_windows(lm, settings)
     have = {(r["kind"], r["method"], r["seed"]) for r in done if in_group(r, settings, lever)}
-    conversions = {} if conversions is None else conversions
+    conversions = Conversions() if conversions is None else conversions
     plan = [("healed", m, s) for m in methods for s in seeds] + \
         [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds and controls
          and "targets" not in settings]  # the original has no shared rotated key for a rope target
@@ -608,7 +661,7 @@ def healing_row(kind, method, seed, test_ppl, report, seconds, settings, run, le
     return row if kind == "control" or lever == HEAL_LEVER else {**row, "lever": lever}
 
 
-def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, conversions: dict):
+def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, conversions: Conversions):
     """Per seed not yet in ``done`` with a test KL: the method's healing of ``lever``, its test ppl and test KL
     (``kl``: KL from the original on the test windows, ``heal.mean_kl``), and, for a peer, CLOVER's cores fitted to
     it (``finetune.reach.project_``, weighted by the inputs' second moments on the calibration windows, and plain).
@@ -628,7 +681,7 @@ def reach_runs(lm, calib, ppl, kl, method, seeds, done, run, settings, lever, co
         if seed in have:
             continue
         tuned, report, seconds = tune(lm, calib, windows, "healed", method, seed, settings, lever, conversions)
-        start = healed_start(lever, lm, calib, conversions)
+        start = conversions.start(lever, lm, calib)
         row = {"method": method, "seed": seed, "settings": dict(settings), "lever": lever, "run": run,
                "lora_r": report.lora_r, "heldout_kl": report.heldout_kl, "seconds": round(seconds, 1),
                "ppl": ppl(tuned), "test_kl": kl(tuned)}
