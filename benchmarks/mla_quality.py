@@ -46,10 +46,10 @@ scales one target's lr (``finetune.lr_scales``; LoRA / PiSSA scale the modules i
 method's only): part of the lr, so it joins the lr sweep rather than making a budget of its own; so does
 ``--heal-adam-eps 1e-3,3e-3`` (Adam's epsilon, each value its own run on one conversion), and
 ``--heal-core-scale spectrum`` (CLOVER's cores stepping strong directions more, ``finetune.modules._scaled_start``;
-peers in the same run are unaffected). Each method's lr (and
-scales, epsilon, core scale) for a verdict is the one with the lowest late held-out KL at seed 0
-(``late_heldout_loss``: validation windows each scored before the step that trains on them), where every lr tried
-recorded it; rows from before it was recorded fall back to the lowest mean test ppl over 2 or more seeds. Where
+peers in the same run are unaffected). Each method's lr (and scales, epsilon, core scale) for a verdict is the one
+with the lowest late held-out KL at seed 0 (``late_heldout_loss``: validation windows each scored before the step
+that trains on them), where every lr tried recorded it; rows from before it was recorded fall back to the lowest
+mean test ppl over 2 or more seeds. Where
 CLOVER ran at both core scales, each at its own best lr is read against the other over seeds
 (``core_scale_findings``). A verdict reads the difference of seed means against 2 SE with at least
 ``VERDICT_SEEDS`` (3) seeds a side; a comparison with fewer prints its figures and no verdict. Runs already in the
@@ -550,8 +550,8 @@ def lr_scales_by_method(spec: str, methods: list[str]) -> dict[str, dict]:
             raise CloverError(f"--heal-lr-scales names {method!r}, which --heal-methods does not run: use one of "
                               f"{methods}")
         (own[method] if method else shared).append(scale)
-    merged = {method: dict(parse_lr_scales(",".join(shared))) | dict(parse_lr_scales(",".join(own[method])))
-              for method in methods}
+    common = dict(parse_lr_scales(",".join(shared)))
+    merged = {method: common | dict(parse_lr_scales(",".join(own[method]))) for method in methods}
     return {method: dict(sorted(scales.items())) for method, scales in merged.items()}  # one order, one label
 
 
@@ -893,7 +893,7 @@ def render_heal(payload: dict) -> str:
     title = (f"Healed at KV {HEAL_KEPT:.0%} (training-free {start}; base {base:.2f}): KL distillation from the "
              f"original on WikiText-2 validation, {HEAL['steps']} steps x {HEAL['batch_size']} x {HEAL['seqlen']} "
              f"tokens, lr {HEAL['lr']:g}, from {HEAL_LEVER} unless the row says otherwise")
-    return section(title, "LoRA / PiSSA ranks are matched to CLOVER's trainable count on the same modules; the "
+    text = ("LoRA / PiSSA ranks are matched to CLOVER's trainable count on the same modules; the "
             "control is the original tuned the same way toward itself (same method, settings and data; its objective "
             f"starts at zero, and it serves every conversion). Rows from a conversion named '...{AS_SOLVED}' ran "
             "before `clover mla` wrote each exact pair in CLOVER's form (`mla/deepseek.py`, `balance_pairs`): the same "
@@ -901,7 +901,8 @@ def render_heal(payload: dict) -> str:
             "serve both, since its first step is that rewrite. Late KL, held out: the mean KL logged over the last "
             "quarter of steps, on validation windows each drawn once and scored before the step that trains on them "
             "(mean over seeds; '-' for rows run before it was recorded); where every lr tried has it, each method's "
-            f"lr is chosen by it at seed {SWEEP_SEED}, not by the test ppl.", columns, table)
+            f"lr is chosen by it at seed {SWEEP_SEED}, not by the test ppl.")
+    return section(title, text, columns, table)
 
 
 LR_KEYS = ("lr", "lr_scales", "adam_eps", "core_scale")  # what a method's sweep varies: its pick is its "lr"
@@ -1129,19 +1130,18 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
                          f"against the peer: {read(fit_kl, peer_kl)}")
     title = (f"What CLOVER's cores can reach of a peer's healing (KV {HEAL_KEPT:.0%}, WikiText-2 test ppl, mean over "
              "seeds; `--heal-reach`)")
-    md = section(title, "Each peer heals as in the table above; then every CLOVER core of the conversion is set to "
-          "the least-squares fit of the healed weights (`clover.finetune.reach.project_`): a Q-K or V-O product, a "
-          "rope query block or an MLP up block moves only inside the span of its frozen factors, so the fit is the "
-          "closest model CLOVER's cores can express in weights (not in function: a lower bound on what they could "
-          "hold). Weighted: errors priced by the second moments of what each side reads on the 16 calibration "
-          "windows; plain: the weights' Frobenius norm. Gain held: the weighted fit's share of the peer's drop in ppl "
-          "from the start. Out of reach: the share of the change's energy, in the fit's metric, per target; the "
-          "peer's whole change, start to healed, is 100%. CLOVER healed: its own healing at the same steps, targets "
-          "and warmup (its lr by held-out KL; seeds in brackets). Test KL: KL(original || model) per token on the "
-          "same test windows as the ppl (`clover.heal.mean_kl`), for the start, the peer, the weighted fit and "
-          "CLOVER's own healing run beside them at its lr (seeds in brackets; '-' where rows predate it).",
-                 columns, table)
-    return md, lines
+    text = ("Each peer heals as in the table above; then every CLOVER core of the conversion is set to "
+            "the least-squares fit of the healed weights (`clover.finetune.reach.project_`): a Q-K or V-O product, a "
+            "rope query block or an MLP up block moves only inside the span of its frozen factors, so the fit is the "
+            "closest model CLOVER's cores can express in weights (not in function: a lower bound on what they could "
+            "hold). Weighted: errors priced by the second moments of what each side reads on the 16 calibration "
+            "windows; plain: the weights' Frobenius norm. Gain held: the weighted fit's share of the peer's drop in "
+            "ppl from the start. Out of reach: the share of the change's energy, in the fit's metric, per target; the "
+            "peer's whole change, start to healed, is 100%. CLOVER healed: its own healing at the same steps, targets "
+            "and warmup (its lr by held-out KL; seeds in brackets). Test KL: KL(original || model) per token on the "
+            "same test windows as the ppl (`clover.heal.mean_kl`), for the start, the peer, the weighted fit and "
+            "CLOVER's own healing run beside them at its lr (seeds in brackets; '-' where rows predate it).")
+    return section(title, text, columns, table), lines
 
 
 def goals_of(payload: dict) -> list[str]:
