@@ -49,9 +49,8 @@ method's only): part of the lr, so it joins the lr sweep rather than making a bu
 peers in the same run are unaffected). Each method's lr (and scales, epsilon, core scale) for a verdict is the one
 with the lowest late held-out KL at seed 0 (``late_heldout_loss``: validation windows each scored before the step
 that trains on them), where every lr tried recorded it; rows from before it was recorded fall back to the lowest
-mean test ppl over 2 or more seeds. Where
-CLOVER ran at both core scales, each at its own best lr is read against the other over seeds
-(``core_scale_findings``). A verdict reads the difference of seed means against 2 SE with at least
+mean test ppl over 2 or more seeds. Where CLOVER ran at both core scales, each at its own best lr is read against
+the other over seeds (``core_scale_findings``). A verdict reads the difference of seed means against 2 SE with at least
 ``VERDICT_SEEDS`` (3) seeds a side; a comparison with fewer prints its figures and no verdict. Runs already in the
 JSON with the same settings are kept, so an interrupted ``--heal`` resumes.
 
@@ -244,8 +243,8 @@ def main() -> None:
         print("error: --heal-sharpness probes the conversion a healing run heals: add --heal or --heal-reach",
               file=sys.stderr)
         sys.exit(2)
-    if args.conversion_cache and (not args.heal or args.conversion_cache.exists()
-                                  and not args.conversion_cache.is_dir()):
+    if args.conversion_cache and (not args.heal or (args.conversion_cache.exists()
+                                                    and not args.conversion_cache.is_dir())):
         print(f"error: --conversion-cache {args.conversion_cache} keeps the conversions healing starts from: pass a "
               "folder (not a file), with --heal or --heal-reach", file=sys.stderr)
         sys.exit(2)
@@ -584,9 +583,10 @@ class Conversions:
 
 
 def conversion_key(lever: str, lm, calib) -> str:
-    """A cached conversion's name: a hash of everything it is made from (the lever's fields and size, the original's
-    embedding weights, the calibration windows, the code that converts: the clover package, ``convert`` and
-    ``validation_windows``, and the torch / transformers versions), so any change to them makes a new entry."""
+    """A cached conversion's name: a hash of everything it is made from (the lever's fields and size, every weight of
+    the original (``weights_digest``), the calibration windows, the code that converts: the clover package,
+    ``convert`` and ``validation_windows``, and the torch / transformers versions), so any change to them makes a new
+    entry."""
     import hashlib
     import inspect
 
@@ -594,12 +594,13 @@ def conversion_key(lever: str, lm, calib) -> str:
     import transformers
 
     import clover
+    from clover.finetune.train import weights_digest
 
     digest = hashlib.sha256(json.dumps([lever, LEVERS[lever], HEAL_KEPT, torch.__version__, transformers.__version__],
                                        sort_keys=True, default=str).encode())
     for source in (convert, validation_windows):
         digest.update(inspect.getsource(source).encode())
-    digest.update(lm.model.get_input_embeddings().weight.detach().cpu().numpy().tobytes())
+    digest.update(weights_digest(lm.model).encode())
     digest.update(calib.cpu().numpy().tobytes())
     package = Path(clover.__file__).parent
     for path in sorted(package.rglob("*.py")):
@@ -633,14 +634,13 @@ def healing_windows(lm, settings: dict):
     return token_windows(lm.tokenizer, ["\n\n".join(load_rows(split="validation"))], settings["seqlen"])
 
 
-def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER, controls=True,
-              conversions: Conversions | None = None):
+def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LEVER, controls=True, *,
+              conversions: Conversions):
     """Healed conversions of ``lever`` and (``controls``) controls not yet in ``done`` (same settings; a control
     tunes the original, so it serves every lever): one row per method, seed and kind. ``conversions`` keeps the
     conversion for the next call (another epsilon heals the same one)."""
     windows = healing_windows(lm, settings)
     have = {(r["kind"], r["method"], r["seed"]) for r in done if in_group(r, settings, lever)}
-    conversions = Conversions() if conversions is None else conversions
     plan = [("healed", m, s) for m in methods for s in seeds] + \
         [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds and controls
          and "targets" not in settings]  # the original has no shared rotated key for a rope target
