@@ -170,16 +170,23 @@ def separation(gap: float, se: float) -> str:
     return "ahead" if gap > 2 * se else ("behind" if -gap > 2 * se else "not separated")
 
 
+def lever_calibration(name: str, lm, calib):
+    """The windows row ``name`` calibrates on: the benchmark's own (``calib``), or as many validation windows of the
+    same length as the lever asks for. Read here, apart from ``convert``, so that a cached conversion's key hashes
+    exactly the windows it was made from."""
+    windows = LEVERS.get(name, {}).get("calib_windows")
+    return validation_windows(lm.tokenizer, windows, calib.shape[1]) if windows else calib
+
+
 def convert(name: str, kept: float, lm, calib):
+    """Row ``name`` at ``kept`` of the cache, calibrated on ``calib``: the lever's own windows (``lever_calibration``),
+    so every caller passes what the conversion reads."""
     from clover.latent import LatentConfig, to_latent
     from clover.mla import MlaConfig, to_mla
 
     if name == LATENT:
         return to_latent(lm.model, LatentConfig(kv_ratio=1 - kept, calibration=calib, progress=False))
-    fields = dict(LEVERS[name])
-    windows = fields.pop("calib_windows", None)
-    if windows:  # more validation windows than the benchmark's 16, the same length
-        calib = validation_windows(lm.tokenizer, windows, calib.shape[1])
+    fields = {key: value for key, value in LEVERS[name].items() if key != "calib_windows"}
     fields.setdefault("rope_frequencies", "spread")  # what the rows measured before the choice existed keep
     if kept * 2 * 3 * 64 <= fields.get("rope_dims", 64):  # below one full rotated key: partial RoPE
         fields["rope_dims"] = 16
@@ -233,7 +240,8 @@ def main() -> None:
                         "each size in SHARP_ETAS (which target caps a shared lr), adding to the saved run.")
     parser.add_argument("--conversion-cache", type=Path, default=None, help="With --heal / --heal-reach: a folder "
                         "that keeps each healed conversion, keyed by everything it is made from (conversion_key), so "
-                        "a later run with the same key loads it in seconds instead of converting for 15 minutes.")
+                        "a later run with the same key loads it in seconds instead of converting again (the lever's "
+                        "row in the JSON has how long that takes).")
     parser.add_argument("--tasks", action="store_true", help="Score the second metric (the local next-sentence task) "
                         "for the base, the strongest lever and the TransMLA recipe at KV 50%% and 25%% (TASK_PLAN), "
                         "adding to its own results file.")
@@ -346,7 +354,7 @@ def main() -> None:
             if (name == LATENT and kept == 1.0) or (args.missing and (name, kept) in have):
                 continue
             start = time.perf_counter()
-            model, report = convert(name, kept, lm, calib)
+            model, report = convert(name, kept, lm, lever_calibration(name, lm, calib))
             seconds = time.perf_counter() - start
             row = {"name": name, "kept": kept, "ppl": ppl(model), "seconds": round(seconds, 1),
                    "kv_bytes_per_token": report.kv_bytes_per_token_after, "run": len(runs) - 1}
@@ -411,7 +419,8 @@ class HealPlan:
 
 def heal_plan(args) -> HealPlan:
     """The ``--heal`` flags read and checked, each healing config the run will build included (``HealConfig.check``),
-    so a bad flag stops the run (``CloverError``) before the model loads rather than after a 15-minute conversion."""
+    so a bad flag stops the run (``CloverError``) before the model loads rather than after the conversion, which
+    takes longer than a healing run's first steps."""
     from clover.errors import CloverError
 
     methods = [m.strip() for m in args.heal_methods.split(",") if m.strip()]
@@ -470,7 +479,7 @@ def task_rows(lm, calib, info) -> None:
         for name, kept in TASK_PLAN:
             if (name, kept) in have:
                 continue
-            model = lm.model if name == BASE else convert(name, kept, lm, calib)[0]
+            model = lm.model if name == BASE else convert(name, kept, lm, lever_calibration(name, lm, calib))[0]
             score = evaluate_tasks(model, lm.tokenizer, config).score(TASK["name"])
             row = {"name": name, "kept": kept, "acc": score.acc, "acc_stderr": score.acc_stderr,
                    "acc_norm": score.acc_norm, "acc_norm_stderr": score.acc_norm_stderr,
@@ -556,9 +565,10 @@ def lr_scales_by_method(spec: str, methods: list[str]) -> dict[str, dict]:
 
 @dataclass
 class Conversions:
-    """The KV 25% conversions healing starts from, each made once per run (15 minutes on 2 cores) and shared by
-    every lr, epsilon, seed and probe. With ``cache`` (``--conversion-cache``) each is also saved there under its
-    ``conversion_key``, and a later run with the same key loads it instead of converting again."""
+    """The KV 25% conversions healing starts from, each made once per run (the slow step: its time is the lever's
+    row in the JSON) and shared by every lr, epsilon, seed and probe. With ``cache`` (``--conversion-cache``) each is
+    also saved there under its ``conversion_key``, and a later run with the same key loads it instead of converting
+    again."""
 
     cache: Path | None = None
     made: dict = field(default_factory=dict)
@@ -569,6 +579,7 @@ class Conversions:
         return self.made[lever]
 
     def _load_or_convert(self, lever: str, lm, calib):
+        calib = lever_calibration(lever, lm, calib)  # read once: the key hashes what the conversion reads
         if self.cache is None:
             return convert(lever, HEAL_KEPT, lm, calib)[0]
         from clover.models import load
@@ -584,9 +595,9 @@ class Conversions:
 
 def conversion_key(lever: str, lm, calib) -> str:
     """A cached conversion's name: a hash of everything it is made from (the lever's fields and size, every weight of
-    the original (``weights_digest``), the calibration windows, the code that converts: the clover package,
-    ``convert`` and ``validation_windows``, and the torch / transformers versions), so any change to them makes a new
-    entry."""
+    the original (``weights_digest``), the windows it calibrates on (``lever_calibration``: all of them, also those a
+    lever reads beyond the benchmark's 16), the code that converts: the clover package and ``convert``, and the
+    torch / transformers versions), so any change to them makes a new entry."""
     import hashlib
     import inspect
 
@@ -598,8 +609,7 @@ def conversion_key(lever: str, lm, calib) -> str:
 
     digest = hashlib.sha256(json.dumps([lever, LEVERS[lever], HEAL_KEPT, torch.__version__, transformers.__version__],
                                        sort_keys=True, default=str).encode())
-    for source in (convert, validation_windows):
-        digest.update(inspect.getsource(source).encode())
+    digest.update(inspect.getsource(convert).encode())
     digest.update(weights_digest(lm.model).encode())
     digest.update(calib.cpu().numpy().tobytes())
     package = Path(clover.__file__).parent
