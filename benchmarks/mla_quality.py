@@ -29,6 +29,10 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
 - per-layer split: each layer's key/value split chosen on the 4 held-out windows, one layer at a time, from the one
   best split (``split="layer"``; "grid to 64": the grid of splits tried widened from 0.25..16 to 0.25..64, since
   most late layers chose its top); at KV 25% on the best row, and on the best rows of KV 50% and 12.5%;
+- layer-wise refit: after the solve, each converted attention block tuned on its own by Adam (``LOCAL_STEPS``
+  steps) toward the original block's output on the calibration windows, kept where the 4 held-out windows improve
+  (``local_steps``, ``mla/local.py``): no labels and no pass through the rest of the model, the calibration text
+  priced at the block's output instead of in closed form; at KV 25% on the 32-rotated-dims row and the best row;
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
@@ -106,12 +110,16 @@ def fastest_fields(dims: int, **more) -> dict:
     return dict(rope_key="query", unrotated="refit", rope_dims=dims, rope_frequencies="fastest", o_refit=True, **more)
 
 
+LOCAL_STEPS = 200  # the layer-wise refit's Adam steps per block (MlaConfig's lr and batch)
 KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not met: row suffix -> fields added
     ", mixed values": dict(value_moment="mixed"),
     **{f", {n} calibration windows": dict(calib_windows=n) for n in (64, 128)},
     ", per-layer split": dict(split="layer"),
     ", 64 calibration windows, per-layer split": dict(calib_windows=64, split="layer"),
     ", per-layer split, grid to 64": dict(split="layer", split_grid=(0.25, 1.0, 4.0, 16.0, 64.0)),
+    ", layer-wise refit": dict(local_steps=LOCAL_STEPS),
+    ", 64 calibration windows, per-layer split, layer-wise refit": dict(calib_windows=64, split="layer",
+                                                                       local_steps=LOCAL_STEPS),
 }
 
 

@@ -139,6 +139,9 @@ def test_original_attention_matches_the_model():
     (dict(value_moment="output"), "unknown --value-moment"),
     (dict(value_moment="mixed", latent_weights="bkv"), "runs with --latent-weights clover"),
     (dict(split="best"), "use auto, layer or a positive number"),
+    (dict(local_steps=-1), "use steps >= 0"),
+    (dict(local_steps=5, local_lr=0.0), "a positive lr"),
+    (dict(layout="gqa", local_steps=5), "refits MLA blocks"),
 ])
 def test_bad_lever_settings_are_refused(gqa, fields, message):
     with pytest.raises(CloverError, match=message):
@@ -300,6 +303,24 @@ def test_the_loss_from_a_layer_on_is_the_whole_models_loss(gqa):
         walker.advance()
 
 
+def test_the_layer_wise_refit_keeps_only_what_lowers_the_held_out_error_and_stays_the_stock_function(gqa):
+    """``local_steps``: each block is refit to the original block's output and kept only where its held-out error
+    fell; the stock model still computes clover's reference of what was kept, and on this model the whole model's
+    held-out loss falls below the solve's (the same windows hold out in both conversions)."""
+    from clover import heldout
+    from clover.adapters import adapter_for
+
+    fields = dict(calibration=CALIB, kv_ratio=0.6, rope_dims=8, progress=False)
+    plain, solved = to_mla(gqa, MlaConfig(**fields))
+    mla, refit = to_mla(gqa, MlaConfig(local_steps=40, **fields))
+    fits = [layer.local for layer in refit.layers]
+    assert all(solved_layer.local is None for solved_layer in solved.layers)
+    assert all(fit.kept == (fit.after < fit.before) for fit in fits) and any(fit.kept for fit in fits)
+    assert refit.check["passed"] and any("layer-wise refit" in note for note in refit.notes)
+    reference = heldout.Reference(gqa, adapter_for(gqa), CALIB[-4:])
+    assert reference.loss(mla) < reference.loss(plain)
+
+
 def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     import json
 
@@ -314,13 +335,14 @@ def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     tiny_tokenizer().save_pretrained(folder)
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "out"), "--kv-ratio", "0.5",
                                  "--rope-key", "attention", "--unrotated", "refit", "--rope-dims", "8", "--o-refit",
-                                 "--value-moment", "mixed", "--split", "layer",
+                                 "--value-moment", "mixed", "--split", "layer", "--local-steps", "5",
                                  "--calib-samples", "6", "--calib-seqlen", "32", "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert (report["rope_key"], report["unrotated"], report["qk_rope_head_dim"]) == ("attention", "refit", 8)
     assert report["value_moment"] == "mixed" and "layer" in report["split_losses"]
     assert all(layer["split"] in (0.25, 1, 4, 16) for layer in report["layers"])
+    assert all(set(layer["local"]) == {"before", "after", "kept"} for layer in report["layers"])
     assert report["kv_lora_rank"] == 32 - 8  # half of 2 x 2 x 16, less the 8 rotated dims
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "x"), "--freqfold", "2",
                                  "--unrotated", "expected"])

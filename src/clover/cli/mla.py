@@ -66,8 +66,13 @@ def mla(
     value_moment: Annotated[str, typer.Option(help="What prices value errors in the joint latent: input (the "
                                                    "attention input) or mixed (the attention-mixed inputs O "
                                                    "reads; keys stay priced by the input).")] = "input",
+    local_steps: Annotated[int, typer.Option(help="Layer-wise refit: Adam steps per attention block toward the "
+                                                  "original block's output on the calibration windows, kept where "
+                                                  "the held-out windows improve (0: off).")] = 0,
+    local_lr: Annotated[float, typer.Option(help="Layer-wise refit's lr, relative to each tensor's RMS.")] = 3e-4,
     calib: CalibOpt = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split).")] = 16,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split and check "
+                                                    "the layer-wise refit).")] = 16,
     calib_seqlen: CalibSeqlenOpt = 512,
     eval_ppl: EvalPplOpt = False,
     seqlen: SeqlenOpt = 2048,
@@ -93,7 +98,7 @@ def mla(
     config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset, layout=layout, kv_heads=kv_heads,
                        rope_key=rope_key, unrotated=unrotated, rope_dims=rope_dims,
                        rope_frequencies=rope_frequencies, latent_weights=latent_weights, freqfold=freqfold,
-                       o_refit=o_refit, value_moment=value_moment)
+                       o_refit=o_refit, value_moment=value_moment, local_steps=local_steps, local_lr=local_lr)
     config.check()
     peeked = peek(ctx, model, "MLA conversion", calib_seqlen, eval_ppl, seqlen, lambda c, _: config.check_against(c))
     loaded, config.calibration, text, calib_note = load_calibrated(

@@ -51,6 +51,10 @@ class MlaConfig:
     value errors in the joint latent priced by the attention-mixed inputs (what O reads, as ``latent --v-moment
     mixed`` does) instead of the attention input, keys still by the input (``lowrank.joint_lowrank``).
 
+    ``local_steps``: after the solve, each converted attention block is refit on its own to the original block's
+    output on the calibration windows (``local.py``: ``local_steps`` Adam steps of ``local_batch`` windows, every
+    tensor stepping by ``local_lr`` times its RMS), kept per block where the held-out windows say it helps; 0: off.
+
     ``layout="gqa"``: instead of MLA, the plain ``llama`` architecture with ``kv_heads`` KV heads (``gqa.py``); the
     cache is then ``kv_heads / G`` of the original and ``kv_ratio`` is not used.
     """
@@ -72,6 +76,9 @@ class MlaConfig:
     o_refit: bool = True
     value_moment: str = "input"
     refit_windows: int = 2
+    local_steps: int = 0
+    local_lr: float = 3e-4
+    local_batch: int = 4
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
 
@@ -107,6 +114,12 @@ class MlaConfig:
         if self.value_moment == "mixed" and self.latent_weights != "clover":
             raise CloverError("--value-moment mixed prices values by what O reads: it runs with --latent-weights "
                               "clover (TransMLA's bkv latent weighs keys and values by their plain energy)")
+        if self.local_steps < 0 or self.local_batch < 1 or not self.local_lr > 0:
+            raise CloverError(f"--local-steps {self.local_steps} / --local-batch {self.local_batch} / --local-lr "
+                              f"{self.local_lr}: use steps >= 0 (0: no layer-wise refit), a batch of at least one "
+                              "window and a positive lr")
+        if self.local_steps and self.layout == "gqa":
+            raise CloverError("--local-steps refits MLA blocks: drop it with --layout gqa")
         if self.split not in SPLIT_SEARCHES:
             if isinstance(self.split, str) or not self.split > 0:
                 raise CloverError(f"--split {self.split!r}: use auto, layer or a positive number (the weight of key "
@@ -114,6 +127,10 @@ class MlaConfig:
 
     def searches_split(self) -> bool:
         return self.split in SPLIT_SEARCHES and len(self.split_grid) > 1
+
+    def holds_out(self) -> bool:
+        """Whether the last ``holdout`` calibration windows are kept apart (the split search, the refit's check)."""
+        return self.searches_split() or self.local_steps > 0
 
     def splits_per_layer(self) -> bool:
         return self.split == "layer" and self.searches_split()

@@ -9,6 +9,7 @@ clover's reference of the same function (``reference``).
 from __future__ import annotations
 
 import copy
+from statistics import median
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -22,10 +23,15 @@ from ..errors import CloverError
 from ..pairs import check_finite
 from ..sizes import SizeReport, parameter_count
 from ..verify import TOLERANCE, compare, model_outputs
-from . import attention, deepseek, gqa
+from . import attention, deepseek, gqa, local
 from .config import SPLIT_SEARCHES, MlaConfig
+from .local import LocalFit
 from .reference import reference_model
 from .solve import LayerMla, LayerParts, RotarySettings, full_rank, latent_layer, nope_dims, split_layer
+
+
+HELD_OUT_USES = "the key/value split or the layer-wise refit's check"
+FIXED = "a fixed --split and no --local-steps"
 
 
 @dataclass
@@ -34,6 +40,7 @@ class MlaLayer:
     rope_energy: float  # query-weighted share of the key energy in the shared rotated key
     latent_energy: float  # weighted share of the joint latent kept at kv_lora_rank
     split: float | None = None  # the key/value split this layer's latent was solved with
+    local: LocalFit | None = None  # the layer-wise refit's held-out error before / after (``local.py``)
 
 
 @dataclass
@@ -83,7 +90,8 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     if config.layout == "gqa":
         return _to_gqa(model, config)
     searching = config.searches_split()
-    held, statistics = heldout.split_windows(config.calibration, config.holdout, searching, model.config.hidden_size)
+    held, statistics = heldout.split_windows(config.calibration, config.holdout, config.holds_out(),
+                                             model.config.hidden_size, what=HELD_OUT_USES, fixed=FIXED)
     adapter = adapter_for(model)
     sites = adapter.sites(model)
     stats = calibrate.collect(model, adapter, sites, statistics, inputs=True, progress=config.progress)
@@ -117,6 +125,12 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     if config.splits_per_layer():
         layer_splits, losses["layer"] = split_per_layer(model, mla, parts, layers, layer_splits, rank, head_dim,
                                                         config, reference, losses[f"{split:g}"])
+    fits = []
+    if config.local_steps:
+        layers, fits = local.refit(model, adapter, sites, layers, statistics, held, head_dim, config.local_steps,
+                                   config.local_lr, config.local_batch, config.progress)
+        for block, original, layer in zip(mla.model.layers, model.model.layers, layers, strict=True):
+            deepseek.write_layer(block.self_attn, original, layer, head_dim)
     deepseek.balance_pairs(mla)
     check = verify(model, mla, layers, head_dim, adapter)
     size = next(model.parameters()).element_size()
@@ -129,12 +143,18 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         latent_weights=config.latent_weights, value_moment=config.value_moment,
         rope_frequencies=layers[0].rope_freqs.tolist(),
         rope_theta=float(mla.config.rope_parameters["rope_theta"]),
-        layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy, s)
-                for site, lr, s in zip(sites, layers, layer_splits, strict=True)],
+        layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy, s, fit)
+                for site, lr, s, fit in zip(sites, layers, layer_splits, fits or [None] * len(layers), strict=True)],
         check=check, params_before=parameter_count(model), params_after=parameter_count(mla),
         kv_bytes_per_token_before=len(sites) * 2 * kv_heads * head_dim * size,
         kv_bytes_per_token_after=len(sites) * (rank + rope_dims) * size, calibration_tokens=stats.tokens,
     )
+    if fits:
+        kept = [fit for fit in fits if fit.kept]
+        report.notes.append(f"layer-wise refit ({config.local_steps} steps a block): kept in {len(kept)} of "
+                            f"{len(fits)} blocks; held-out block output error, median over blocks, "
+                            f"{median(f.before for f in fits):.4f} -> "
+                            f"{median(min(f.before, f.after) for f in fits):.4f}")
     if rank > report.full_rank:
         report.notes.append(f"kv_lora_rank {rank} is above the {report.full_rank} dims a layer has: the extra latent "
                             "dims are zero (kept for the engine's size rule)")

@@ -30,31 +30,43 @@ def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fr
     return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
 
 
+def mla_attention(x: torch.Tensor, maps: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                  freqs: torch.Tensor, group: int, scaling: float) -> torch.Tensor:
+    """The converted attention of ``x`` (B, T, D), causal, up to and including O: the shared rotated key and the
+    per-head rotated queries turned by the original frequencies ``freqs``, the joint latent without any norm, the
+    original softmax scale. ``maps`` holds ``solve.LayerMla``'s tensors by name; differentiable in them (the
+    layer-wise refit, ``local.py``, trains through it)."""
+    q_rope = rotate_interleaved(torch.einsum("btd,hde->bhte", x, maps["q_rope"]), cos, sin, freqs)
+    k_rope = rotate_interleaved(x @ maps["k_rope"], cos, sin, freqs)  # (B, T, d): one key for every head
+    q_nope = torch.einsum("btd,hde->bhte", x, maps["q_nope"])
+    z = x @ maps["down"]  # the joint latent: what the cache holds besides the rotated key
+    k_nope = z @ maps["up_k"]
+    v = torch.einsum("btr,grd->bgtd", z, maps["up_v"]).repeat_interleave(group, dim=1)
+    scores = (q_nope @ k_nope.transpose(1, 2)[:, None] + q_rope @ k_rope.transpose(1, 2)[:, None]) * scaling
+    t = x.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    attn = F.softmax(scores.float(), dim=-1).to(x.dtype)
+    out = (attn @ v).transpose(1, 2).reshape(x.shape[0], t, -1)
+    return out @ maps["o"].T
+
+
+MAPS = ("q_nope", "q_rope", "k_rope", "down", "up_k", "up_v", "o")  # the trained / buffered tensors of a LayerMla
+
+
 class ReferenceAttention(nn.Module):
     def __init__(self, layer: LayerMla, scaling: float, dtype: torch.dtype):
         super().__init__()
-        for name in ("q_nope", "q_rope", "k_rope", "down", "up_k", "up_v", "o"):
+        for name in MAPS:
             self.register_buffer(name, getattr(layer, name).to(dtype), persistent=False)
         self.scaling = scaling
         self.group = layer.group
         self.freqs = layer.rope_freqs
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
-        x = hidden_states
         cos, sin = position_embeddings
-        q_rope = rotate_interleaved(torch.einsum("btd,hde->bhte", x, self.q_rope), cos, sin, self.freqs)
-        k_rope = rotate_interleaved(x @ self.k_rope, cos, sin, self.freqs)  # (B, T, d): one key for every head
-        q_nope = torch.einsum("btd,hde->bhte", x, self.q_nope)
-        z = x @ self.down  # the joint latent: what the cache holds besides the rotated key
-        k_nope = z @ self.up_k
-        v = torch.einsum("btr,grd->bgtd", z, self.up_v).repeat_interleave(self.group, dim=1)
-        scores = (q_nope @ k_nope.transpose(1, 2)[:, None] + q_rope @ k_rope.transpose(1, 2)[:, None]) * self.scaling
-        t = x.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-        attn = F.softmax(scores.float(), dim=-1).to(x.dtype)
-        out = (attn @ v).transpose(1, 2).reshape(x.shape[0], t, -1)
-        return out @ self.o.T, None
+        maps = {name: getattr(self, name) for name in MAPS}
+        return mla_attention(hidden_states, maps, cos, sin, self.freqs, self.group, self.scaling), None
 
 
 def reference_model(model: nn.Module, layers: list[LayerMla], head_dim: int,

@@ -1,0 +1,131 @@
+"""Layer-wise refit: each converted attention block trained, on its own, to give the original block's output.
+
+The solve (``solve.py``) fits every piece in closed form on second moments: the rotary split to the original
+scores, the joint latent to the keys and values it must rebuild, O to the latent's values. None of them sees the
+softmax, which turns small score errors into large changes of attention where a head is sharp. Here every tensor
+of one converted block (the unrotated and rotated query maps, the shared rotated key, the latent's down and up
+maps, O) is tuned by Adam to make the block's output match the original block's on the calibration windows: the
+original model's attention inputs go into both, so the blocks are independent and need one pass of the original
+model. The layout does not change (one latent rank, one rotated key, no biases), so the result is the same stock
+model, and ``convert.verify`` checks it against clover's reference as before. No labels and no pass through the
+rest of the model: the same calibration text, priced at the block's output instead of in closed form.
+
+Every tensor steps by ``lr`` times its own RMS (the solve leaves the scales of a pair's two sides wherever they
+fell), the learning rate decays linearly to zero, and a block keeps its refit only if its relative output error on
+the held-out windows (the split search's, never trained on) went down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .reference import MAPS, mla_attention
+from .solve import LayerMla
+
+
+@dataclass
+class LocalFit:
+    """One block's relative output error on the held-out windows, ``||y' - y||^2 / ||y||^2``."""
+
+    before: float
+    after: float
+    kept: bool  # whether the refit went in (it lowered the held-out error)
+
+
+@dataclass
+class BlockData:
+    """The original model's attention inputs and outputs of one block (float32, (n, T, D))."""
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+
+
+def block_data(model: nn.Module, adapter, sites, windows: torch.Tensor, progress: bool = True) -> list[BlockData]:
+    """Per site, what the original attention block reads (the q projection's input) and writes (the o
+    projection's output) on ``windows`` (n, seqlen) of token ids."""
+    seen: list[dict[str, list]] = [{"inputs": [], "outputs": []} for _ in sites]
+    hooks = []
+    for i, site in enumerate(sites):
+        parts = adapter.projections(site)
+        hooks.append(parts["q"].register_forward_pre_hook(
+            lambda module, args, i=i: seen[i]["inputs"].append(args[0].detach().float().cpu())))
+        hooks.append(parts["o"].register_forward_hook(
+            lambda module, args, out, i=i: seen[i]["outputs"].append(out.detach().float().cpu())))
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            for row in tqdm(windows, desc="block inputs", unit="sample", disable=not progress):
+                model(**adapter.calibration_inputs(model, row[None].to(device)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [BlockData(torch.cat(s["inputs"]), torch.cat(s["outputs"])) for s in seen]
+
+
+def relative_error(maps: dict, data: BlockData, rotary, freqs, group: int, scaling: float) -> float:
+    with torch.no_grad():
+        err = total = 0.0
+        for x, y in zip(data.inputs.split(1), data.outputs.split(1), strict=True):
+            cos, sin = rotary(x)
+            err += float((mla_attention(x, maps, cos, sin, freqs, group, scaling) - y).square().sum())
+            total += float(y.square().sum())
+    return err / max(total, 1e-300)
+
+
+def refit_layer(layer: LayerMla, train: BlockData, held: BlockData, rotary, scaling: float, steps: int, lr: float,
+                batch: int, seed: int) -> tuple[LayerMla, LocalFit]:
+    """``layer`` refit to the original block's outputs on ``train`` (``steps`` Adam steps of ``batch`` windows);
+    ``held`` decides whether the refit is kept. ``rotary(x)``: the model's (cos, sin) for x's positions."""
+    maps = {name: getattr(layer, name).detach().float().clone() for name in MAPS}
+    before = relative_error(maps, held, rotary, layer.rope_freqs, layer.group, scaling)
+    params = {name: nn.Parameter(t) for name, t in maps.items()}
+    optimizer = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach().square().mean().sqrt())}
+                                  for p in params.values()])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    generator = torch.Generator().manual_seed(seed)
+    scale = float(train.outputs.square().mean())
+    for _ in range(steps):
+        pick = torch.randperm(len(train.inputs), generator=generator)[:batch]
+        x, y = train.inputs[pick], train.outputs[pick]
+        cos, sin = rotary(x)
+        loss = (mla_attention(x, params, cos, sin, layer.rope_freqs, layer.group, scaling) - y).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        (loss / scale).backward()
+        optimizer.step()
+        schedule.step()
+    fitted = {name: p.detach() for name, p in params.items()}
+    after = relative_error(fitted, held, rotary, layer.rope_freqs, layer.group, scaling)
+    if not after < before:
+        return layer, LocalFit(before, after, False)
+    dtype = layer.down.dtype
+    return dataclasses.replace(layer, **{name: t.to(dtype) for name, t in fitted.items()}), LocalFit(before, after,
+                                                                                                    True)
+
+
+def refit(model: nn.Module, adapter, sites, layers: list[LayerMla], train: torch.Tensor, held: torch.Tensor,
+          head_dim: int, steps: int, lr: float, batch: int, progress: bool = True) -> tuple[list[LayerMla],
+                                                                                           list[LocalFit]]:
+    """Every converted block of ``layers`` refit to the original ``model``'s blocks on ``train`` windows, kept where
+    the ``held`` windows say it helps. Returns the new layers and each block's ``LocalFit``."""
+    rotary_emb = model.model.rotary_emb
+
+    def rotary(x: torch.Tensor):
+        positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
+        with torch.no_grad():
+            cos, sin = rotary_emb(x, positions)
+        return cos.float(), sin.float()
+
+    train_data = block_data(model, adapter, sites, train, progress)
+    held_data = block_data(model, adapter, sites, held, progress)
+    out, fits = [], []
+    for i, layer in enumerate(tqdm(layers, desc="layer-wise refit", unit="layer", disable=not progress)):
+        new, fit = refit_layer(layer, train_data[i], held_data[i], rotary, head_dim**-0.5, steps, lr, batch, seed=i)
+        out.append(new)
+        fits.append(fit)
+        train_data[i] = held_data[i] = None  # free each block's data once it is refit
+    return out, fits
