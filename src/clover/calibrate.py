@@ -56,15 +56,22 @@ def collect(model: nn.Module, adapter: Adapter, sites: list[AttentionSite], batc
     """Run ``batches`` (n, seqlen) of token ids through ``model`` and return per-site statistics (means)."""
     stats = {site.name: SiteStats() for site in sites}
     hooks = attach(adapter, sites, stats, inputs=inputs, head_outputs=head_outputs, channels=channels)
+    feed(model, adapter, batches, hooks, "calibration", progress)
+    return finish(stats, batches.numel())
+
+
+def feed(model: nn.Module, adapter: Adapter, batches: torch.Tensor, hooks: list, desc: str,
+         progress: bool = True) -> None:
+    """Run each window of ``batches`` (n, seqlen) through ``model`` without gradients, for what ``hooks`` (handles
+    already registered) record; the hooks are removed afterwards, whatever happens."""
     try:
         with torch.no_grad():
             device = next(model.parameters()).device
-            for row in tqdm(batches, desc="calibration", unit="sample", disable=not progress):
+            for row in tqdm(batches, desc=desc, unit="sample", disable=not progress):
                 model(**adapter.calibration_inputs(model, row[None].to(device)))
     finally:
         for h in hooks:
             h.remove()
-    return finish(stats, batches.numel())
 
 
 def attach(adapter: Adapter, sites: list[AttentionSite], stats: dict[str, SiteStats], *, inputs: bool = True,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters import Adapter
+from ..calibrate import feed
 
 
 def mixed_moments(model: nn.Module, adapter: Adapter, batches: torch.Tensor, progress: bool = True
@@ -34,12 +34,5 @@ def mixed_moments(model: nn.Module, adapter: Adapter, batches: torch.Tensor, pro
             sums[layer] = moment if layer not in sums else sums[layer] + moment
 
         hooks.append(site.module.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            for row in tqdm(batches, desc="attention-mixed calibration", unit="sample", disable=not progress):
-                model(**adapter.calibration_inputs(model, row[None].to(device)))
-    finally:
-        for h in hooks:
-            h.remove()
+    feed(model, adapter, batches, hooks, "attention-mixed calibration", progress)
     return {layer: total / batches.numel() for layer, total in sums.items()}

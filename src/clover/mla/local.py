@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calibrate import feed
 from .reference import MAPS, mla_attention
 from .solve import LayerMla
 
@@ -56,14 +57,7 @@ def block_data(model: nn.Module, adapter, sites, windows: torch.Tensor, progress
             lambda module, args, i=i: seen[i]["inputs"].append(args[0].detach().float().cpu())))
         hooks.append(parts["o"].register_forward_hook(
             lambda module, args, out, i=i: seen[i]["outputs"].append(out.detach().float().cpu())))
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            for row in tqdm(windows, desc="block inputs", unit="sample", disable=not progress):
-                model(**adapter.calibration_inputs(model, row[None].to(device)))
-    finally:
-        for h in hooks:
-            h.remove()
+    feed(model, adapter, windows, hooks, "block inputs", progress)
     return [BlockData(torch.cat(s["inputs"]), torch.cat(s["outputs"])) for s in seen]
 
 
