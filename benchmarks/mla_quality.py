@@ -33,6 +33,9 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
   steps) toward the original block's output on the calibration windows, kept where the 4 held-out windows improve
   (``local_steps``, ``mla/local.py``): no labels and no pass through the rest of the model, the calibration text
   priced at the block's output instead of in closed form; at KV 25% on the 32-rotated-dims row and the best row;
+  "on converted inputs": the blocks refit first to last, each reading what the converted model feeds it (the blocks
+  before it converted and refit), still toward the original block's output (``local_inputs="converted"``); "400
+  steps": twice ``LOCAL_STEPS`` (the lr decays over the longer run), on the best row;
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
@@ -112,6 +115,7 @@ def fastest_fields(dims: int, **more) -> dict:
 
 LOCAL = ", layer-wise refit"  # the suffix of a row whose blocks were refit by Adam (read apart from closed-form rows)
 LOCAL_STEPS = 200  # the layer-wise refit's Adam steps per block (MlaConfig's lr and batch)
+CONVERTED = " on converted inputs"  # the refit's blocks read the converted model's inputs, first to last
 KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not met: row suffix -> fields added
     ", mixed values": dict(value_moment="mixed"),
     **{f", {n} calibration windows": dict(calib_windows=n) for n in (64, 128)},
@@ -121,6 +125,9 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
     LOCAL: dict(local_steps=LOCAL_STEPS),
     ", 64 calibration windows, per-layer split" + LOCAL: dict(calib_windows=64, split="layer",
                                                                        local_steps=LOCAL_STEPS),
+    LOCAL + CONVERTED: dict(local_steps=LOCAL_STEPS, local_inputs="converted"),
+    ", 64 calibration windows, per-layer split" + LOCAL + CONVERTED + ", 400 steps": dict(
+        calib_windows=64, split="layer", local_steps=2 * LOCAL_STEPS, local_inputs="converted"),
 }
 
 
@@ -1219,10 +1226,12 @@ def refit_findings(payload: dict) -> list[str]:
     rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
     lines = []
     for (name, kept), row in rows.items():
-        one = rows.get((name.removesuffix(LOCAL), kept)) if name.endswith(LOCAL) else None
+        one = rows.get((name.split(LOCAL)[0], kept)) if LOCAL in name else None
         if one:
+            inputs = CONVERTED if CONVERTED in name else " on the original inputs"
+            steps = LEVERS.get(name, {}).get("local_steps", LOCAL_STEPS)
             lines.append(f"{one['name']} at KV {kept:.1%}: test ppl {one['ppl']:.2f} -> {row['ppl']:.2f} with "
-                         f"{LOCAL_STEPS} Adam steps a block ({row['ppl'] / one['ppl'] - 1:+.1%}); conversion "
+                         f"{steps} Adam steps a block{inputs} ({row['ppl'] / one['ppl'] - 1:+.1%}); conversion "
                          f"{one['seconds']:.0f} s -> {row['seconds']:.0f} s")
     return lines
 

@@ -142,6 +142,7 @@ def test_original_attention_matches_the_model():
     (dict(local_steps=-1), "use steps >= 0"),
     (dict(local_steps=5, local_lr=0.0), "a positive lr"),
     (dict(layout="gqa", local_steps=5), "refits MLA blocks"),
+    (dict(local_inputs="model"), "unknown --local-inputs"),
 ])
 def test_bad_lever_settings_are_refused(gqa, fields, message):
     with pytest.raises(CloverError, match=message):
@@ -319,6 +320,56 @@ def test_the_layer_wise_refit_keeps_only_what_lowers_the_held_out_error_and_stay
     assert refit.check["passed"] and any("layer-wise refit" in note for note in refit.notes)
     reference = heldout.Reference(gqa, adapter_for(gqa), CALIB[-4:])
     assert reference.loss(mla) < reference.loss(plain)
+
+
+def test_the_converted_stream_feeds_each_block_what_the_converted_model_does(gqa, monkeypatch):
+    """``local.ConvertedStream``: block i's inputs, after advancing through blocks 0..i-1 with other maps, are the
+    attention inputs of clover's reference model holding those maps (hooked in its full forward)."""
+    from clover.adapters import adapter_for
+    from clover.mla import convert, local
+    from clover.mla.reference import reference_model
+
+    solved = []  # each conversion's solved layers, as to_mla hands them to its verification
+    verify = convert.verify
+    monkeypatch.setattr(convert, "verify", lambda model, mla, layers, head_dim, adapter: (
+        solved.append(layers), verify(model, mla, layers, head_dim, adapter))[1])
+    for kv_ratio in (0.6, 0.3):
+        to_mla(gqa, MlaConfig(calibration=CALIB, kv_ratio=kv_ratio, rope_dims=8, progress=False))
+    layers, other = solved
+    adapter = adapter_for(gqa)
+    stream = local.ConvertedStream(gqa, adapter, layers, 16, CALIB[:3])
+    last = len(layers) - 1
+    for i in range(last):
+        stream.advance(i, other[i])
+    twin = reference_model(gqa, other[:last] + layers[last:], 16)
+    seen = []
+    hook = twin.model.layers[last].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        for row in CALIB[:3]:
+            twin(**adapter.calibration_inputs(twin, row[None]))
+    hook.remove()
+    want, got = torch.cat(seen), stream.inputs(last)
+    assert got.shape == want.shape and float((got - want).abs().max() / want.abs().max()) < 1e-6
+    control = local.ConvertedStream(gqa, adapter, layers, 16, CALIB[:3])  # the earlier blocks' maps matter
+    for i in range(last):
+        control.advance(i, layers[i])
+    assert float((control.inputs(last) - got).abs().max() / want.abs().max()) > 1e-3
+
+
+def test_the_refit_on_converted_inputs_reads_them_first_to_last_and_keeps_only_what_helps(gqa):
+    """``local_inputs="converted"``: the first block reads the same inputs either way, so its refit is the same;
+    later blocks start from the converted model's inputs; each keeps its refit iff its held-out error fell, and the
+    stock model still computes clover's reference."""
+    fields = dict(calibration=CALIB, kv_ratio=0.6, rope_dims=8, progress=False, local_steps=40)
+    _, independent = to_mla(gqa, MlaConfig(**fields))
+    _, converted = to_mla(gqa, MlaConfig(local_inputs="converted", **fields))
+    ours, theirs = [layer.local for layer in converted.layers], [layer.local for layer in independent.layers]
+    assert ours[0].before == pytest.approx(theirs[0].before, rel=1e-6)
+    assert ours[0].after == pytest.approx(theirs[0].after, rel=1e-4)
+    assert ours[-1].before != pytest.approx(theirs[-1].before, rel=1e-3)  # upstream error reaches the last block
+    assert all(fit.kept == (fit.after < fit.before) for fit in ours) and any(fit.kept for fit in ours)
+    assert converted.check["passed"] and any("converted model's attention inputs" in n for n in converted.notes)
 
 
 def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):

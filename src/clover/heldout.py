@@ -58,6 +58,36 @@ class _Reached(Exception):
     """Raised by the capture hook: the forward has reached the layer, nothing after it is needed."""
 
 
+def entering(model: nn.Module, start: int, inputs) -> list[tuple[torch.Tensor, dict]]:
+    """Per model input of ``inputs`` (dicts for the model's forward), the hidden states entering decoder layer
+    ``start`` of ``model.model.layers`` and the other arguments every layer gets (rotary embeddings, mask), with the
+    cache off: a forward that stops at that layer."""
+    seen: list[tuple[torch.Tensor, dict]] = []
+
+    def capture(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        seen.append((hidden, {**kwargs, "past_key_values": None, "use_cache": False}))
+        raise _Reached
+
+    hook = model.model.layers[start].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for one in inputs:
+                try:
+                    model(**one)
+                except _Reached:
+                    pass
+    finally:
+        hook.remove()
+    return seen
+
+
+def run_layer(layer: nn.Module, states: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    """``entering``'s states one decoder layer further: what enters the layer after ``layer``."""
+    with torch.no_grad():
+        return [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in states]
+
+
 class FromLayer:
     """The held-out loss of a decoder-only language model (``model.model.layers``, ``.norm``, ``lm_head``) whose
     layers before ``start`` no longer change: a search that rewrites one layer at a time, first to last
@@ -72,34 +102,14 @@ class FromLayer:
         if not reference.logits:
             raise ValueError("FromLayer measures a language model's logits; this model has none")
         self.reference, self.model, self.start = reference, model, start
-        self.entering: list[tuple[torch.Tensor, dict]] = []
-        layer = model.model.layers[start]
-
-        def capture(module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
-            self.entering.append((hidden, kwargs))
-            raise _Reached
-
-        hook = layer.register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for row in reference.windows:
-                    try:
-                        model(**reference._inputs(model, row))
-                    except _Reached:
-                        pass
-        finally:
-            hook.remove()
+        self.entering = entering(model, start, (reference._inputs(model, row) for row in reference.windows))
 
     def advance(self) -> None:
         """Layer ``start`` is settled: run it once on the captured states, and start later losses after it."""
         layers = self.model.model.layers
         if self.start >= len(layers):
             raise ValueError(f"all {len(layers)} layers are settled already")
-        layer = layers[self.start]
-        with torch.no_grad():
-            self.entering = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in self.entering]
+        self.entering = run_layer(layers[self.start], self.entering)
         self.start += 1
 
     def loss(self) -> float:

@@ -70,6 +70,9 @@ def mla(
                                                   "original block's output on the calibration windows, kept where "
                                                   "the held-out windows improve (0: off).")] = 0,
     local_lr: Annotated[float, typer.Option(help="Layer-wise refit's lr, relative to each tensor's RMS.")] = 3e-4,
+    local_inputs: Annotated[str, typer.Option(help="What each refit block reads: original (the original model's "
+                                                   "attention inputs) or converted (the converted model's, first "
+                                                   "to last).")] = "original",
     calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split and check "
                                                     "the layer-wise refit).")] = 16,
@@ -98,7 +101,8 @@ def mla(
     config = MlaConfig(kv_ratio=kv_ratio, split=split_value, preset=preset, layout=layout, kv_heads=kv_heads,
                        rope_key=rope_key, unrotated=unrotated, rope_dims=rope_dims,
                        rope_frequencies=rope_frequencies, latent_weights=latent_weights, freqfold=freqfold,
-                       o_refit=o_refit, value_moment=value_moment, local_steps=local_steps, local_lr=local_lr)
+                       o_refit=o_refit, value_moment=value_moment, local_steps=local_steps, local_lr=local_lr,
+                       local_inputs=local_inputs)
     config.check()
     peeked = peek(ctx, model, "MLA conversion", calib_seqlen, eval_ppl, seqlen, lambda c, _: config.check_against(c))
     loaded, config.calibration, text, calib_note = load_calibrated(

@@ -17,6 +17,7 @@ UNROTATED = ("nope", "expected", "refit")
 ROPE_FREQUENCIES = ("fastest", "spread")
 LATENT_WEIGHTS = ("clover", "bkv")
 VALUE_MOMENTS = ("input", "mixed")
+LOCAL_INPUTS = ("original", "converted")  # what a refit block reads: the original model's inputs or the converted's
 SPLIT_SEARCHES = ("auto", "layer")  # one key/value split for every layer, or one per layer (both held out)
 
 
@@ -54,6 +55,8 @@ class MlaConfig:
     ``local_steps``: after the solve, each converted attention block is refit on its own to the original block's
     output on the calibration windows (``local.py``: ``local_steps`` Adam steps of ``local_batch`` windows, every
     tensor stepping by ``local_lr`` times its RMS), kept per block where the held-out windows say it helps; 0: off.
+    ``local_inputs``: what each refit block reads, the original model's attention inputs (``"original"``: the blocks
+    are independent) or the converted model's (``"converted"``: first to last, each after the blocks before it).
 
     ``layout="gqa"``: instead of MLA, the plain ``llama`` architecture with ``kv_heads`` KV heads (``gqa.py``); the
     cache is then ``kv_heads / G`` of the original and ``kv_ratio`` is not used.
@@ -79,6 +82,7 @@ class MlaConfig:
     local_steps: int = 0
     local_lr: float = 3e-4
     local_batch: int = 4
+    local_inputs: str = "original"
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
 
@@ -100,7 +104,8 @@ class MlaConfig:
                                                                                     UNROTATED),
                                      ("--latent-weights", self.latent_weights, LATENT_WEIGHTS),
                                      ("--value-moment", self.value_moment, VALUE_MOMENTS),
-                                     ("--rope-frequencies", self.rope_frequencies, ROPE_FREQUENCIES)):
+                                     ("--rope-frequencies", self.rope_frequencies, ROPE_FREQUENCIES),
+                                     ("--local-inputs", self.local_inputs, LOCAL_INPUTS)):
             if value not in allowed:
                 raise CloverError(f"unknown {name} {value!r}: use {', '.join(allowed)}")
         if self.rope_dims is not None and (self.rope_dims < 2 or self.rope_dims % 2):

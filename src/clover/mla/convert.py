@@ -128,9 +128,10 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     fits = []
     if config.local_steps:
         layers, fits = local.refit(model, adapter, sites, layers, statistics, held, head_dim, config.local_steps,
-                                   config.local_lr, config.local_batch, config.progress)
-        for block, original, layer in zip(mla.model.layers, model.model.layers, layers, strict=True):
-            deepseek.write_layer(block.self_attn, original, layer, head_dim)
+                                   config.local_lr, config.local_batch, config.local_inputs, config.progress)
+        for block, original, layer, fit in zip(mla.model.layers, model.model.layers, layers, fits, strict=True):
+            if fit.kept:  # a block whose refit was not kept holds its solved maps already
+                deepseek.write_layer(block.self_attn, original, layer, head_dim)
     deepseek.balance_pairs(mla)
     check = verify(model, mla, layers, head_dim, adapter)
     size = next(model.parameters()).element_size()
@@ -151,7 +152,8 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     )
     if fits:
         kept = [fit for fit in fits if fit.kept]
-        report.notes.append(f"layer-wise refit ({config.local_steps} steps a block): kept in {len(kept)} of "
+        report.notes.append(f"layer-wise refit ({config.local_steps} steps a block, on the {config.local_inputs} "
+                            f"model's attention inputs): kept in {len(kept)} of "
                             f"{len(fits)} blocks; held-out block output error, median over blocks, "
                             f"{median(f.before for f in fits):.4f} -> "
                             f"{median(min(f.before, f.after) for f in fits):.4f}")

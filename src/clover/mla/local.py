@@ -10,6 +10,11 @@ model. The layout does not change (one latent rank, one rotated key, no biases),
 model, and ``convert.verify`` checks it against clover's reference as before. No labels and no pass through the
 rest of the model: the same calibration text, priced at the block's output instead of in closed form.
 
+With ``inputs="converted"`` the blocks are refit first to last and each one reads what the converted model feeds
+it (the blocks before it converted and refit, the rest of the model original), still toward the original block's
+output on the original inputs: a block then also makes up, where it can, for the error the blocks before it left in
+its inputs. That costs one more pass of one decoder layer per block; the original model still runs once.
+
 Every tensor steps by ``lr`` times its own RMS (the solve leaves the scales of a pair's two sides wherever they
 fell), the learning rate decays linearly to zero, and a block keeps its refit only if its relative output error on
 the held-out windows (the split search's, never trained on) went down.
@@ -24,8 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import heldout
 from ..calibrate import feed
-from .reference import MAPS, mla_attention
+from .reference import MAPS, ReferenceAttention, mla_attention, reference_model
 from .solve import LayerMla
 
 
@@ -61,11 +67,35 @@ def block_data(model: nn.Module, adapter, sites, windows: torch.Tensor, progress
     return [BlockData(torch.cat(s["inputs"]), torch.cat(s["outputs"])) for s in seen]
 
 
+class ConvertedStream:
+    """What the converted model feeds each block: the hidden states of clover's reference of it (``reference.py``,
+    the original model with converted attention blocks) per window, one decoder layer at a time. ``inputs(i)`` is
+    block ``i``'s attention input (after the layer's input norm); ``advance(i, layer)`` puts ``layer`` in as block
+    ``i`` and runs that decoder layer, giving block ``i + 1``'s."""
+
+    def __init__(self, model: nn.Module, adapter, layers: list[LayerMla], head_dim: int, windows: torch.Tensor):
+        self.twin = reference_model(model, layers, head_dim)
+        self.scaling = head_dim**-0.5
+        device = next(self.twin.parameters()).device
+        self.states = heldout.entering(self.twin, 0, (adapter.calibration_inputs(self.twin, row[None].to(device))
+                                                      for row in windows))
+
+    def inputs(self, i: int) -> torch.Tensor:
+        norm = self.twin.model.layers[i].input_layernorm
+        with torch.no_grad():
+            return torch.cat([norm(hidden).float().cpu() for hidden, _ in self.states])
+
+    def advance(self, i: int, layer: LayerMla) -> None:
+        block = self.twin.model.layers[i]
+        block.self_attn = ReferenceAttention(layer, self.scaling, next(self.twin.parameters()).dtype)
+        self.states = heldout.run_layer(block, self.states)
+
+
 def relative_error(maps: dict, data: BlockData, rotary, freqs, group: int, scaling: float) -> float:
     with torch.no_grad():
         err = total = 0.0
+        cos, sin = rotary
         for x, y in zip(data.inputs.split(1), data.outputs.split(1), strict=True):
-            cos, sin = rotary(x)
             err += float((mla_attention(x, maps, cos, sin, freqs, group, scaling) - y).square().sum())
             total += float(y.square().sum())
     return err / max(total, 1e-300)
@@ -74,7 +104,8 @@ def relative_error(maps: dict, data: BlockData, rotary, freqs, group: int, scali
 def refit_layer(layer: LayerMla, train: BlockData, held: BlockData, rotary, scaling: float, steps: int, lr: float,
                 batch: int, seed: int) -> tuple[LayerMla, LocalFit]:
     """``layer`` refit to the original block's outputs on ``train`` (``steps`` Adam steps of ``batch`` windows);
-    ``held`` decides whether the refit is kept. ``rotary(x)``: the model's (cos, sin) for x's positions."""
+    ``held`` decides whether the refit is kept. ``rotary``: the model's (cos, sin) for one window's positions (every
+    window has the same length, so they broadcast over a batch)."""
     maps = {name: getattr(layer, name).detach().float().clone() for name in MAPS}
     before = relative_error(maps, held, rotary, layer.rope_freqs, layer.group, scaling)
     params = {name: nn.Parameter(t) for name, t in maps.items()}
@@ -86,7 +117,7 @@ def refit_layer(layer: LayerMla, train: BlockData, held: BlockData, rotary, scal
     for _ in range(steps):
         pick = torch.randperm(len(train.inputs), generator=generator)[:batch]
         x, y = train.inputs[pick], train.outputs[pick]
-        cos, sin = rotary(x)
+        cos, sin = rotary
         loss = (mla_attention(x, params, cos, sin, layer.rope_freqs, layer.group, scaling) - y).square().mean()
         optimizer.zero_grad(set_to_none=True)
         (loss / scale).backward()
@@ -102,23 +133,28 @@ def refit_layer(layer: LayerMla, train: BlockData, held: BlockData, rotary, scal
 
 
 def refit(model: nn.Module, adapter, sites, layers: list[LayerMla], train: torch.Tensor, held: torch.Tensor,
-          head_dim: int, steps: int, lr: float, batch: int, progress: bool = True) -> tuple[list[LayerMla],
-                                                                                           list[LocalFit]]:
+          head_dim: int, steps: int, lr: float, batch: int, inputs: str = "original",
+          progress: bool = True) -> tuple[list[LayerMla], list[LocalFit]]:
     """Every converted block of ``layers`` refit to the original ``model``'s blocks on ``train`` windows, kept where
-    the ``held`` windows say it helps. Returns the new layers and each block's ``LocalFit``."""
-    rotary_emb = model.model.rotary_emb
-
-    def rotary(x: torch.Tensor):
-        positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
-        with torch.no_grad():
-            cos, sin = rotary_emb(x, positions)
-        return cos.float(), sin.float()
+    the ``held`` windows say it helps; each block reads the original model's attention inputs, or with
+    ``inputs="converted"`` the converted model's (``ConvertedStream``). Returns the new layers and each block's
+    ``LocalFit``."""
+    positions = torch.arange(train.shape[1])[None]
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(torch.zeros(1), positions)  # float32, as the block data
+    rotary = (cos.float(), sin.float())
 
     train_data = block_data(model, adapter, sites, train, progress)
     held_data = block_data(model, adapter, sites, held, progress)
+    stream = ConvertedStream(model, adapter, layers, head_dim, torch.cat([train, held])) \
+        if inputs == "converted" else None
     out, fits = [], []
     for i, layer in enumerate(tqdm(layers, desc="layer-wise refit", unit="layer", disable=not progress)):
+        if stream:  # the training windows first, then the held-out ones
+            train_data[i].inputs, held_data[i].inputs = stream.inputs(i).split([len(train), len(held)])
         new, fit = refit_layer(layer, train_data[i], held_data[i], rotary, head_dim**-0.5, steps, lr, batch, seed=i)
+        if stream and i + 1 < len(layers):  # the last block gives no later one its inputs
+            stream.advance(i, new)
         out.append(new)
         fits.append(fit)
         train_data[i] = held_data[i] = None  # free each block's data once it is refit
