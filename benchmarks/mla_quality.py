@@ -1207,7 +1207,7 @@ def split_findings(payload: dict) -> list[str]:
     rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
     lines = []
     for (name, kept), row in rows.items():
-        if "layer" not in row.get("split_losses", {}):
+        if "layer" not in row.get("split_losses", {}) or LOCAL in name:  # a refit row: see refit_findings
             continue
         losses = row["split_losses"]
         one = rows.get((name.split(", per-layer split")[0], kept))
