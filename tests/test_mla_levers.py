@@ -143,6 +143,7 @@ def test_original_attention_matches_the_model():
     (dict(local_steps=5, local_lr=0.0), "a positive lr"),
     (dict(layout="gqa", local_steps=5), "refits MLA blocks"),
     (dict(local_inputs="model"), "unknown --local-inputs"),
+    (dict(local_inputs="converted"), "add --local-steps N"),
 ])
 def test_bad_lever_settings_are_refused(gqa, fields, message):
     with pytest.raises(CloverError, match=message):

@@ -125,6 +125,9 @@ class MlaConfig:
                               "window and a positive lr")
         if self.local_steps and self.layout == "gqa":
             raise CloverError("--local-steps refits MLA blocks: drop it with --layout gqa")
+        if self.local_inputs != "original" and not self.local_steps:
+            raise CloverError(f"--local-inputs {self.local_inputs} says what the layer-wise refit reads, and none "
+                              "runs: add --local-steps N")
         if self.split not in SPLIT_SEARCHES:
             if isinstance(self.split, str) or not self.split > 0:
                 raise CloverError(f"--split {self.split!r}: use auto, layer or a positive number (the weight of key "
