@@ -46,25 +46,28 @@ class LocalFit:
 
 @dataclass
 class BlockData:
-    """The original model's attention inputs and outputs of one block (float32, (n, T, D))."""
+    """What one refit block reads and the original block's outputs it must give (float32, (n, T, D))."""
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | None  # None until ``ConvertedStream`` gives them (``block_data(inputs=False)``)
     outputs: torch.Tensor
 
 
-def block_data(model: nn.Module, adapter, sites, windows: torch.Tensor, progress: bool = True) -> list[BlockData]:
-    """Per site, what the original attention block reads (the q projection's input) and writes (the o
-    projection's output) on ``windows`` (n, seqlen) of token ids."""
+def block_data(model: nn.Module, adapter, sites, windows: torch.Tensor, progress: bool = True,
+               inputs: bool = True) -> list[BlockData]:
+    """Per site, what the original attention block reads (the q projection's input; with ``inputs=False`` not
+    kept, for blocks that will read the converted model's) and writes (the o projection's output) on ``windows``
+    (n, seqlen) of token ids."""
     seen: list[dict[str, list]] = [{"inputs": [], "outputs": []} for _ in sites]
     hooks = []
     for i, site in enumerate(sites):
         parts = adapter.projections(site)
-        hooks.append(parts["q"].register_forward_pre_hook(
-            lambda module, args, i=i: seen[i]["inputs"].append(args[0].detach().float().cpu())))
+        if inputs:
+            hooks.append(parts["q"].register_forward_pre_hook(
+                lambda module, args, i=i: seen[i]["inputs"].append(args[0].detach().float().cpu())))
         hooks.append(parts["o"].register_forward_hook(
             lambda module, args, out, i=i: seen[i]["outputs"].append(out.detach().float().cpu())))
     feed(model, adapter, windows, hooks, "block inputs", progress)
-    return [BlockData(torch.cat(s["inputs"]), torch.cat(s["outputs"])) for s in seen]
+    return [BlockData(torch.cat(s["inputs"]) if inputs else None, torch.cat(s["outputs"])) for s in seen]
 
 
 class ConvertedStream:
@@ -144,10 +147,10 @@ def refit(model: nn.Module, adapter, sites, layers: list[LayerMla], train: torch
         cos, sin = model.model.rotary_emb(torch.zeros(1), positions)  # float32, as the block data
     rotary = (cos.float(), sin.float())
 
-    train_data = block_data(model, adapter, sites, train, progress)
-    held_data = block_data(model, adapter, sites, held, progress)
     stream = ConvertedStream(model, adapter, layers, head_dim, torch.cat([train, held])) \
         if inputs == "converted" else None
+    train_data = block_data(model, adapter, sites, train, progress, inputs=stream is None)
+    held_data = block_data(model, adapter, sites, held, progress, inputs=stream is None)
     out, fits = [], []
     for i, layer in enumerate(tqdm(layers, desc="layer-wise refit", unit="layer", disable=not progress)):
         if stream:  # the training windows first, then the held-out ones
