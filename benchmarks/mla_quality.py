@@ -155,6 +155,7 @@ HEAL_LEVER, HEAL_KEPT = "rope key query, refit, O refit", 0.25  # the comparison
 AS_SOLVED = " (pairs as solved, before balancing)"  # how a conversion is named for rows run before balance_pairs
 HEAL_METHODS, HEAL_SEEDS, CONTROL_SEEDS = ("clover", "lora", "pissa"), (0, 1, 2), (0, 1, 2)
 SWEEP_SEED = 0  # an lr sweep runs this seed; the lr it picks (by the late held-out KL) then runs every seed
+HEALED_GOAL = 1.10  # the issue's healed KV 25% goal: at most this ratio to the base
 VERDICT_SEEDS = 3  # a verdict reads 2 SE over at least this many seeds a side (the issue's 3): fewer shows figures
 HEAL = dict(steps=40, lr=1e-3, batch_size=2, seqlen=256)  # 20K tokens of validation text per run
 HEAL_TARGETS = "qk,vo,up"  # what the comparison trains; a run with others records them in its settings
@@ -1030,8 +1031,8 @@ def heal_goals(payload: dict) -> list[str]:
         if control:
             ratio = done[best]["mean"] / control["mean"]
             label = settings_label(settings, lever) or "the comparison's settings"
-            lines.append(f"healed KV {HEAL_KEPT:.0%} within 1.10x of the identically tuned base ({label}): "
-                         f"{ratio:.3f}x ({best}) -> {'MET' if ratio <= 1.10 else 'NOT MET'}")
+            lines.append(f"healed KV {HEAL_KEPT:.0%} within {HEALED_GOAL:.2f}x of the identically tuned base "
+                         f"({label}): {ratio:.3f}x ({best}) -> {'MET' if ratio <= HEALED_GOAL else 'NOT MET'}")
     lines += uncontrolled_heal_goal(payload, groups)
     # the same conversion, steps, batch and data: one comparison each, every method at its best lr
     for budget in budgets_of(groups):
@@ -1074,9 +1075,10 @@ def uncontrolled_heal_goal(payload: dict, groups: list) -> list[str]:
     longer runs, ``--no-heal-controls``), read against the untuned base, beside how far every control that did run
     moved the base: without it the goal lines above name only the early settings that had controls."""
     base = payload["base_ppl"]
-    drift = {(method, json.dumps(settings, sort_keys=True, default=str)): abs(s["mean"] / base - 1)
-             for settings, _, summary in groups for (kind, method), s in summary.items() if kind == "control"}
-    drift = list(drift.values())  # a control serves every conversion tuned with its settings: counted once
+    # a control serves every conversion tuned with its settings: keyed by method and settings, counted once
+    drift = list({(method, json.dumps(settings, sort_keys=True, default=str)): abs(s["mean"] / base - 1)
+                  for settings, _, summary in groups for (kind, method), s in summary.items()
+                  if kind == "control"}.values())
     best = None
     for settings, lever, summary in groups:
         if any(kind == "control" for kind, _ in summary):
@@ -1091,7 +1093,7 @@ def uncontrolled_heal_goal(payload: dict, groups: list) -> list[str]:
     return [f"healed KV {HEAL_KEPT:.0%}, the best row with no control at its settings ({method}, "
             f"{settings_label(settings, lever)}, {run['n']} seeds): {run['mean']:.2f} ppl = {ratio:.3f}x the untuned "
             f"base (the {len(drift)} controls that ran stayed within {max(drift):.1%} of it) -> "
-            f"{'MET' if ratio <= 1.10 else 'NOT MET'}"]
+            f"{'MET' if ratio <= HEALED_GOAL else 'NOT MET'}"]
 
 
 def render_reach(payload: dict) -> tuple[str, list[str]]:
