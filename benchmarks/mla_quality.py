@@ -34,8 +34,11 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
   (``local_steps``, ``mla/local.py``): no labels and no pass through the rest of the model, the calibration text
   priced at the block's output instead of in closed form; at KV 25% on the 32-rotated-dims row and the best row;
   "on converted inputs": the blocks refit first to last, each reading what the converted model feeds it (the blocks
-  before it converted and refit), still toward the original block's output (``local_inputs="converted"``); "400
-  steps": twice ``LOCAL_STEPS`` (the lr decays over the longer run), on the best row;
+  before it converted and refit), still toward the original block's output (``local_inputs="converted"``);
+  "residual target": the same, toward the original block's output plus the original residual stream's difference
+  from the converted one where the layer begins, so each block also makes up the error in what it adds to
+  (``local_inputs="residual"``), on the 32-rotated-dims row beside its converted-inputs row; "400 steps": twice
+  ``LOCAL_STEPS`` (the lr decays over the longer run), on the best row;
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
@@ -44,10 +47,12 @@ Healing (``--heal``): the KV 25% conversion with the strongest lever, tuned towa
 of its next-token distribution on WikiText-2 validation windows (``clover heal``): CLOVER, LoRA and PiSSA at
 matched trainable parameters, the same steps, data and learning rate, over seeds; the control is the original model
 tuned the same way toward itself (its objective starts at zero, so it shows what tuning alone does to the test
-perplexity; it tunes the original, so it serves every conversion). ``--heal-lever`` heals another row's KV 25%
-conversion beside the comparison; ``--heal-targets`` trains other targets (``rope``: the rotated query rows, which
-only LoRA / PiSSA reached before; the peers' rank is matched again) and ``--heal-warmup`` warms the learning rate
-up, both reported beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another lr). A
+perplexity; it tunes the original, so it serves every conversion; it trains the original's own targets, k, vo and
+up, whatever ``--heal-targets`` says, since the original has no shared rotated key). ``--heal-lever`` heals another
+row's KV 25% conversion beside the comparison; ``--heal-targets`` trains other targets (``rope``: the rotated query
+rows, which only LoRA / PiSSA reached before; the peers' rank is matched again) and ``--heal-warmup`` warms the
+learning rate up, both reported beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another
+lr). A
 peer that leaves the model worse than the training-free conversion gets no verdict. ``--heal-lr-scales up=0.5``
 scales one target's lr (``finetune.lr_scales``; LoRA / PiSSA scale the modules it adapts; ``lora:up=2`` one
 method's only): part of the lr, so it joins the lr sweep rather than making a budget of its own; so does
@@ -116,6 +121,7 @@ def fastest_fields(dims: int, **more) -> dict:
 LOCAL = ", layer-wise refit"  # the suffix of a row whose blocks were refit by Adam (read apart from closed-form rows)
 LOCAL_STEPS = 200  # the layer-wise refit's Adam steps per block (MlaConfig's lr and batch)
 CONVERTED = " on converted inputs"  # the refit's blocks read the converted model's inputs, first to last
+RESIDUAL = ", residual target"  # ... and each block's target adds the residual stream's error at the layer's start
 KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not met: row suffix -> fields added
     ", mixed values": dict(value_moment="mixed"),
     **{f", {n} calibration windows": dict(calib_windows=n) for n in (64, 128)},
@@ -126,6 +132,7 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
     ", 64 calibration windows, per-layer split" + LOCAL: dict(calib_windows=64, split="layer",
                                                                        local_steps=LOCAL_STEPS),
     LOCAL + CONVERTED: dict(local_steps=LOCAL_STEPS, local_inputs="converted"),
+    LOCAL + CONVERTED + RESIDUAL: dict(local_steps=LOCAL_STEPS, local_inputs="residual"),
     ", 64 calibration windows, per-layer split" + LOCAL + CONVERTED + ", 400 steps": dict(
         calib_windows=64, split="layer", local_steps=2 * LOCAL_STEPS, local_inputs="converted"),
 }
@@ -231,7 +238,8 @@ def main() -> None:
                         "another on one conversion; method=lr (lora=2e-3,pissa=1e-3) gives one method its own.")
     parser.add_argument("--heal-targets", default=HEAL_TARGETS, help="Other than the default (e.g. with rope, "
                         "the rotated query rows): CLOVER and, at the matched rank, LoRA / PiSSA train these; reported "
-                        "beside the comparison, without controls (the original has no shared rotated key).")
+                        "beside the comparison. Its controls tune the original's own targets (k, vo, up: it has no "
+                        "shared rotated key), with every other setting the same.")
     parser.add_argument("--heal-warmup", type=int, default=0, help="Warmup steps (linear), the same for every "
                         "method; other than 0: reported beside the comparison.")
     parser.add_argument("--heal-lr-scales", default="", help="Per-target lr multipliers, e.g. up=0.5 (LoRA / PiSSA "
@@ -669,8 +677,7 @@ def heal_runs(lm, calib, ppl, methods, seeds, done, run, settings, lever=HEAL_LE
     windows = healing_windows(lm, settings)
     have = {(r["kind"], r["method"], r["seed"]) for r in done if in_group(r, settings, lever)}
     plan = [("healed", m, s) for m in methods for s in seeds] + \
-        [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds and controls
-         and "targets" not in settings]  # the original has no shared rotated key for a rope target
+        [("control", m, s) for m in methods for s in CONTROL_SEEDS if s in seeds and controls]
     for kind, method, seed in plan:
         if (kind, method, seed) in have:
             continue
@@ -921,8 +928,9 @@ def render_heal(payload: dict) -> str:
              f"original on WikiText-2 validation, {HEAL['steps']} steps x {HEAL['batch_size']} x {HEAL['seqlen']} "
              f"tokens, lr {HEAL['lr']:g}, from {HEAL_LEVER} unless the row says otherwise")
     text = ("LoRA / PiSSA ranks are matched to CLOVER's trainable count on the same modules; the "
-            "control is the original tuned the same way toward itself (same method, settings and data; its objective "
-            f"starts at zero, and it serves every conversion). Rows from a conversion named '...{AS_SOLVED}' ran "
+            "control is the original tuned the same way toward itself (same method, settings and data, on its own "
+            "targets k, vo and up: it has no shared rotated key; its objective starts at zero, and it serves every "
+            f"conversion). Rows from a conversion named '...{AS_SOLVED}' ran "
             "before `clover mla` wrote each exact pair in CLOVER's form (`mla/deepseek.py`, `balance_pairs`): the same "
             "function and training-free ppl, with each pair's scale split wherever the solve left it; CLOVER's rows "
             "serve both, since its first step is that rewrite. Late KL, held out: the mean KL logged over the last "
@@ -1250,17 +1258,24 @@ def split_findings(payload: dict) -> list[str]:
 
 
 def refit_findings(payload: dict) -> list[str]:
-    """Each layer-wise refit row against the same conversion without the refit (the row its name extends)."""
+    """Each layer-wise refit row against the same conversion without the refit (the row its name extends), and a
+    residual-target row against the same refit toward the block's output alone."""
     rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
     lines = []
     for (name, kept), row in rows.items():
         one = rows.get((name.split(LOCAL)[0], kept)) if LOCAL in name else None
         if one:
             inputs = CONVERTED if CONVERTED in name else " on the original inputs"
+            inputs += " toward the original residual stream" if RESIDUAL in name else ""
             steps = LEVERS.get(name, {}).get("local_steps", LOCAL_STEPS)
             lines.append(f"{one['name']} at KV {kept:.1%}: test ppl {one['ppl']:.2f} -> {row['ppl']:.2f} with "
                          f"{steps} Adam steps a block{inputs} ({row['ppl'] / one['ppl'] - 1:+.1%}); conversion "
                          f"{one['seconds']:.0f} s -> {row['seconds']:.0f} s")
+        plain = rows.get((name.replace(RESIDUAL, ""), kept)) if RESIDUAL in name else None
+        if plain:
+            lines.append(f"{plain['name']} at KV {kept:.1%}, the block's target with the residual stream's error "
+                         f"added: test ppl {plain['ppl']:.2f} -> {row['ppl']:.2f} "
+                         f"({row['ppl'] / plain['ppl'] - 1:+.1%})")
     return lines
 
 

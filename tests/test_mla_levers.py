@@ -373,6 +373,42 @@ def test_the_refit_on_converted_inputs_reads_them_first_to_last_and_keeps_only_w
     assert converted.check["passed"] and any("converted model's attention inputs" in n for n in converted.notes)
 
 
+def test_a_residual_target_adds_the_stream_entering_each_layer_to_the_block_output(gqa):
+    """``block_data(residual=True)``: each block's target is the o projection's output plus the residual stream
+    entering its decoder layer (before the norm), as the model's own forward carries it there."""
+    from clover import heldout
+    from clover.adapters import adapter_for
+    from clover.mla import local
+
+    adapter = adapter_for(gqa)
+    sites = adapter.sites(gqa)
+    plain = local.block_data(gqa, adapter, sites, CALIB[:3], progress=False)
+    residual = local.block_data(gqa, adapter, sites, CALIB[:3], progress=False, inputs=False, residual=True)
+    assert residual[0].inputs is None
+    for i, (mine, theirs) in enumerate(zip(residual, plain, strict=True)):
+        stream = torch.cat([hidden.float() for hidden, _ in heldout.entering(
+            gqa, i, (adapter.calibration_inputs(gqa, row[None]) for row in CALIB[:3]))])
+        want = theirs.outputs + stream
+        assert float((mine.outputs - want).abs().max() / want.abs().max()) < 1e-6
+        assert float(stream.abs().max()) > float(theirs.outputs.abs().max()) * 1e-2  # the stream is no rounding
+
+
+def test_the_refit_toward_the_residual_stream_makes_up_the_upstream_error(gqa):
+    """``local_inputs="residual"``: the first block has no upstream error (both models embed the same), so its
+    target and refit are those of ``"converted"``; the last block's target carries the error the blocks before it
+    left in the stream, so its starting error differs; each block keeps its refit iff its held-out error fell, and
+    the stock model still computes clover's reference."""
+    fields = dict(calibration=CALIB, kv_ratio=0.6, rope_dims=8, progress=False, local_steps=40)
+    _, converted = to_mla(gqa, MlaConfig(local_inputs="converted", **fields))
+    _, residual = to_mla(gqa, MlaConfig(local_inputs="residual", **fields))
+    ours, theirs = [layer.local for layer in residual.layers], [layer.local for layer in converted.layers]
+    assert ours[0].before == pytest.approx(theirs[0].before, rel=1e-6)
+    assert ours[0].after == pytest.approx(theirs[0].after, rel=1e-4)
+    assert ours[-1].before != pytest.approx(theirs[-1].before, rel=1e-3)
+    assert all(fit.kept == (fit.after < fit.before) for fit in ours)
+    assert residual.check["passed"] and any("toward the original residual stream" in n for n in residual.notes)
+
+
 def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     import json
 

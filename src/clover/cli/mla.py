@@ -71,8 +71,9 @@ def mla(
                                                   "the held-out windows improve (0: off).")] = 0,
     local_lr: Annotated[float, typer.Option(help="Layer-wise refit's lr, relative to each tensor's RMS.")] = 3e-4,
     local_inputs: Annotated[str, typer.Option(help="What each refit block reads: original (the original model's "
-                                                   "attention inputs) or converted (the converted model's, first "
-                                                   "to last).")] = "original",
+                                                   "attention inputs), converted (the converted model's, first "
+                                                   "to last) or residual (converted, and each block also makes up "
+                                                   "the residual stream's error at its input).")] = "original",
     calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split and check "
                                                     "the layer-wise refit).")] = 16,

@@ -17,7 +17,9 @@ UNROTATED = ("nope", "expected", "refit")
 ROPE_FREQUENCIES = ("fastest", "spread")
 LATENT_WEIGHTS = ("clover", "bkv")
 VALUE_MOMENTS = ("input", "mixed")
-LOCAL_INPUTS = ("original", "converted")  # what a refit block reads: the original model's inputs or the converted's
+# what a refit block reads: the original model's inputs, the converted's, or the converted's with the residual
+# stream's difference from the original's added to the block's target (``local.py``)
+LOCAL_INPUTS = ("original", "converted", "residual")
 SPLIT_SEARCHES = ("auto", "layer")  # one key/value split for every layer, or one per layer (both held out)
 
 
@@ -56,7 +58,9 @@ class MlaConfig:
     output on the calibration windows (``local.py``: ``local_steps`` Adam steps of ``local_batch`` windows, every
     tensor stepping by ``local_lr`` times its RMS), kept per block where the held-out windows say it helps; 0: off.
     ``local_inputs``: what each refit block reads, the original model's attention inputs (``"original"``: the blocks
-    are independent) or the converted model's (``"converted"``: first to last, each after the blocks before it).
+    are independent) or the converted model's (``"converted"``: first to last, each after the blocks before it;
+    ``"residual"``: the same, and each block's target also carries the difference of the original residual stream
+    from the converted one at its input, so the block makes up the error the blocks before it left).
 
     ``layout="gqa"``: instead of MLA, the plain ``llama`` architecture with ``kv_heads`` KV heads (``gqa.py``); the
     cache is then ``kv_heads / G`` of the original and ``kv_ratio`` is not used.

@@ -152,9 +152,10 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     )
     if fits:
         kept = [fit for fit in fits if fit.kept]
-        report.notes.append(f"layer-wise refit ({config.local_steps} steps a block, on the {config.local_inputs} "
-                            f"model's attention inputs): kept in {len(kept)} of "
-                            f"{len(fits)} blocks; held-out block output error, median over blocks, "
+        reads = {"residual": "converted model's attention inputs, toward the original residual stream"}.get(
+            config.local_inputs, f"{config.local_inputs} model's attention inputs")
+        report.notes.append(f"layer-wise refit ({config.local_steps} steps a block, on the {reads}): kept in "
+                            f"{len(kept)} of {len(fits)} blocks; held-out block output error, median over blocks, "
                             f"{median(f.before for f in fits):.4f} -> "
                             f"{median(min(f.before, f.after) for f in fits):.4f}")
     if rank > report.full_rank:

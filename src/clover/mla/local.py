@@ -15,6 +15,12 @@ it (the blocks before it converted and refit, the rest of the model original), s
 output on the original inputs: a block then also makes up, where it can, for the error the blocks before it left in
 its inputs. That costs one more pass of one decoder layer per block; the original model still runs once.
 
+With ``inputs="residual"`` the blocks read the converted model's inputs as above, and each block's target is the
+original block's output plus the original residual stream's difference from the converted one where the layer
+begins (``h - h'``): a block that hit it would hand the MLP after it the original model's residual stream, so the
+block makes up the error the layers before it left not only in its own inputs but in what it adds to. Where the
+difference is beyond what attention can write, the held-out check (against the same target) keeps the solve.
+
 Every tensor steps by ``lr`` times its own RMS (the solve leaves the scales of a pair's two sides wherever they
 fell), the learning rate decays linearly to zero, and a block keeps its refit only if its relative output error on
 the held-out windows (the split search's, never trained on) went down.
@@ -46,18 +52,20 @@ class LocalFit:
 
 @dataclass
 class BlockData:
-    """What one refit block reads and the original block's outputs it must give (float32, (n, T, D))."""
+    """What one refit block reads and the original block's outputs it must give (float32, (n, T, D)); for a
+    residual target the outputs hold the original residual stream entering the layer added in until
+    ``ConvertedStream`` gives the converted one to take away."""
 
     inputs: torch.Tensor | None  # None until ``ConvertedStream`` gives them (``block_data(inputs=False)``)
     outputs: torch.Tensor
 
 
 def block_data(model: nn.Module, adapter, sites, windows: torch.Tensor, progress: bool = True,
-               inputs: bool = True) -> list[BlockData]:
+               inputs: bool = True, residual: bool = False) -> list[BlockData]:
     """Per site, what the original attention block reads (the q projection's input; with ``inputs=False`` not
-    kept, for blocks that will read the converted model's) and writes (the o projection's output) on ``windows``
-    (n, seqlen) of token ids."""
-    seen: list[dict[str, list]] = [{"inputs": [], "outputs": []} for _ in sites]
+    kept, for blocks that will read the converted model's) and writes (the o projection's output; with
+    ``residual``, plus the residual stream entering its decoder layer) on ``windows`` (n, seqlen) of token ids."""
+    seen: list[dict[str, list]] = [{"inputs": [], "outputs": [], "stream": []} for _ in sites]
     hooks = []
     for i, site in enumerate(sites):
         parts = adapter.projections(site)
@@ -66,8 +74,14 @@ def block_data(model: nn.Module, adapter, sites, windows: torch.Tensor, progress
                 lambda module, args, i=i: seen[i]["inputs"].append(args[0].detach().float().cpu())))
         hooks.append(parts["o"].register_forward_hook(
             lambda module, args, out, i=i: seen[i]["outputs"].append(out.detach().float().cpu())))
+        if residual:
+            hooks.append(model.model.layers[site.layer].register_forward_pre_hook(
+                lambda module, args, kwargs, i=i: seen[i]["stream"].append(
+                    (args[0] if args else kwargs["hidden_states"]).detach().float().cpu()), with_kwargs=True))
     feed(model, adapter, windows, hooks, "block inputs", progress)
-    return [BlockData(torch.cat(s["inputs"]) if inputs else None, torch.cat(s["outputs"])) for s in seen]
+    return [BlockData(torch.cat(s["inputs"]) if inputs else None,
+                      torch.cat(s["outputs"]) + torch.cat(s["stream"]) if residual else torch.cat(s["outputs"]))
+            for s in seen]
 
 
 class ConvertedStream:
@@ -87,6 +101,11 @@ class ConvertedStream:
         norm = self.twin.model.layers[i].input_layernorm
         with torch.no_grad():
             return torch.cat([norm(hidden).float().cpu() for hidden, _ in self.states])
+
+    def residual(self) -> torch.Tensor:
+        """The converted model's residual stream where the current block's decoder layer begins (before its
+        norm): what a residual target takes away."""
+        return torch.cat([hidden.float().cpu() for hidden, _ in self.states])
 
     def advance(self, i: int, layer: LayerMla) -> None:
         block = self.twin.model.layers[i]
@@ -140,21 +159,27 @@ def refit(model: nn.Module, adapter, sites, layers: list[LayerMla], train: torch
           progress: bool = True) -> tuple[list[LayerMla], list[LocalFit]]:
     """Every converted block of ``layers`` refit to the original ``model``'s blocks on ``train`` windows, kept where
     the ``held`` windows say it helps; each block reads the original model's attention inputs, or with
-    ``inputs="converted"`` the converted model's (``ConvertedStream``). Returns the new layers and each block's
-    ``LocalFit``."""
+    ``inputs="converted"`` the converted model's (``ConvertedStream``), or with ``inputs="residual"`` the converted
+    model's toward the original output plus the residual stream's error at the layer's start. Returns the new
+    layers and each block's ``LocalFit``."""
     positions = torch.arange(train.shape[1])[None]
     with torch.no_grad():
         cos, sin = model.model.rotary_emb(torch.zeros(1), positions)  # float32, as the block data
     rotary = (cos.float(), sin.float())
 
     stream = ConvertedStream(model, adapter, layers, head_dim, torch.cat([train, held])) \
-        if inputs == "converted" else None
-    train_data = block_data(model, adapter, sites, train, progress, inputs=stream is None)
-    held_data = block_data(model, adapter, sites, held, progress, inputs=stream is None)
+        if inputs in ("converted", "residual") else None
+    residual = inputs == "residual"
+    train_data = block_data(model, adapter, sites, train, progress, inputs=stream is None, residual=residual)
+    held_data = block_data(model, adapter, sites, held, progress, inputs=stream is None, residual=residual)
     out, fits = [], []
     for i, layer in enumerate(tqdm(layers, desc="layer-wise refit", unit="layer", disable=not progress)):
         if stream:  # the training windows first, then the held-out ones
             train_data[i].inputs, held_data[i].inputs = stream.inputs(i).split([len(train), len(held)])
+        if residual:  # the original output plus h - h': the original stream went in with the outputs
+            here = stream.residual().split([len(train), len(held)])
+            train_data[i].outputs, held_data[i].outputs = (data.outputs - h for data, h in
+                                                           zip((train_data[i], held_data[i]), here, strict=True))
         new, fit = refit_layer(layer, train_data[i], held_data[i], rotary, head_dim**-0.5, steps, lr, batch, seed=i)
         if stream and i + 1 < len(layers):  # the last block gives no later one its inputs
             stream.advance(i, new)

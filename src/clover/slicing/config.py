@@ -56,7 +56,7 @@ class SliceConfig:
                               "--multiple-of")
         note = ""
         if abs(width - exact) > 1e-9:
-            why = f"a multiple of {step}" + (f", which the model's config needs" if step != self.multiple_of else "")
+            why = f"a multiple of {step}" + (", which the model's config needs" if step != self.multiple_of else "")
             note = f"--ratio {self.ratio} of {hidden} hidden dims leaves {exact:g}; kept {width} ({why}: ratio " \
                    f"{1 - width / hidden:.4f} applied)"
         return width, note
