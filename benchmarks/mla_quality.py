@@ -52,8 +52,7 @@ up, whatever ``--heal-targets`` says, since the original has no shared rotated k
 row's KV 25% conversion beside the comparison; ``--heal-targets`` trains other targets (``rope``: the rotated query
 rows, which only LoRA / PiSSA reached before; the peers' rank is matched again) and ``--heal-warmup`` warms the
 learning rate up, both reported beside the comparison; ``--no-heal-controls`` skips the controls (a peer at another
-lr). A
-peer that leaves the model worse than the training-free conversion gets no verdict. ``--heal-lr-scales up=0.5``
+lr). A peer that leaves the model worse than the training-free conversion gets no verdict. ``--heal-lr-scales up=0.5``
 scales one target's lr (``finetune.lr_scales``; LoRA / PiSSA scale the modules it adapts; ``lora:up=2`` one
 method's only): part of the lr, so it joins the lr sweep rather than making a budget of its own; so does
 ``--heal-adam-eps 1e-3,3e-3`` (Adam's epsilon, each value its own run on one conversion), and

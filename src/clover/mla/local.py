@@ -177,9 +177,9 @@ def refit(model: nn.Module, adapter, sites, layers: list[LayerMla], train: torch
         if stream:  # the training windows first, then the held-out ones
             train_data[i].inputs, held_data[i].inputs = stream.inputs(i).split([len(train), len(held)])
         if residual:  # the original output plus h - h': the original stream went in with the outputs
-            here = stream.residual().split([len(train), len(held)])
-            train_data[i].outputs, held_data[i].outputs = (data.outputs - h for data, h in
-                                                           zip((train_data[i], held_data[i]), here, strict=True))
+            for data, converted in zip((train_data[i], held_data[i]), stream.residual().split([len(train), len(held)]),
+                                       strict=True):
+                data.outputs -= converted
         new, fit = refit_layer(layer, train_data[i], held_data[i], rotary, head_dim**-0.5, steps, lr, batch, seed=i)
         if stream and i + 1 < len(layers):  # the last block gives no later one its inputs
             stream.advance(i, new)
