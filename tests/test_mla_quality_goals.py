@@ -1,0 +1,75 @@
+"""The goal lines of benchmarks/mla_quality.py, read from a made-up JSON: the issue's verdicts come from this code,
+so a ratio on the wrong side of the goal or a verdict inside the spread must show up here, not in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def render():
+    sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: the benchmark's parts import each other by name
+    try:
+        import _mla_render
+        import _mla_rows
+        yield _mla_render, _mla_rows
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def rows(rows_module, kind: str, method: str, ppls: list[float], kls: list[float], settings: dict, lever: str):
+    """Healing rows as ``_mla_heal.healing_row`` writes them, one per seed."""
+    out = []
+    for seed, (ppl, kl) in enumerate(zip(ppls, kls, strict=True)):
+        row = {"kind": kind, "method": method, "seed": seed, "ppl": ppl, "trainable": 1000,
+               "lora_r": None if method == "clover" else 4, "train_kl": kl, "heldout_kl": kl, "seconds": 1.0,
+               "settings": settings, "run": 0, "balanced": True}
+        out.append(row if kind == "control" or lever == rows_module.HEAL_LEVER else {**row, "lever": lever})
+    return out
+
+
+def payload(rows_module, clover: list[float], lora: list[float], control: list[float], clover_kl: list[float],
+            lora_kl: list[float]) -> dict:
+    settings = dict(rows_module.HEAL, steps=480)
+    lever = rows_module.HEAL_LEVER
+    heal = (rows(rows_module, "healed", "clover", clover, clover_kl, settings, lever)
+            + rows(rows_module, "healed", "lora", lora, lora_kl, settings, lever)
+            + rows(rows_module, "control", "clover", control, [0.01] * len(control), settings, lever))
+    return {"base_ppl": 30.0, "rows": [{"name": lever, "kept": rows_module.HEAL_KEPT, "ppl": 60.0}], "heal": heal}
+
+
+def test_healed_goal_reads_the_best_method_against_its_own_control(render):
+    module, rows_module = render
+    met = module.heal_goals(payload(rows_module, [32.0, 32.2, 31.8], [34.0, 34.1, 33.9], [30.0, 30.1, 29.9],
+                                    [0.30, 0.31, 0.29], [0.32, 0.33, 0.31]))
+    goal = next(line for line in met if "of the identically tuned base" in line)
+    assert goal.endswith("1.067x (clover) -> MET")
+    missed = module.heal_goals(payload(rows_module, [36.0, 36.2, 35.8], [37.0, 37.1, 36.9], [30.0, 30.1, 29.9],
+                                       [0.30, 0.31, 0.29], [0.32, 0.33, 0.31]))
+    goal = next(line for line in missed if "of the identically tuned base" in line)
+    assert goal.endswith("1.200x (clover) -> NOT MET")
+
+
+def test_clover_against_lora_is_a_verdict_only_beyond_two_standard_errors(render):
+    module, rows_module = render
+    ahead = module.heal_goals(payload(rows_module, [32.0, 32.2, 31.8], [34.0, 34.1, 33.9], [30.0, 30.1, 29.9],
+                                      [0.30, 0.31, 0.29], [0.32, 0.33, 0.31]))
+    line = next(line for line in ahead if line.startswith("CLOVER healing") and "vs lora" in line)
+    assert "difference 2.00" in line and "-> ahead beyond the spread: yes" in line
+    assert line.endswith("CLOVER ahead")  # the late held-out KL: 0.30 vs 0.32, sd 0.01 a side
+    level = module.heal_goals(payload(rows_module, [33.0, 35.0, 31.0], [34.0, 34.1, 33.9], [30.0, 30.1, 29.9],
+                                      [0.30, 0.31, 0.29], [0.30, 0.31, 0.29]))
+    line = next(line for line in level if line.startswith("CLOVER healing") and "vs lora" in line)
+    assert "-> ahead beyond the spread: NO (not separated)" in line and line.endswith("CLOVER not separated")
+
+
+def test_separation_needs_more_than_two_standard_errors(render):
+    module, _ = render
+    assert module.separation(2.01, 1.0) == "ahead"
+    assert module.separation(-2.01, 1.0) == "behind"
+    assert module.separation(2.0, 1.0) == "not separated"
