@@ -537,18 +537,12 @@ def render(payload: dict) -> None:
     title = (f"SmolLM2-135M MLA conversions, training-free: WikiText-2 test ppl ({payload['windows']} x 512; base "
              f"{base:.2f})")
     print_table(title, columns, table)
-    goals = goals_of(payload)
-    for line in goals:
-        print("goal:", line)
-    findings = core_scale_findings(payload)
-    for line in findings:
-        print("finding:", line)
-    splits = split_findings(payload)
-    for line in splits:
-        print("per-layer split:", line)
-    refits = refit_findings(payload)
-    for line in refits:
-        print("layer-wise refit:", line)
+    goals, findings = goals_of(payload), core_scale_findings(payload)
+    splits, refits = split_findings(payload), refit_findings(payload)
+    for label, lines in (("goal", goals), ("finding", findings), ("per-layer split", splits),
+                         ("layer-wise refit", refits)):
+        for line in lines:
+            print(f"{label}:", line)
     machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(payload["runs"]))
     commands = "; ".join(f"run {i}: `{m['command']}`" if m.get("command") else f"run {i}: not recorded"
                          for i, m in enumerate(payload["runs"])) + " (each row names its run in the JSON)"
