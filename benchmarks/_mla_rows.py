@@ -45,6 +45,8 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
 # the best rotated dims of the other cache sizes, where the per-layer split and the layer-wise refit on converted
 # inputs also run (each on its own, beside the same row without it)
 OTHER_SIZES = {48: (0.5,), 24: (0.125,)}
+# the refit at full latent rank, where the only error left is the rotation the format cannot hold
+FULL_RANK_REFIT = "rope key query, refit, O refit" + LOCAL + CONVERTED
 
 
 LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's defaults are the best levers found)
@@ -55,6 +57,8 @@ LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's de
     "rope key query, refit": dict(rope_key="query", unrotated="refit", o_refit=False),
     "rope key query, refit, 32 rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32, o_refit=False),
     "rope key query, refit, O refit": dict(rope_key="query", unrotated="refit", o_refit=True),
+    FULL_RANK_REFIT: dict(rope_key="query", unrotated="refit", o_refit=True, local_steps=LOCAL_STEPS,
+                          local_inputs="converted"),
     **{fastest(dims): fastest_fields(dims) for dims in (48, 40, 32, 24, 16)},
     **{fastest(32) + suffix: fastest_fields(32, **more) for suffix, more in KV25_EXTRA.items()},
     **{fastest(dims) + ", per-layer split": fastest_fields(dims, split="layer") for dims in OTHER_SIZES},
@@ -84,7 +88,8 @@ SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.
               fastest(48): (0.5, 0.25), fastest(40): (0.25,), fastest(24): (0.25, 0.125),
               fastest(16): (0.25, 0.125), **{fastest(32) + suffix: (0.25,) for suffix in KV25_EXTRA},
               **{fastest(dims) + ", per-layer split": kept for dims, kept in OTHER_SIZES.items()},
-              **{fastest(dims) + LOCAL + CONVERTED: kept for dims, kept in OTHER_SIZES.items()}})
+              **{fastest(dims) + LOCAL + CONVERTED: kept for dims, kept in OTHER_SIZES.items()},
+              FULL_RANK_REFIT: (1.0,)})
 BASE = "base (SmolLM2-135M)"
 # the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
 TASK = dict(name="wikitext2_next_sentence", docs=300, choices=4, context=1, max_words=30, seed=0)
