@@ -26,6 +26,7 @@ LOCAL = ", layer-wise refit"  # the suffix of a row whose blocks were refit by A
 LOCAL_STEPS = 200  # the layer-wise refit's Adam steps per block (MlaConfig's lr and batch)
 CONVERTED = " on converted inputs"  # the refit's blocks read the converted model's inputs, first to last
 RESIDUAL = ", residual target"  # ... and each block's target adds the residual stream's error at the layer's start
+REFIT_ON_CONVERTED = dict(local_steps=LOCAL_STEPS, local_inputs="converted")  # the fields of LOCAL + CONVERTED
 KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not met: row suffix -> fields added
     ", mixed values": dict(value_moment="mixed"),
     **{f", {n} calibration windows": dict(calib_windows=n) for n in (64, 128)},
@@ -35,16 +36,18 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
     LOCAL: dict(local_steps=LOCAL_STEPS),
     ", 64 calibration windows, per-layer split" + LOCAL: dict(calib_windows=64, split="layer",
                                                                        local_steps=LOCAL_STEPS),
-    LOCAL + CONVERTED: dict(local_steps=LOCAL_STEPS, local_inputs="converted"),
+    LOCAL + CONVERTED: REFIT_ON_CONVERTED,
     LOCAL + CONVERTED + RESIDUAL: dict(local_steps=LOCAL_STEPS, local_inputs="residual"),
     ", 64 calibration windows, per-layer split" + LOCAL + CONVERTED + ", 400 steps": dict(
         calib_windows=64, split="layer", local_steps=2 * LOCAL_STEPS, local_inputs="converted"),
 }
 
 
-# the best rotated dims of the other cache sizes, where the per-layer split and the layer-wise refit on converted
-# inputs also run (each on its own, beside the same row without it)
+# the best rotated dims of the other cache sizes, where OTHER_SIZE_EXTRA's levers also run (each on its own,
+# beside the same row without it)
 OTHER_SIZES = {48: (0.5,), 24: (0.125,)}
+OTHER_SIZE_EXTRA = {", per-layer split": dict(split="layer"), LOCAL + CONVERTED: REFIT_ON_CONVERTED}
+O_REFIT = dict(rope_key="query", unrotated="refit", o_refit=True)  # the strongest lever at 64 spread rotated dims
 # the refit at full latent rank, where the only error left is the rotation the format cannot hold
 FULL_RANK_REFIT = "rope key query, refit, O refit" + LOCAL + CONVERTED
 
@@ -56,13 +59,11 @@ LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's de
     "rope key query, expected": dict(rope_key="query", unrotated="expected", o_refit=False),
     "rope key query, refit": dict(rope_key="query", unrotated="refit", o_refit=False),
     "rope key query, refit, 32 rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32, o_refit=False),
-    "rope key query, refit, O refit": dict(rope_key="query", unrotated="refit", o_refit=True),
-    FULL_RANK_REFIT: dict(rope_key="query", unrotated="refit", o_refit=True, local_steps=LOCAL_STEPS,
-                          local_inputs="converted"),
+    "rope key query, refit, O refit": O_REFIT,
+    FULL_RANK_REFIT: dict(O_REFIT, **REFIT_ON_CONVERTED),
     **{fastest(dims): fastest_fields(dims) for dims in (48, 40, 32, 24, 16)},
     **{fastest(32) + suffix: fastest_fields(32, **more) for suffix, more in KV25_EXTRA.items()},
-    **{fastest(dims) + ", per-layer split": fastest_fields(dims, split="layer") for dims in OTHER_SIZES},
-    **{fastest(dims) + LOCAL + CONVERTED: fastest_fields(dims, local_steps=LOCAL_STEPS, local_inputs="converted")
+    **{fastest(dims) + suffix: fastest_fields(dims, **more) for suffix, more in OTHER_SIZE_EXTRA.items()
        for dims in OTHER_SIZES},
     "TransMLA recipe (RoRoPE + NoPE + BKV)": dict(rope_key="pca", unrotated="nope", latent_weights="bkv",
                                                  split=1.0, o_refit=False),
@@ -87,8 +88,7 @@ SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.
               # every size; a KV 12.5% cache (48 numbers) has no room for a latent beside 40 or 48 rotated dims
               fastest(48): (0.5, 0.25), fastest(40): (0.25,), fastest(24): (0.25, 0.125),
               fastest(16): (0.25, 0.125), **{fastest(32) + suffix: (0.25,) for suffix in KV25_EXTRA},
-              **{fastest(dims) + ", per-layer split": kept for dims, kept in OTHER_SIZES.items()},
-              **{fastest(dims) + LOCAL + CONVERTED: kept for dims, kept in OTHER_SIZES.items()},
+              **{fastest(dims) + suffix: kept for suffix in OTHER_SIZE_EXTRA for dims, kept in OTHER_SIZES.items()},
               FULL_RANK_REFIT: (1.0,)})
 BASE = "base (SmolLM2-135M)"
 # the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
