@@ -3,7 +3,6 @@ so a ratio on the wrong side of the goal or a verdict inside the spread must sho
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,13 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def render():
-    sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: the benchmark's parts import each other by name
-    try:
-        import _mla_render
-        import _mla_rows
-        yield _mla_render, _mla_rows
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+@pytest.fixture
+def render(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as when run as a script: the parts import each other by name
+    import _mla_render
+    import _mla_rows
+
+    return _mla_render, _mla_rows
 
 
 def rows(rows_module, kind: str, method: str, ppls: list[float], kls: list[float], settings: dict, lever: str):
