@@ -46,7 +46,8 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
 # the best rotated dims of the other cache sizes, where OTHER_SIZE_EXTRA's levers also run (each on its own,
 # beside the same row without it)
 OTHER_SIZES = {48: (0.5,), 24: (0.125,)}
-OTHER_SIZE_EXTRA = {", per-layer split": dict(split="layer"), LOCAL + CONVERTED: REFIT_ON_CONVERTED}
+OTHER_SIZE_EXTRA = {", per-layer split": dict(split="layer"), LOCAL + CONVERTED: REFIT_ON_CONVERTED,
+                    ", per-layer split" + LOCAL + CONVERTED: dict(split="layer", **REFIT_ON_CONVERTED)}
 O_REFIT = dict(rope_key="query", unrotated="refit", o_refit=True)  # the strongest lever at 64 spread rotated dims
 # the refit at full latent rank, where the only error left is the rotation the format cannot hold
 FULL_RANK_REFIT = "rope key query, refit, O refit" + LOCAL + CONVERTED

@@ -35,12 +35,12 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
   priced at the block's output instead of in closed form; at KV 25% on the 32-rotated-dims row and the best row;
   "on converted inputs": the blocks refit first to last, each reading what the converted model feeds it (the blocks
   before it converted and refit), still toward the original block's output (``local_inputs="converted"``), also
-  on the 48 and 24 rotated-dims rows at KV 50% and 12.5% (``OTHER_SIZES``) and at KV 100% on the ``rope key query,
-  refit, O refit`` row, where only the rotation's error is left (``FULL_RANK_REFIT``); "residual target": the
-  same, toward the original block's output plus the original residual stream's difference from the converted one
-  where the layer begins, so each block also makes up the error in what it adds to (``local_inputs="residual"``),
-  on the 32-rotated-dims row beside its converted-inputs row; "400 steps": twice ``LOCAL_STEPS`` (the lr decays
-  over the longer run), on the best row;
+  on the 48 and 24 rotated-dims rows at KV 50% and 12.5% (``OTHER_SIZES``), without and with their per-layer
+  split, and at KV 100% on the ``rope key query, refit, O refit`` row, where only the rotation's error is left
+  (``FULL_RANK_REFIT``); "residual target": the same, toward the original block's output plus the original residual
+  stream's difference from the converted one where the layer begins, so each block also makes up the error in what
+  it adds to (``local_inputs="residual"``), on the 32-rotated-dims row beside its converted-inputs row; "400
+  steps": twice ``LOCAL_STEPS`` (the lr decays over the longer run), on the best row;
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
