@@ -1,6 +1,6 @@
 """The ``mla_quality`` section of BENCHMARKS.md from the saved JSON: the training-free table, the healing table
-(rows grouped by settings and conversion, read over seeds), the reach and sharpness probes, the second metric, and
-the issue's goals, each checked and printed, met or not."""
+(rows grouped by settings and conversion, read over seeds), each setting's healing at more than one length, the
+reach and sharpness probes, the second metric, and the issue's goals, each checked and printed, met or not."""
 
 from __future__ import annotations
 
@@ -177,7 +177,8 @@ def render_heal(payload: dict) -> str:
             "function and training-free ppl, with each pair's scale split wherever the solve left it; CLOVER's rows "
             "serve both, since its first step is that rewrite. Late KL, held out: the mean KL logged over the last "
             "quarter of steps, on validation windows each drawn once and scored before the step that trains on them "
-            "(mean over seeds; '-' for rows run before it was recorded); where every lr tried has it, each method's "
+            "(mean over seeds; '-' for rows run before it was recorded, and for runs past one epoch, which leave no "
+            "window unseen); where every lr tried has it, each method's "
             f"lr is chosen by it at seed {SWEEP_SEED}, not by the test ppl.")
     return section(title, text, columns, table)
 
@@ -266,6 +267,53 @@ def core_scale_findings(payload: dict) -> list[str]:
     return lines
 
 
+def length_findings(payload: dict) -> list[str]:
+    """Per method, conversion and settings healed at more than one length: the mean at each number of steps and,
+    where a control ran at that length, the gap to it. What the healed goal is read along: how much of the gap more
+    passes over the same validation text close (``windows`` read = steps x batch size)."""
+    groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+    lengths = {}
+    for settings, lever, summary in groups:
+        budget = json.dumps({k: v for k, v in settings.items() if k != "steps"}, sort_keys=True, default=str)
+        for (kind, method), run in summary.items():
+            if kind == "healed":
+                control = summary.get(("control", method))
+                lengths.setdefault((method, lever, budget), []).append((settings, run, control))
+    lines = []
+    for (method, lever, budget), found in lengths.items():
+        if len(found) < 2:
+            continue
+        parts = []
+        for settings, run, control in sorted(found, key=lambda entry: entry[0]["steps"]):
+            part = (f"{settings['steps']} steps ({settings['steps'] * settings['batch_size']} windows): "
+                    f"{run['mean']:.2f} ({run['n']})")
+            if control:
+                part += (f", control {control['mean']:.2f} ({control['n']}), gap {run['mean'] - control['mean']:.2f} "
+                         f"= {run['mean'] / control['mean']:.3f}x")
+            parts.append(part)
+        label = settings_label({k: v for k, v in found[0][0].items() if k != "steps"}, lever)
+        lines.append(f"{method}{', ' + label if label else ''}: " + "; ".join(parts)
+                     + projection([(s["steps"], run, control) for s, run, control in found if control]))
+    return lines
+
+
+def projection(controlled: list) -> str:
+    """Where the healed goal would fall if the gap to the control kept shrinking by the same factor per doubling of
+    steps as between the two longest controlled lengths: a projection from two points, read as such."""
+    if len(controlled) < 2:
+        return ""
+    (short, a, ca), (long, b, cb) = sorted(controlled, key=lambda entry: entry[0])[-2:]
+    gap_a, gap_b = a["mean"] - ca["mean"], b["mean"] - cb["mean"]
+    goal_gap = (HEALED_GOAL - 1) * cb["mean"]
+    if not 0 < goal_gap < gap_b < gap_a:
+        return ""
+    rate = (gap_b / gap_a) ** (1 / math.log2(long / short))
+    factor = 2 ** (math.log(goal_gap / gap_b) / math.log(rate))
+    return (f"; the gap shrank x{rate:.3f} per doubling of steps from {short} to {long}: at that rate the "
+            f"{HEALED_GOAL:.2f}x goal (gap {goal_gap:.2f}) would take about {factor:.0f}x {long} steps (a projection "
+            f"from two points, not a measurement)")
+
+
 def mean_kl(summary: dict) -> float:
     return sum(summary["heldout"].values()) / len(summary["heldout"]) if summary["heldout"] else math.nan
 
@@ -281,8 +329,10 @@ def heal_goals(payload: dict) -> list[str]:
         if control:
             ratio = done[best]["mean"] / control["mean"]
             label = settings_label(settings, lever) or "the comparison's settings"
+            seeds = f"{done[best]['n']} seed{'s' * (done[best]['n'] > 1)}, control {control['n']}"  # a ratio's weight
             lines.append(f"healed KV {HEAL_KEPT:.0%} within {HEALED_GOAL:.2f}x of the identically tuned base "
-                         f"({label}): {ratio:.3f}x ({best}) -> {'MET' if ratio <= HEALED_GOAL else 'NOT MET'}")
+                         f"({label}): {ratio:.3f}x ({best}, {seeds}) -> "
+                         f"{'MET' if ratio <= HEALED_GOAL else 'NOT MET'}")
     lines += uncontrolled_heal_goal(payload, groups)
     # the same conversion, steps, batch and data: one comparison each, every method at its best lr
     for budget in budgets_of(groups):
@@ -538,9 +588,9 @@ def render(payload: dict) -> None:
              f"{base:.2f})")
     print_table(title, columns, table)
     goals, findings = goals_of(payload), core_scale_findings(payload)
-    splits, refits = split_findings(payload), refit_findings(payload)
+    splits, refits, lengths = split_findings(payload), refit_findings(payload), length_findings(payload)
     for label, lines in (("goal", goals), ("finding", findings), ("per-layer split", splits),
-                         ("layer-wise refit", refits)):
+                         ("layer-wise refit", refits), ("healing length", lengths)):
         for line in lines:
             print(f"{label}:", line)
     machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(payload["runs"]))
@@ -572,7 +622,11 @@ def render(payload: dict) -> None:
           + ("\n\nLayer-wise refit (`local_steps`: each block tuned by Adam toward the original block's output on the "
              "calibration windows, kept where the held-out windows improve) against the same conversion without it:\n\n"
              + "\n".join(f"- {line}" for line in refits) if refits else "")
-          + heal_md + reach_md + sharp_md + task_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
+          + heal_md
+          + ("\n\nHealing length: the same method, conversion and settings at more steps over the same validation "
+             "text (test ppl, seeds in brackets; the control tuned as long, where one ran):\n\n"
+             + "\n".join(f"- {line}" for line in lengths) if lengths else "")
+          + reach_md + sharp_md + task_md + "\n\nGoals:\n\n" + "\n".join(f"- {line}" for line in goals)
           + ("\n\nCLOVER's core scale, side by side:\n\n" + "\n".join(f"- {line}" for line in findings)
              if findings else "")
           + ("\n\nSecond metric, side by side:\n\n" + "\n".join(f"- {line}" for line in task_lines)

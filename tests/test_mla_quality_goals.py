@@ -45,11 +45,11 @@ def test_healed_goal_reads_the_best_method_against_its_own_control(render):
     met = module.heal_goals(payload(rows_module, [32.0, 32.2, 31.8], [34.0, 34.1, 33.9], [30.0, 30.1, 29.9],
                                     [0.30, 0.31, 0.29], [0.32, 0.33, 0.31]))
     goal = next(line for line in met if "of the identically tuned base" in line)
-    assert goal.endswith("1.067x (clover) -> MET")
+    assert goal.endswith("1.067x (clover, 3 seeds, control 3) -> MET")
     missed = module.heal_goals(payload(rows_module, [36.0, 36.2, 35.8], [37.0, 37.1, 36.9], [30.0, 30.1, 29.9],
                                        [0.30, 0.31, 0.29], [0.32, 0.33, 0.31]))
     goal = next(line for line in missed if "of the identically tuned base" in line)
-    assert goal.endswith("1.200x (clover) -> NOT MET")
+    assert goal.endswith("1.200x (clover, 3 seeds, control 3) -> NOT MET")
 
 
 def test_clover_against_lora_is_a_verdict_only_beyond_two_standard_errors(render):
@@ -70,3 +70,32 @@ def test_separation_needs_more_than_two_standard_errors(render):
     assert module.separation(2.01, 1.0) == "ahead"
     assert module.separation(-2.01, 1.0) == "behind"
     assert module.separation(2.0, 1.0) == "not separated"
+
+
+def test_healing_length_lines_up_one_method_and_conversion_across_steps(render):
+    module, rows_module = render
+    lever = rows_module.HEAL_LEVER
+    short, long = dict(rows_module.HEAL, steps=120), dict(rows_module.HEAL, steps=480)
+    heal = (rows(rows_module, "healed", "clover", [40.0, 41.0], [0.4, 0.4], short, lever)
+            + rows(rows_module, "healed", "clover", [36.0], [0.3], long, lever)
+            + rows(rows_module, "control", "clover", [30.0], [0.01], long, lever)
+            + rows(rows_module, "healed", "lora", [37.0], [0.3], long, lever))  # one length only: no line
+    lines = module.length_findings({"base_ppl": 30.0, "rows": [], "heal": heal})
+    assert len(lines) == 1 and lines[0].startswith("clover")
+    windows = 120 * rows_module.HEAL["batch_size"]
+    assert f"120 steps ({windows} windows): 40.50 (2); 480 steps" in lines[0]
+    assert lines[0].endswith("36.00 (1), control 30.00 (1), gap 6.00 = 1.200x")
+
+
+def test_healing_length_projects_the_goal_only_from_two_controlled_lengths(render):
+    module, _ = render
+
+    def run(mean):
+        return {"mean": mean, "sd": 0.0, "n": 1}
+
+    # gap 10 -> 6 over two doublings: x0.775 a doubling; the 1.10x goal's gap of 3 is 2.71 doublings on: 6.6x
+    text = module.projection([(120, run(40.0), run(30.0)), (480, run(36.0), run(30.0))])
+    assert "x0.775 per doubling of steps from 120 to 480" in text and "about 7x 480 steps" in text
+    assert module.projection([(480, run(36.0), run(30.0))]) == ""
+    assert module.projection([(120, run(36.0), run(30.0)), (480, run(40.0), run(30.0))]) == ""  # gap grew
+    assert module.projection([(120, run(34.0), run(30.0)), (480, run(32.0), run(30.0))]) == ""  # goal met
