@@ -137,6 +137,12 @@ def heal_summary(payload: dict, settings: dict | None = None, lever: str = HEAL_
     return summary
 
 
+def summarized_groups(payload: dict) -> list[tuple[dict, str, dict]]:
+    """Every (settings, conversion) group of ``heal_groups`` with its ``heal_summary``: what the goal and finding
+    lines read."""
+    return [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+
+
 def render_heal(payload: dict) -> str:
     if not payload.get("heal"):
         return ""
@@ -248,7 +254,7 @@ def se_of(a: dict, b: dict) -> float:
 def core_scale_findings(payload: dict) -> list[str]:
     """Within CLOVER, per budget run at both core scales (``finetune.modules._scaled_start``): each scale at its
     own best lr, over seeds, read against the spread like a peer."""
-    groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+    groups = summarized_groups(payload)
     lines = []
     for budget, lever in budgets_of(groups, function_of):  # CLOVER's rows serve either split (lever_of)
         picks = {scale: best_of(groups, "clover", budget, lever, scale) for scale in ("spectrum", "unit")}
@@ -271,7 +277,7 @@ def length_findings(payload: dict) -> list[str]:
     """Per method, conversion and settings healed at more than one length: the mean at each number of steps and,
     where a control ran at that length, the gap to it. What the healed goal is read along: how much of the gap more
     passes over the same validation text close (``windows`` read = steps x batch size)."""
-    groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+    groups = summarized_groups(payload)
     lengths = {}
     for settings, lever, summary in groups:
         budget = json.dumps({k: v for k, v in settings.items() if k != "steps"}, sort_keys=True, default=str)
@@ -320,7 +326,7 @@ def mean_kl(summary: dict) -> float:
 
 def heal_goals(payload: dict) -> list[str]:
     lines = []
-    groups = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+    groups = summarized_groups(payload)
     unhealed = training_free(payload)
     for settings, lever, summary in groups:
         done = {m: v for (kind, m), v in summary.items() if kind == "healed"}
@@ -414,7 +420,7 @@ def render_reach(payload: dict) -> tuple[str, list[str]]:
     for row in rows:
         key = (row["method"], json.dumps(row["settings"], sort_keys=True), row["lever"])
         groups.setdefault(key, []).append(row)
-    heal = [(settings, lever, heal_summary(payload, settings, lever)) for settings, lever in heal_groups(payload)]
+    heal = summarized_groups(payload)
     unhealed = training_free(payload)
     columns = ["peer", "seeds", "start", "CLOVER healed", "peer healed", "cores fitted, weighted",
                "gain held", "cores fitted, plain", "change out of reach (weighted fit)",
