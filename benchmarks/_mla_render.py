@@ -1,14 +1,17 @@
 """The ``mla_quality`` section of BENCHMARKS.md from the saved JSON: the training-free table, the healing table
 (rows grouped by settings and conversion, read over seeds), each setting's healing at more than one length, the
-reach and sharpness probes, the second metric, and the issue's goals, each checked and printed, met or not."""
+reach and sharpness probes, the per-layer split and refit findings, the second metric, and the issue's goals, each
+checked and printed, met or not."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from statistics import median
 
 from _mla_rows import AS_SOLVED, CONVERTED, HEAL, HEAL_KEPT, HEAL_LEVER, HEAL_METHODS, HEALED_GOAL, KEPT, LATENT, \
-    LEVERS, LOCAL, LOCAL_STEPS, RESIDUAL, SIZES, SWEEP_SEED, TASK_KEPT, TASK_PLAN, TASK_RESULTS, TASK_ROWS, \
+    LEVERS, LOCAL, LOCAL_STEPS, MLP, RESIDUAL, SIZES, SWEEP_SEED, TASK_KEPT, TASK_PLAN, TASK_RESULTS, TASK_ROWS, \
     VERDICT_SEEDS, function_of, in_group, lever_of
 from _report import machine_line, markdown_table, print_table, update_benchmarks_md
 
@@ -541,7 +544,7 @@ def split_findings(payload: dict) -> list[str]:
     rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
     lines = []
     for (name, kept), row in rows.items():
-        if "layer" not in row.get("split_losses", {}) or LOCAL in name:  # a refit row: see refit_findings
+        if "layer" not in row.get("split_losses", {}) or LOCAL in name or MLP in name:  # see the refit findings
             continue
         losses = row["split_losses"]
         one = rows.get((name.split(", per-layer split")[0], kept))
@@ -557,11 +560,12 @@ def split_findings(payload: dict) -> list[str]:
 
 def refit_findings(payload: dict) -> list[str]:
     """Each layer-wise refit row against the same conversion without the refit (the row its name extends), and a
-    residual-target row against the same refit toward the block's output alone."""
+    residual-target row against the same refit toward the block's output alone; a row that adds the MLP refit too
+    is read in ``mlp_findings``, against its layer-wise refit row."""
     rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
     lines = []
     for (name, kept), row in rows.items():
-        one = rows.get((name.split(LOCAL)[0], kept)) if LOCAL in name else None
+        one = rows.get((name.split(LOCAL)[0], kept)) if LOCAL in name and MLP not in name else None
         if one:
             inputs = CONVERTED if CONVERTED in name else " on the original inputs"
             inputs += " toward the original residual stream" if RESIDUAL in name else ""
@@ -574,6 +578,29 @@ def refit_findings(payload: dict) -> list[str]:
             lines.append(f"{plain['name']} at KV {kept:.1%}, the block's target with the residual stream's error "
                          f"added: test ppl {plain['ppl']:.2f} -> {row['ppl']:.2f} "
                          f"({row['ppl'] / plain['ppl'] - 1:+.1%})")
+    return lines
+
+
+def mlp_findings(payload: dict) -> list[str]:
+    """Each MLP refit row against the same conversion without it (the row its name extends): the test ppl, how many
+    layers kept their new down projection and with which ridge, the held-out layer error (median over layers) and
+    what it cost."""
+    rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
+    lines = []
+    for (name, kept), row in rows.items():
+        one = rows.get((name.replace(MLP, ""), kept)) if MLP in name else None
+        if not one or "mlp_fits" not in row:
+            continue
+        fits = row["mlp_fits"]
+        before = median(f[0] for f in fits)
+        after = median(min(f[0], f[1]) for f in fits)
+        ridges = Counter(f[3] for f in fits if f[2])
+        lines.append(f"{one['name']} at KV {kept:.1%}: test ppl {one['ppl']:.2f} -> {row['ppl']:.2f} "
+                     f"({row['ppl'] / one['ppl'] - 1:+.1%}, {row['ppl'] / payload['base_ppl']:.3f}x base); kept in "
+                     f"{sum(bool(f[2]) for f in fits)} of {len(fits)} layers (ridge chosen: "
+                     f"{', '.join(f'{r:g} in {n}' for r, n in sorted(ridges.items()))}), held-out layer output "
+                     f"error (median) {before:.4f} -> {after:.4f}; conversion {one['seconds']:.0f} s -> "
+                     f"{row['seconds']:.0f} s{' (timed in different runs)' if one.get('run') != row.get('run') else ''}")
     return lines
 
 
@@ -595,8 +622,9 @@ def render(payload: dict) -> None:
     print_table(title, columns, table)
     goals, findings = goals_of(payload), core_scale_findings(payload)
     splits, refits, lengths = split_findings(payload), refit_findings(payload), length_findings(payload)
+    mlps = mlp_findings(payload)
     for label, lines in (("goal", goals), ("finding", findings), ("per-layer split", splits),
-                         ("layer-wise refit", refits), ("healing length", lengths)):
+                         ("layer-wise refit", refits), ("MLP refit", mlps), ("healing length", lengths)):
         for line in lines:
             print(f"{label}:", line)
     machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(payload["runs"]))
@@ -628,6 +656,10 @@ def render(payload: dict) -> None:
           + ("\n\nLayer-wise refit (`local_steps`: each block tuned by Adam toward the original block's output on the "
              "calibration windows, kept where the held-out windows improve) against the same conversion without it:\n\n"
              + "\n".join(f"- {line}" for line in refits) if refits else "")
+          + ("\n\nMLP refit (`mlp_refit`: each layer's MLP down projection solved in closed form toward the original "
+             "residual stream after the layer, on the converted model's own stream, first to last, kept where the "
+             "held-out windows improve; training-free) against the same conversion without it:\n\n"
+             + "\n".join(f"- {line}" for line in mlps) if mlps else "")
           + heal_md
           + ("\n\nHealing length: the same method, conversion and settings at more steps over the same validation "
              "text (test ppl, seeds in brackets; the control tuned as long, where one ran):\n\n"

@@ -332,8 +332,8 @@ def test_the_converted_stream_feeds_each_block_what_the_converted_model_does(gqa
 
     solved = []  # each conversion's solved layers, as to_mla hands them to its verification
     verify = convert.verify
-    monkeypatch.setattr(convert, "verify", lambda model, mla, layers, head_dim, adapter: (
-        solved.append(layers), verify(model, mla, layers, head_dim, adapter))[1])
+    monkeypatch.setattr(convert, "verify", lambda model, mla, layers, head_dim, adapter, mlp_down: (
+        solved.append(layers), verify(model, mla, layers, head_dim, adapter, mlp_down))[1])
     for kv_ratio in (0.6, 0.3):
         to_mla(gqa, MlaConfig(calibration=CALIB, kv_ratio=kv_ratio, rope_dims=8, progress=False))
     layers, other = solved
@@ -424,7 +424,7 @@ def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "out"), "--kv-ratio", "0.5",
                                  "--rope-key", "attention", "--unrotated", "refit", "--rope-dims", "8", "--o-refit",
                                  "--value-moment", "mixed", "--split", "layer", "--local-steps", "5",
-                                 "--local-inputs", "converted",
+                                 "--local-inputs", "converted", "--mlp-refit",
                                  "--calib-samples", "6", "--calib-seqlen", "32", "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -432,6 +432,7 @@ def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     assert report["value_moment"] == "mixed" and "layer" in report["split_losses"]
     assert all(layer["split"] in (0.25, 1, 4, 16) for layer in report["layers"])
     assert all(set(layer["local"]) == {"before", "after", "kept"} for layer in report["layers"])
+    assert all(set(layer["mlp"]) == {"before", "after", "kept", "ridge"} for layer in report["layers"])
     assert any("converted model's attention inputs" in note for note in report["notes"])
     assert report["kv_lora_rank"] == 32 - 8  # half of 2 x 2 x 16, less the 8 rotated dims
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "x"), "--freqfold", "2",

@@ -74,9 +74,12 @@ def mla(
                                                    "attention inputs), converted (the converted model's, first "
                                                    "to last) or residual (converted, and each block also makes up "
                                                    "the residual stream's error at its input).")] = "original",
+    mlp_refit: Annotated[bool, typer.Option(help="Refit each layer's MLP down projection in closed form toward the "
+                                                 "original residual stream, on the converted model's, kept where "
+                                                 "the held-out windows improve.")] = False,
     calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split and check "
-                                                    "the layer-wise refit).")] = 16,
+                                                    "the refits).")] = 16,
     calib_seqlen: CalibSeqlenOpt = 512,
     eval_ppl: EvalPplOpt = False,
     seqlen: SeqlenOpt = 2048,
@@ -103,7 +106,7 @@ def mla(
                        rope_key=rope_key, unrotated=unrotated, rope_dims=rope_dims,
                        rope_frequencies=rope_frequencies, latent_weights=latent_weights, freqfold=freqfold,
                        o_refit=o_refit, value_moment=value_moment, local_steps=local_steps, local_lr=local_lr,
-                       local_inputs=local_inputs)
+                       local_inputs=local_inputs, mlp_refit=mlp_refit)
     config.check()
     peeked = peek(ctx, model, "MLA conversion", calib_seqlen, eval_ppl, seqlen, lambda c, _: config.check_against(c))
     loaded, config.calibration, text, calib_note = load_calibrated(

@@ -62,6 +62,10 @@ class MlaConfig:
     ``"residual"``: the same, and each block's target also carries the difference of the original residual stream
     from the converted one at its input, so the block makes up the error the blocks before it left).
 
+    ``mlp_refit``: last, each layer's MLP down projection is re-solved in closed form (``mlp.py``: least squares on
+    the converted model's own stream, first to last) so the layer's output comes back toward the original model's,
+    kept per layer where the held-out windows say it helps.
+
     ``layout="gqa"``: instead of MLA, the plain ``llama`` architecture with ``kv_heads`` KV heads (``gqa.py``); the
     cache is then ``kv_heads / G`` of the original and ``kv_ratio`` is not used.
     """
@@ -87,6 +91,7 @@ class MlaConfig:
     local_lr: float = 3e-4
     local_batch: int = 4
     local_inputs: str = "original"
+    mlp_refit: bool = False
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
 
@@ -129,6 +134,8 @@ class MlaConfig:
                               "window and a positive lr")
         if self.local_steps and self.layout == "gqa":
             raise CloverError("--local-steps refits MLA blocks: drop it with --layout gqa")
+        if self.mlp_refit and self.layout == "gqa":
+            raise CloverError("--mlp-refit refits the MLPs after MLA blocks: drop it with --layout gqa")
         if self.local_inputs != "original" and not self.local_steps:
             raise CloverError(f"--local-inputs {self.local_inputs} says what the layer-wise refit reads, and none "
                               "runs: add --local-steps N")
@@ -141,8 +148,8 @@ class MlaConfig:
         return self.split in SPLIT_SEARCHES and len(self.split_grid) > 1
 
     def holds_out(self) -> bool:
-        """Whether the last ``holdout`` calibration windows are kept apart (the split search, the refit's check)."""
-        return self.searches_split() or self.local_steps > 0
+        """Whether the last ``holdout`` calibration windows are kept apart (the split search, the refits' checks)."""
+        return self.searches_split() or self.local_steps > 0 or self.mlp_refit
 
     def splits_per_layer(self) -> bool:
         return self.split == "layer" and self.searches_split()

@@ -2,7 +2,8 @@
 
 Flow: calibrate (attention-input moments on validation text) -> per layer, the rotary split and the joint latent
 (``solve``) -> one ``kv_lora_rank`` from the KV budget -> the key/value split chosen on held-out windows (one for
-every layer, then, with ``split="layer"``, each layer's own) -> the stock model (``deepseek``) -> checked against
+every layer, then, with ``split="layer"``, each layer's own) -> the stock model (``deepseek``) -> optionally the
+layer-wise refit of the attention blocks (``local``) and of the MLP down projections (``mlp``) -> checked against
 clover's reference of the same function (``reference``).
 """
 
@@ -23,15 +24,16 @@ from ..errors import CloverError
 from ..pairs import check_finite
 from ..sizes import SizeReport, parameter_count
 from ..verify import TOLERANCE, compare, model_outputs
-from . import attention, deepseek, gqa, local
+from . import attention, deepseek, gqa, local, mlp
 from .config import SPLIT_SEARCHES, MlaConfig
 from .local import LocalFit
+from .mlp import MlpFit
 from .reference import reference_model
 from .solve import LayerMla, LayerParts, RotarySettings, full_rank, latent_layer, nope_dims, split_layer
 
 
-HELD_OUT_USES = "the key/value split or the layer-wise refit's check"
-FIXED = "a fixed --split and no --local-steps"
+HELD_OUT_USES = "the key/value split or whether a refit is kept"
+FIXED = "a fixed --split, no --local-steps and no --mlp-refit"
 
 
 @dataclass
@@ -41,6 +43,7 @@ class MlaLayer:
     latent_energy: float  # weighted share of the joint latent kept at kv_lora_rank
     split: float | None = None  # the key/value split this layer's latent was solved with
     local: LocalFit | None = None  # the layer-wise refit's held-out error before / after (``local.py``)
+    mlp: MlpFit | None = None  # the MLP refit's held-out error before / after (``mlp.py``)
 
 
 @dataclass
@@ -132,8 +135,10 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         for block, original, layer, fit in zip(mla.model.layers, model.model.layers, layers, fits, strict=True):
             if fit.kept:  # a block whose refit was not kept holds its solved maps already
                 deepseek.write_layer(block.self_attn, original, layer, head_dim)
+    downs, mlp_fits = mlp.refit(model, mla, statistics, held, progress=config.progress) if config.mlp_refit \
+        else (None, [None] * len(layers))
     deepseek.balance_pairs(mla)
-    check = verify(model, mla, layers, head_dim, adapter)
+    check = verify(model, mla, layers, head_dim, adapter, downs)
     size = next(model.parameters()).element_size()
     report = MlaReport(
         model_type=model.config.model_type, target="DeepseekV3ForCausalLM", layout="mla", kv_heads=1,
@@ -144,8 +149,9 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         latent_weights=config.latent_weights, value_moment=config.value_moment,
         rope_frequencies=layers[0].rope_freqs.tolist(),
         rope_theta=float(mla.config.rope_parameters["rope_theta"]),
-        layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy, s, fit)
-                for site, lr, s, fit in zip(sites, layers, layer_splits, fits or [None] * len(layers), strict=True)],
+        layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy, s, fit, mlp_fit)
+                for site, lr, s, fit, mlp_fit in zip(sites, layers, layer_splits, fits or [None] * len(layers),
+                                                     mlp_fits, strict=True)],
         check=check, params_before=parameter_count(model), params_after=parameter_count(mla),
         kv_bytes_per_token_before=len(sites) * 2 * kv_heads * head_dim * size,
         kv_bytes_per_token_after=len(sites) * (rank + rope_dims) * size, calibration_tokens=stats.tokens,
@@ -158,6 +164,12 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
                             f"{len(kept)} of {len(fits)} blocks; held-out block output error, median over blocks, "
                             f"{median(f.before for f in fits):.4f} -> "
                             f"{median(min(f.before, f.after) for f in fits):.4f}")
+    if config.mlp_refit:
+        kept = [fit for fit in mlp_fits if fit.kept]
+        report.notes.append(f"MLP refit (each down projection solved toward the original residual stream, on the "
+                            f"converted model's): kept in {len(kept)} of {len(mlp_fits)} layers; held-out layer "
+                            f"output error, median over layers, {median(f.before for f in mlp_fits):.4f} -> "
+                            f"{median(min(f.before, f.after) for f in mlp_fits):.4f}")
     if rank > report.full_rank:
         report.notes.append(f"kv_lora_rank {rank} is above the {report.full_rank} dims a layer has: the extra latent "
                             "dims are zero (kept for the engine's size rule)")
@@ -240,13 +252,13 @@ ROUNDING_FACTOR = 4  # how much further than clover's own float32 reference the 
 
 
 def rounding_check(model: nn.Module, mla: nn.Module, layers, head_dim: int, inputs: dict, expected: torch.Tensor,
-                   result: dict) -> dict:
+                   result: dict, mlp_down=None) -> dict:
     """The float32 check's second chance. A conversion that removes much (no rotation kept at KV 25%, say) can be an
     ill-conditioned function whose float32 rounding alone moves the logits past 1e-4 on some CPUs, whoever computes
     it. Both float32 models are then measured against the exact function (clover's reference in float64, from the
     float64 solve): the stock model passes if it is no further from it than ``ROUNDING_FACTOR`` times clover's own
     float32 reference is. A wrong weight moves it by far more than rounding does."""
-    exact_twin = reference_model(model, layers, head_dim, torch.float64)
+    exact_twin = reference_model(model, layers, head_dim, torch.float64, mlp_down)
     exact = model_outputs(exact_twin, inputs)
     del exact_twin
     own = (expected - exact).abs().max().item() / (exact.abs().max().item() or 1.0)
@@ -277,17 +289,18 @@ def _layer_parts(adapter, site, moment: torch.Tensor, dtype: torch.dtype, settin
                        inv_freq)
 
 
-def verify(model: nn.Module, mla: nn.Module, layers, head_dim: int, adapter) -> dict:
-    """The stock model must compute clover's reference of the converted function (relative to the logit scale)."""
+def verify(model: nn.Module, mla: nn.Module, layers, head_dim: int, adapter, mlp_down=None) -> dict:
+    """The stock model must compute clover's reference of the converted function (relative to the logit scale);
+    ``mlp_down``: the MLP refit's down projections (``mlp.refit``), which the reference takes from there."""
     inputs = {**adapter.example_inputs(model), "use_cache": False}
-    twin = reference_model(model, layers, head_dim)
+    twin = reference_model(model, layers, head_dim, mlp_down=mlp_down)
     expected = model_outputs(twin, inputs)
     del twin
     check = compare(expected, mla, inputs)
     dtype = next(model.parameters()).dtype
     result = check.to_dict()
     if not check.passed and dtype == torch.float32:
-        result = rounding_check(model, mla, layers, head_dim, inputs, expected, result)
+        result = rounding_check(model, mla, layers, head_dim, inputs, expected, result, mlp_down)
     elif not check.passed:
         raise CloverError(f"internal: the DeepSeek-V3 model differs from the converted function by "
                           f"{check.relative_diff:.1e} (relative; tolerance {TOLERANCE.get(dtype, 1e-4):.0e})")

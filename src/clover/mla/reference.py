@@ -69,12 +69,17 @@ class ReferenceAttention(nn.Module):
         return mla_attention(hidden_states, maps, cos, sin, self.freqs, self.group, self.scaling), None
 
 
-def reference_model(model: nn.Module, layers: list[LayerMla], head_dim: int,
-                    dtype: torch.dtype | None = None) -> nn.Module:
+def reference_model(model: nn.Module, layers: list[LayerMla], head_dim: int, dtype: torch.dtype | None = None,
+                    mlp_down: list[torch.Tensor | None] | None = None) -> nn.Module:
     """A copy of ``model`` whose attention blocks compute the converted function (full forwards only, no cache), in
-    the model's dtype or ``dtype`` (float64: the converted function without rounding, from the float64 solve)."""
+    the model's dtype or ``dtype`` (float64: the converted function without rounding, from the float64 solve);
+    ``mlp_down``: per layer, the MLP down projection the MLP refit (``mlp.py``) gave it, None where it kept the
+    original's."""
     dtype = dtype or next(model.parameters()).dtype
     twin = copy.deepcopy(model).to(dtype).eval()
-    for block, layer in zip(twin.model.layers, layers, strict=True):
+    for i, (block, layer) in enumerate(zip(twin.model.layers, layers, strict=True)):
         block.self_attn = ReferenceAttention(layer, head_dim**-0.5, dtype)
+        if mlp_down is not None and mlp_down[i] is not None:
+            with torch.no_grad():
+                block.mlp.down_proj.weight.copy_(mlp_down[i].to(dtype))
     return twin
