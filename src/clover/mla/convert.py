@@ -157,19 +157,13 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         kv_bytes_per_token_after=len(sites) * (rank + rope_dims) * size, calibration_tokens=stats.tokens,
     )
     if fits:
-        kept = [fit for fit in fits if fit.kept]
         reads = {"residual": "converted model's attention inputs, toward the original residual stream"}.get(
             config.local_inputs, f"{config.local_inputs} model's attention inputs")
-        report.notes.append(f"layer-wise refit ({config.local_steps} steps a block, on the {reads}): kept in "
-                            f"{len(kept)} of {len(fits)} blocks; held-out block output error, median over blocks, "
-                            f"{median(f.before for f in fits):.4f} -> "
-                            f"{median(min(f.before, f.after) for f in fits):.4f}")
+        report.notes.append(f"layer-wise refit ({config.local_steps} steps a block, on the {reads}): "
+                            f"{kept_summary(fits, 'block')}")
     if config.mlp_refit:
-        kept = [fit for fit in mlp_fits if fit.kept]
         report.notes.append(f"MLP refit (each down projection solved toward the original residual stream, on the "
-                            f"converted model's): kept in {len(kept)} of {len(mlp_fits)} layers; held-out layer "
-                            f"output error, median over layers, {median(f.before for f in mlp_fits):.4f} -> "
-                            f"{median(min(f.before, f.after) for f in mlp_fits):.4f}")
+                            f"converted model's): {kept_summary(mlp_fits, 'layer')}")
     if rank > report.full_rank:
         report.notes.append(f"kv_lora_rank {rank} is above the {report.full_rank} dims a layer has: the extra latent "
                             "dims are zero (kept for the engine's size rule)")
@@ -180,6 +174,14 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
                             "rotated key keeps)")
     report.warn_if_larger()
     return mla, report
+
+
+def kept_summary(fits: list[LocalFit | MlpFit], unit: str) -> str:
+    """A refit's report line: how many ``unit``s (blocks, layers) kept it, and the held-out output error, median over
+    them, before and after (a refit not kept leaves its ``before``)."""
+    kept = sum(fit.kept for fit in fits)
+    return (f"kept in {kept} of {len(fits)} {unit}s; held-out {unit} output error, median over {unit}s, "
+            f"{median(f.before for f in fits):.4f} -> {median(min(f.before, f.after) for f in fits):.4f}")
 
 
 def split_per_layer(model: nn.Module, mla: nn.Module, parts: list[LayerParts], layers: list[LayerMla],

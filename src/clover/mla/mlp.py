@@ -74,9 +74,10 @@ def refit_layer(block: nn.Module, converted: list, targets: list, n_train: int,
     gram = torch.zeros(width, width, dtype=torch.float64, device=down.weight.device)
     cross = torch.zeros(width, dim, dtype=torch.float64, device=down.weight.device)
     held: list[tuple[torch.Tensor, torch.Tensor]] = []
-    energy = [0.0]
+    energy = 0.0
 
     def visit(i: int, out: torch.Tensor, hidden: torch.Tensor) -> None:
+        nonlocal energy
         a = hidden.reshape(-1, width).double()
         target = targets[i][0].reshape(-1, dim).double()
         r = target - out.reshape(-1, dim).double()  # what the layer misses with the original projection
@@ -85,10 +86,10 @@ def refit_layer(block: nn.Module, converted: list, targets: list, n_train: int,
             cross.addmm_(a.T, r)
         else:
             held.append((a, r))
-            energy[0] += float(target.square().sum())
+            energy += float(target.square().sum())
 
     outputs = _layer_pass(block, converted, visit)
-    total = max(energy[0], 1e-300)
+    total = max(energy, 1e-300)
     before = sum(float(r.square().sum()) for _, r in held) / total
     eye = torch.eye(width, dtype=gram.dtype, device=gram.device)
     scale = gram.diagonal().mean().clamp_min(1e-300)
@@ -101,8 +102,7 @@ def refit_layer(block: nn.Module, converted: list, targets: list, n_train: int,
         return None, MlpFit(before, after, False, ridge), outputs
     with torch.no_grad():
         down.weight.add_(delta.T.to(down.weight.dtype))
-    return down.weight.detach().clone(), MlpFit(before, after, True, ridge), _layer_pass(block, converted,
-                                                                                          lambda *_: None)
+    return down.weight.detach().clone(), MlpFit(before, after, True, ridge), heldout.run_layer(block, converted)
 
 
 def refit(model: nn.Module, mla: nn.Module, train: torch.Tensor, held: torch.Tensor,
