@@ -11,8 +11,8 @@ from collections import Counter
 from statistics import median
 
 from _mla_rows import AS_SOLVED, CONVERTED, HEAL, HEAL_KEPT, HEAL_LEVER, HEAL_METHODS, HEALED_GOAL, KEPT, LATENT, \
-    LEVERS, LOCAL, LOCAL_STEPS, MLP, RESIDUAL, SIZES, SWEEP_SEED, TASK_KEPT, TASK_PLAN, TASK_RESULTS, TASK_ROWS, \
-    VERDICT_SEEDS, function_of, in_group, lever_of
+    LEVERS, LOCAL, LOCAL_STEPS, MLP, RESIDUAL, SIZES, STREAM, SWEEP_SEED, TASK_KEPT, TASK_PLAN, TASK_RESULTS, \
+    TASK_ROWS, VERDICT_SEEDS, function_of, in_group, lever_of, stream_suffix
 from _report import machine_line, markdown_table, print_table, update_benchmarks_md
 
 
@@ -544,7 +544,7 @@ def split_findings(payload: dict) -> list[str]:
     rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
     lines = []
     for (name, kept), row in rows.items():
-        if "layer" not in row.get("split_losses", {}) or LOCAL in name or MLP in name:  # see the refit findings
+        if "layer" not in row.get("split_losses", {}) or LOCAL in name or stream_suffix(name):  # the refit lines
             continue
         losses = row["split_losses"]
         one = rows.get((name.split(", per-layer split")[0], kept))
@@ -561,11 +561,11 @@ def split_findings(payload: dict) -> list[str]:
 def refit_findings(payload: dict) -> list[str]:
     """Each layer-wise refit row against the same conversion without the refit (the row its name extends), and a
     residual-target row against the same refit toward the block's output alone; a row that adds the MLP refit too
-    is read in ``mlp_findings``, against its layer-wise refit row."""
+    is read in ``stream_findings``, against its layer-wise refit row."""
     rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
     lines = []
     for (name, kept), row in rows.items():
-        one = rows.get((name.split(LOCAL)[0], kept)) if LOCAL in name and MLP not in name else None
+        one = rows.get((name.split(LOCAL)[0], kept)) if LOCAL in name and not stream_suffix(name) else None
         if one:
             inputs = CONVERTED if CONVERTED in name else " on the original inputs"
             inputs += " toward the original residual stream" if RESIDUAL in name else ""
@@ -581,26 +581,30 @@ def refit_findings(payload: dict) -> list[str]:
     return lines
 
 
-def mlp_findings(payload: dict) -> list[str]:
-    """Each MLP refit row against the same conversion without it (the row its name extends): the test ppl, how many
-    layers kept their new down projection and with which ridge, the held-out layer error (median over layers) and
-    what it cost."""
+def stream_findings(payload: dict) -> list[str]:
+    """Each stream refit row against the same conversion without it (the row its name extends): the test ppl, per
+    refit projection how many layers kept their new weight and with which ridge and the held-out stream error
+    (median over layers), and what it cost; an O and MLP refit row also against the MLP refit alone."""
     rows = {(r["name"], r["kept"]): r for r in payload["rows"]}
     lines = []
     for (name, kept), row in rows.items():
-        one = rows.get((name.replace(MLP, ""), kept)) if MLP in name else None
-        if not one or "mlp_fits" not in row:
+        suffix = stream_suffix(name)
+        one = rows.get((name[: -len(suffix)], kept)) if suffix else None
+        if not one or "stream_fits" not in row:
             continue
-        fits = row["mlp_fits"]
-        before = median(f[0] for f in fits)
-        after = median(min(f[0], f[1]) for f in fits)
-        ridges = Counter(f[3] for f in fits if f[2])
-        lines.append(f"{one['name']} at KV {kept:.1%}: test ppl {one['ppl']:.2f} -> {row['ppl']:.2f} "
-                     f"({row['ppl'] / one['ppl'] - 1:+.1%}, {row['ppl'] / payload['base_ppl']:.3f}x base); kept in "
-                     f"{sum(bool(f[2]) for f in fits)} of {len(fits)} layers (ridge chosen: "
-                     f"{', '.join(f'{r:g} in {n}' for r, n in sorted(ridges.items()))}), held-out layer output "
-                     f"error (median) {before:.4f} -> {after:.4f}; conversion {one['seconds']:.0f} s -> "
-                     f"{row['seconds']:.0f} s{' (timed in different runs)' if one.get('run') != row.get('run') else ''}")
+        parts = []
+        for projection, fits in row["stream_fits"].items():
+            ridges = Counter(f[3] for f in fits if f[2])
+            parts.append(f"{projection}_proj kept in {sum(bool(f[2]) for f in fits)} of {len(fits)} layers (ridge "
+                         f"chosen: {', '.join(f'{r:g} in {n}' for r, n in sorted(ridges.items()))}), held-out "
+                         f"stream error (median) {median(f[0] for f in fits):.4f} -> "
+                         f"{median(min(f[0], f[1]) for f in fits):.4f}")
+        alone = rows.get((name[: -len(suffix)] + MLP, kept)) if suffix == STREAM else None
+        lines.append(f"{one['name']} at KV {kept:.1%}, {suffix[2:]}: test ppl {one['ppl']:.2f} -> {row['ppl']:.2f} "
+                     f"({row['ppl'] / one['ppl'] - 1:+.1%}, {row['ppl'] / payload['base_ppl']:.3f}x base"
+                     + (f"; the MLP refit alone {alone['ppl']:.2f}" if alone else "") + f"); {'; '.join(parts)}; "
+                     f"conversion {one['seconds']:.0f} s -> {row['seconds']:.0f} s"
+                     f"{' (timed in different runs)' if one.get('run') != row.get('run') else ''}")
     return lines
 
 
@@ -622,9 +626,9 @@ def render(payload: dict) -> None:
     print_table(title, columns, table)
     goals, findings = goals_of(payload), core_scale_findings(payload)
     splits, refits, lengths = split_findings(payload), refit_findings(payload), length_findings(payload)
-    mlps = mlp_findings(payload)
+    streams = stream_findings(payload)
     for label, lines in (("goal", goals), ("finding", findings), ("per-layer split", splits),
-                         ("layer-wise refit", refits), ("MLP refit", mlps), ("healing length", lengths)):
+                         ("layer-wise refit", refits), ("stream refit", streams), ("healing length", lengths)):
         for line in lines:
             print(f"{label}:", line)
     machines = "; ".join(f"run {i}: {machine_line(m)}" for i, m in enumerate(payload["runs"]))
@@ -656,10 +660,11 @@ def render(payload: dict) -> None:
           + ("\n\nLayer-wise refit (`local_steps`: each block tuned by Adam toward the original block's output on the "
              "calibration windows, kept where the held-out windows improve) against the same conversion without it:\n\n"
              + "\n".join(f"- {line}" for line in refits) if refits else "")
-          + ("\n\nMLP refit (`mlp_refit`: each layer's MLP down projection solved in closed form toward the original "
-             "residual stream after the layer, on the converted model's own stream, first to last, kept where the "
-             "held-out windows improve; training-free) against the same conversion without it:\n\n"
-             + "\n".join(f"- {line}" for line in mlps) if mlps else "")
+          + ("\n\nStream refit (`stream_refit`: each layer's MLP down projection, or first its attention O projection "
+             "and then its down projection, solved in closed form toward the original residual stream at the same "
+             "point, on the converted model's own stream, first to last, each kept where the held-out windows "
+             "improve; training-free) against the same conversion without it:\n\n"
+             + "\n".join(f"- {line}" for line in streams) if streams else "")
           + heal_md
           + ("\n\nHealing length: the same method, conversion and settings at more steps over the same validation "
              "text (test ppl, seeds in brackets; the control tuned as long, where one ran):\n\n"

@@ -27,7 +27,16 @@ LOCAL_STEPS = 200  # the layer-wise refit's Adam steps per block (MlaConfig's lr
 CONVERTED = " on converted inputs"  # the refit's blocks read the converted model's inputs, first to last
 RESIDUAL = ", residual target"  # ... and each block's target adds the residual stream's error at the layer's start
 REFIT_ON_CONVERTED = dict(local_steps=LOCAL_STEPS, local_inputs="converted")  # the fields of LOCAL + CONVERTED
-MLP = ", MLP refit"  # the MLP down projections re-solved in closed form after the attention (training-free)
+MLP = ", MLP refit"  # the stream refit of the MLP down projections alone (closed form, training-free)
+STREAM = ", O and MLP refit"  # the stream refit of both: attention's O, then the MLP's down projection
+STREAM_FIELDS = {MLP: dict(stream_refit=("down",)), STREAM: dict(stream_refit=("o", "down"))}
+
+
+def stream_suffix(name: str) -> str | None:
+    """The stream refit a row's name ends in (``MLP`` or ``STREAM``), None for a row without one."""
+    return next((suffix for suffix in STREAM_FIELDS if name.endswith(suffix)), None)
+
+
 KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not met: row suffix -> fields added
     ", mixed values": dict(value_moment="mixed"),
     **{f", {n} calibration windows": dict(calib_windows=n) for n in (64, 128)},
@@ -41,9 +50,12 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
     LOCAL + CONVERTED + RESIDUAL: dict(local_steps=LOCAL_STEPS, local_inputs="residual"),
     ", 64 calibration windows, per-layer split" + LOCAL + CONVERTED + ", 400 steps": dict(
         calib_windows=64, split="layer", local_steps=2 * LOCAL_STEPS, local_inputs="converted"),
-    ", 64 calibration windows, per-layer split" + MLP: dict(calib_windows=64, split="layer", mlp_refit=True),
+    **{", 64 calibration windows, per-layer split" + suffix: dict(calib_windows=64, split="layer", **more)
+       for suffix, more in STREAM_FIELDS.items()},
+    **{", 128 calibration windows, per-layer split" + suffix: dict(calib_windows=128, split="layer", **more)
+       for suffix, more in {"": {}, STREAM: STREAM_FIELDS[STREAM]}.items()},
     ", 64 calibration windows, per-layer split" + LOCAL + MLP: dict(calib_windows=64, split="layer",
-                                                                    local_steps=LOCAL_STEPS, mlp_refit=True),
+                                                                    local_steps=LOCAL_STEPS, **STREAM_FIELDS[MLP]),
 }
 
 
@@ -52,11 +64,13 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
 OTHER_SIZES = {48: (0.5,), 24: (0.125,)}
 OTHER_SIZE_EXTRA = {", per-layer split": dict(split="layer"), LOCAL + CONVERTED: REFIT_ON_CONVERTED,
                     ", per-layer split" + LOCAL + CONVERTED: dict(split="layer", **REFIT_ON_CONVERTED),
-                    ", per-layer split" + MLP: dict(split="layer", mlp_refit=True)}
+                    **{", per-layer split" + suffix: dict(split="layer", **more)
+                       for suffix, more in STREAM_FIELDS.items()}}
 O_REFIT = dict(rope_key="query", unrotated="refit", o_refit=True)  # the strongest lever at 64 spread rotated dims
 # the refits at full latent rank, where the only error left is the rotation the format cannot hold
 FULL_RANK_REFIT = "rope key query, refit, O refit" + LOCAL + CONVERTED
 FULL_RANK_MLP = "rope key query, refit, O refit" + MLP
+FULL_RANK_STREAM = "rope key query, refit, O refit" + STREAM
 
 
 LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's defaults are the best levers found)
@@ -68,7 +82,8 @@ LEVERS = {  # name -> MlaConfig fields, every lever spelled out (the config's de
     "rope key query, refit, 32 rotated dims": dict(rope_key="query", unrotated="refit", rope_dims=32, o_refit=False),
     "rope key query, refit, O refit": O_REFIT,
     FULL_RANK_REFIT: dict(O_REFIT, **REFIT_ON_CONVERTED),
-    FULL_RANK_MLP: dict(O_REFIT, mlp_refit=True),
+    FULL_RANK_MLP: dict(O_REFIT, **STREAM_FIELDS[MLP]),
+    FULL_RANK_STREAM: dict(O_REFIT, **STREAM_FIELDS[STREAM]),
     **{fastest(dims): fastest_fields(dims) for dims in (48, 40, 32, 24, 16)},
     **{fastest(32) + suffix: fastest_fields(32, **more) for suffix, more in KV25_EXTRA.items()},
     **{fastest(dims) + suffix: fastest_fields(dims, **more) for suffix, more in OTHER_SIZE_EXTRA.items()
@@ -97,7 +112,7 @@ SIZES.update({"TransMLA recipe + FreqFold 4": (1.0, 0.5, 0.25), LATENT: (0.5, 0.
               fastest(48): (0.5, 0.25), fastest(40): (0.25,), fastest(24): (0.25, 0.125),
               fastest(16): (0.25, 0.125), **{fastest(32) + suffix: (0.25,) for suffix in KV25_EXTRA},
               **{fastest(dims) + suffix: kept for suffix in OTHER_SIZE_EXTRA for dims, kept in OTHER_SIZES.items()},
-              FULL_RANK_REFIT: (1.0,), FULL_RANK_MLP: (1.0,)})
+              FULL_RANK_REFIT: (1.0,), FULL_RANK_MLP: (1.0,), FULL_RANK_STREAM: (1.0,)})
 BASE = "base (SmolLM2-135M)"
 # the local task, built from test rows: 300 documents x 4 choices of ~60 tokens is ~4 minutes a model on 2 cores
 TASK = dict(name="wikitext2_next_sentence", docs=300, choices=4, context=1, max_words=30, seed=0)

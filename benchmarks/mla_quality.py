@@ -41,11 +41,13 @@ every MLA row there keeps 16 rotated dims (every 4th frequency) and a 32-dim lat
   stream's difference from the converted one where the layer begins, so each block also makes up the error in what
   it adds to (``local_inputs="residual"``), on the 32-rotated-dims row beside its converted-inputs row; "400
   steps": twice ``LOCAL_STEPS`` (the lr decays over the longer run), on the best row;
-- MLP refit: last, each layer's MLP down projection re-solved in closed form (ridge least squares, first to last on
-  the converted model's own stream) toward the original residual stream after the layer, kept where the 4 held-out
-  windows improve (``mlp_refit``, ``mla/mlp.py``): training-free, on the per-layer-split rows of KV 50% / 25% /
-  12.5% (``MLP``), at KV 25% also after the layer-wise refit of the best row, and at KV 100% on the ``rope key
-  query, refit, O refit`` row (``FULL_RANK_MLP``), where only the rotation's error is left;
+- stream refit: last, each layer's MLP down projection ("MLP refit"), or first its attention O projection and then
+  its down projection ("O and MLP refit"), re-solved in closed form (ridge least squares, first to last on the
+  converted model's own stream) toward the original residual stream at the same point, each kept where the 4
+  held-out windows improve (``stream_refit``, ``mla/stream.py``): training-free, on the per-layer-split rows of KV
+  50% / 25% / 12.5% (``MLP``, ``STREAM``), at KV 25% also (O and MLP) on 128 calibration windows, beside the same
+  conversion without it, and (MLP) after the layer-wise refit of the best row, and at KV 100% on the ``rope key
+  query, refit, O refit`` row (``FULL_RANK_MLP``, ``FULL_RANK_STREAM``), where only the rotation's error is left;
 - TransMLA recipe: RoRoPE (``pca``), NoPE, and the BKV joint latent (plain PCA of keys and values on calibration
   inputs, key energy balanced to the values'), as described in its paper, without and with FreqFold (4
   neighbouring frequencies sharing one PCA; not at KV 12.5%, whose 16 rotated dims it cannot fold into).
@@ -287,9 +289,10 @@ def main() -> None:
                            check=report.check["relative_diff"])
                 if "layer" in report.split_losses:  # the held-out losses and each layer's choice
                     row.update(split_losses=report.split_losses, layer_splits=[lr.split for lr in report.layers])
-                if report.layers[0].mlp is not None:  # the MLP refit's held-out error per layer, before / after
-                    row["mlp_fits"] = [[lr.mlp.before, lr.mlp.after, lr.mlp.kept, lr.mlp.ridge]
-                                       for lr in report.layers]
+                if report.layers[0].stream:  # the stream refit's held-out error per projection and layer
+                    row["stream_fits"] = {p: [[lr.stream[p].before, lr.stream[p].after, lr.stream[p].kept,
+                                               lr.stream[p].ridge] for lr in report.layers]
+                                          for p in report.layers[0].stream}
             rows.append(row)
             del model
             print(row, flush=True)

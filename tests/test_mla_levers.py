@@ -424,7 +424,7 @@ def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "out"), "--kv-ratio", "0.5",
                                  "--rope-key", "attention", "--unrotated", "refit", "--rope-dims", "8", "--o-refit",
                                  "--value-moment", "mixed", "--split", "layer", "--local-steps", "5",
-                                 "--local-inputs", "converted", "--mlp-refit",
+                                 "--local-inputs", "converted", "--stream-refit", "o, down",
                                  "--calib-samples", "6", "--calib-seqlen", "32", "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -432,9 +432,13 @@ def test_the_command_takes_the_levers_and_refuses_bad_ones(tmp_path):
     assert report["value_moment"] == "mixed" and "layer" in report["split_losses"]
     assert all(layer["split"] in (0.25, 1, 4, 16) for layer in report["layers"])
     assert all(set(layer["local"]) == {"before", "after", "kept"} for layer in report["layers"])
-    assert all(set(layer["mlp"]) == {"before", "after", "kept", "ridge"} for layer in report["layers"])
+    assert all(list(layer["stream"]) == ["o", "down"] for layer in report["layers"])
+    assert all(set(fit) == {"before", "after", "kept", "ridge"} for layer in report["layers"]
+               for fit in layer["stream"].values())
     assert any("converted model's attention inputs" in note for note in report["notes"])
     assert report["kv_lora_rank"] == 32 - 8  # half of 2 x 2 x 16, less the 8 rotated dims
     result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "x"), "--freqfold", "2",
                                  "--unrotated", "expected"])
     assert result.exit_code == 2 and "TransMLA's recipe" in result.output and not (tmp_path / "x").exists()
+    result = runner.invoke(app, ["mla", str(folder), "--out", str(tmp_path / "y"), "--stream-refit", "o,up"])
+    assert result.exit_code == 2 and "--stream-refit o,up" in result.output and not (tmp_path / "y").exists()

@@ -101,29 +101,37 @@ def test_healing_length_projects_the_goal_only_from_two_controlled_lengths(rende
     assert module.projection([(120, run(34.0), run(30.0)), (480, run(32.0), run(30.0))]) == ""  # goal met
 
 
-def test_an_mlp_refit_row_is_read_against_its_parent_and_counts_as_training_free(render):
-    """The MLP refit is closed form: its row may meet the training-free goal, its line reads it against the row its
-    name extends, and the per-layer split block leaves it out (its splits are its parent's)."""
+def test_a_stream_refit_row_is_read_against_its_parent_and_counts_as_training_free(render):
+    """The stream refit is closed form: its row may meet the training-free goal, its line reads it against the row
+    its name extends (an O and MLP refit row also against the MLP refit alone), and the per-layer split block
+    leaves it out (its splits are its parent's)."""
     module, rows_module = render
     parent = rows_module.fastest(32) + ", per-layer split"
     fits = [[0.10, 0.08, True, 0.1], [0.20, 0.21, False, 1.0], [0.30, 0.20, True, 0.1]]
     split = {"split": 4.0, "split_losses": {"4": 0.8, "layer": 0.7}, "layer_splits": [4.0, 1.0, 16.0]}
     payload = {"base_ppl": 30.0, "heal": [], "rows": [
         {"name": parent, "kept": 0.25, "ppl": 50.0, "seconds": 100.0, **split},
-        {"name": parent + rows_module.MLP, "kept": 0.25, "ppl": 47.0, "seconds": 130.0, "mlp_fits": fits, **split},
+        {"name": parent + rows_module.MLP, "kept": 0.25, "ppl": 47.0, "seconds": 130.0,
+         "stream_fits": {"down": fits}, **split},
         {"name": parent + rows_module.LOCAL, "kept": 0.25, "ppl": 40.0, "seconds": 900.0}]}
-    (line,) = module.mlp_findings(payload)
-    assert line.startswith(f"{parent} at KV 25.0%: test ppl 50.00 -> 47.00 (-6.0%, 1.567x base)")
-    assert "kept in 2 of 3 layers (ridge chosen: 0.1 in 2), held-out layer output error (median) 0.2000 -> 0.2000" \
-        in line and line.endswith("conversion 100 s -> 130 s")
+    (line,) = module.stream_findings(payload)
+    assert line.startswith(f"{parent} at KV 25.0%, MLP refit: test ppl 50.00 -> 47.00 (-6.0%, 1.567x base); ")
+    assert "down_proj kept in 2 of 3 layers (ridge chosen: 0.1 in 2), held-out stream error (median) 0.2000 -> " \
+        "0.2000" in line and line.endswith("conversion 100 s -> 130 s")
     payload["rows"][1]["run"] = 1  # the parent has no run: timed apart, and the line says so
-    assert module.mlp_findings(payload)[0].endswith("conversion 100 s -> 130 s (timed in different runs)")
+    assert module.stream_findings(payload)[0].endswith("conversion 100 s -> 130 s (timed in different runs)")
     assert module.refit_findings(payload)[0].startswith(f"{parent} at KV 25.0%: test ppl 50.00 -> 40.00")
     payload["rows"].append({"name": parent + rows_module.LOCAL + rows_module.MLP, "kept": 0.25, "ppl": 38.0,
-                            "seconds": 950.0, "mlp_fits": fits})  # the refit row is its parent here, not the first
+                            "seconds": 950.0, "stream_fits": {"down": fits}})  # its parent: the refit row
     assert len(module.refit_findings(payload)) == 1
-    assert module.mlp_findings(payload)[1].startswith(f"{parent + rows_module.LOCAL} at KV 25.0%: test ppl 40.00 -> "
-                                                      "38.00")
+    assert module.stream_findings(payload)[1].startswith(f"{parent + rows_module.LOCAL} at KV 25.0%, MLP refit: "
+                                                         "test ppl 40.00 -> 38.00")
+    payload["rows"].append({"name": parent + rows_module.STREAM, "kept": 0.25, "ppl": 45.0, "seconds": 160.0,
+                            "stream_fits": {"o": fits[::-1], "down": fits}, **split})
+    both = module.stream_findings(payload)[2]
+    assert both.startswith(f"{parent} at KV 25.0%, O and MLP refit: test ppl 50.00 -> 45.00 (-10.0%, 1.500x base; "
+                           "the MLP refit alone 47.00); o_proj kept in 2 of 3 layers")
+    assert both.index("o_proj") < both.index("down_proj")
     assert [line.split(" at KV")[0] for line in module.split_findings(payload)] == [parent]
     goal = next(g for g in module.goals_of(payload) if g.startswith("engine-ready KV 25%"))
-    assert goal == f"engine-ready KV 25% <= 1.6x base ppl training-free: 1.567x ({parent + rows_module.MLP}) -> MET"
+    assert goal == f"engine-ready KV 25% <= 1.6x base ppl training-free: 1.500x ({parent + rows_module.STREAM}) -> MET"

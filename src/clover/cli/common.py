@@ -37,6 +37,11 @@ def fails_cleanly(fn):
     return wrapper
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """An option's comma-separated names, spaces and empty items dropped ("" gives none)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def torch_dtype(name: Optional[str]):
     import torch
 

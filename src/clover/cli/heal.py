@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .common import (AdamEpsOpt, CoreScaleOpt, DtypeOpt, JsonOpt, LrScaleOpt, MaxWindowsOpt, ModelArg,
-                     check_model_fits, check_outputs, console, load)
+                     check_model_fits, check_outputs, comma_list, console, load)
 
 
 def heal(
@@ -66,7 +66,7 @@ def heal(
     from .finetune import _checkpoints_line
 
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
-    config = HealConfig(method=method, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+    config = HealConfig(method=method, targets=comma_list(targets),
                         lora_r=lora_r, steps=steps, lr=lr, lr_scales=lr_scale or (), warmup_steps=warmup_steps,
                         adam_eps=adam_eps, core_scale=core_scale, batch_size=batch_size,
                         seqlen=seqlen, seed=seed,

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import CloverError
 from .common import (CalibOpt, CalibSeqlenOpt, DataOpt, DtypeOpt, EvalPplOpt, JsonOpt, MaxWindowsOpt, ModelArg,
-                     OverwriteOpt, SeqlenOpt, check_outputs, console)
+                     OverwriteOpt, SeqlenOpt, check_outputs, comma_list, console)
 from .prepare import load_calibrated, peek
 from .report import before_after, print_summary
 
@@ -74,9 +74,10 @@ def mla(
                                                    "attention inputs), converted (the converted model's, first "
                                                    "to last) or residual (converted, and each block also makes up "
                                                    "the residual stream's error at its input).")] = "original",
-    mlp_refit: Annotated[bool, typer.Option(help="Refit each layer's MLP down projection in closed form toward the "
-                                                 "original residual stream, on the converted model's, kept where "
-                                                 "the held-out windows improve.")] = False,
+    stream_refit: Annotated[str, typer.Option(help="Projections that write into the residual stream to refit in "
+                                                   "closed form toward the original stream, on the converted "
+                                                   "model's, each kept where the held-out windows improve: o "
+                                                   "(attention output), down (MLP), or o,down (empty: off).")] = "",
     calib: CalibOpt = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (the last 4 choose the split and check "
                                                     "the refits).")] = 16,
@@ -106,7 +107,8 @@ def mla(
                        rope_key=rope_key, unrotated=unrotated, rope_dims=rope_dims,
                        rope_frequencies=rope_frequencies, latent_weights=latent_weights, freqfold=freqfold,
                        o_refit=o_refit, value_moment=value_moment, local_steps=local_steps, local_lr=local_lr,
-                       local_inputs=local_inputs, mlp_refit=mlp_refit)
+                       local_inputs=local_inputs,
+                       stream_refit=comma_list(stream_refit))
     config.check()
     peeked = peek(ctx, model, "MLA conversion", calib_seqlen, eval_ppl, seqlen, lambda c, _: config.check_against(c))
     loaded, config.calibration, text, calib_note = load_calibrated(

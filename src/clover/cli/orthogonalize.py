@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..errors import CloverError
-from .common import DtypeOpt, JsonOpt, ModelArg, StreamOpt, check_outputs, console, load, streams, torch_dtype
+from .common import (DtypeOpt, JsonOpt, ModelArg, StreamOpt, check_outputs, comma_list, console, load, streams,
+                     torch_dtype)
 
 
 def orthogonalize(
@@ -31,7 +32,7 @@ def orthogonalize(
     check_outputs(model, out=out, overwrite=overwrite, json_path=json_path)
     if compute_dtype not in ("float64", "float32"):
         raise CloverError(f"unknown --compute-dtype {compute_dtype!r}: use float64 or float32")
-    kinds = tuple(p.strip() for p in pairs.split(",") if p.strip())
+    kinds = comma_list(pairs)
     check_config(OrthogonalizeConfig(pairs=kinds))
     if streams(model, stream):
         from ..streaming import StreamOptions, stream_orthogonalize

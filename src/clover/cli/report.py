@@ -8,7 +8,7 @@ from typing import Optional
 
 from rich.table import Table
 
-from .common import console
+from .common import comma_list, console
 
 
 def tasks_from_cli(tasks: str, limit: Optional[int], task_dir: Optional[Path], num_fewshot: Optional[int] = None,
@@ -16,7 +16,7 @@ def tasks_from_cli(tasks: str, limit: Optional[int], task_dir: Optional[Path], n
     """The harness request from the command line, checked (names, datasets) before any model loads."""
     from ..tasks import TaskConfig, check_tasks
 
-    config = TaskConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()], limit=limit,
+    config = TaskConfig(tasks=list(comma_list(tasks)), limit=limit,
                         num_fewshot=num_fewshot, batch_size=batch_size, task_dir=task_dir)
     with console.status("checking tasks with lm-evaluation-harness"):
         check_tasks(config)

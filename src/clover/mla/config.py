@@ -20,6 +20,7 @@ VALUE_MOMENTS = ("input", "mixed")
 # what a refit block reads: the original model's inputs, the converted's, or the converted's with the residual
 # stream's difference from the original's added to the block's target (``local.py``)
 LOCAL_INPUTS = ("original", "converted", "residual")
+STREAM_PROJECTIONS = ("o", "down")  # what the stream refit may re-solve, in the order a layer writes them
 SPLIT_SEARCHES = ("auto", "layer")  # one key/value split for every layer, or one per layer (both held out)
 
 
@@ -62,9 +63,10 @@ class MlaConfig:
     ``"residual"``: the same, and each block's target also carries the difference of the original residual stream
     from the converted one at its input, so the block makes up the error the blocks before it left).
 
-    ``mlp_refit``: last, each layer's MLP down projection is re-solved in closed form (``mlp.py``: least squares on
-    the converted model's own stream, first to last) so the layer's output comes back toward the original model's,
-    kept per layer where the held-out windows say it helps.
+    ``stream_refit``: last, the named projections of ``STREAM_PROJECTIONS`` that write into the residual stream
+    (``o``: attention's output projection, ``down``: the MLP's) are re-solved in closed form (``stream.py``: least
+    squares on the converted model's own stream, first to last) so the stream after each comes back toward the
+    original model's, kept per projection where the held-out windows say it helps.
 
     ``layout="gqa"``: instead of MLA, the plain ``llama`` architecture with ``kv_heads`` KV heads (``gqa.py``); the
     cache is then ``kv_heads / G`` of the original and ``kv_ratio`` is not used.
@@ -91,7 +93,7 @@ class MlaConfig:
     local_lr: float = 3e-4
     local_batch: int = 4
     local_inputs: str = "original"
-    mlp_refit: bool = False
+    stream_refit: tuple[str, ...] = ()
     compute_dtype: torch.dtype = torch.float64
     progress: bool = True
 
@@ -134,8 +136,12 @@ class MlaConfig:
                               "window and a positive lr")
         if self.local_steps and self.layout == "gqa":
             raise CloverError("--local-steps refits MLA blocks: drop it with --layout gqa")
-        if self.mlp_refit and self.layout == "gqa":
-            raise CloverError("--mlp-refit refits the MLPs after MLA blocks: drop it with --layout gqa")
+        unknown = [p for p in self.stream_refit if p not in STREAM_PROJECTIONS]
+        if unknown or len(set(self.stream_refit)) < len(self.stream_refit):
+            raise CloverError(f"--stream-refit {','.join(self.stream_refit)}: name each of "
+                              f"{', '.join(STREAM_PROJECTIONS)} at most once, comma-separated")
+        if self.stream_refit and self.layout == "gqa":
+            raise CloverError("--stream-refit refits the layers around MLA blocks: drop it with --layout gqa")
         if self.local_inputs != "original" and not self.local_steps:
             raise CloverError(f"--local-inputs {self.local_inputs} says what the layer-wise refit reads, and none "
                               "runs: add --local-steps N")
@@ -149,7 +155,7 @@ class MlaConfig:
 
     def holds_out(self) -> bool:
         """Whether the last ``holdout`` calibration windows are kept apart (the split search, the refits' checks)."""
-        return self.searches_split() or self.local_steps > 0 or self.mlp_refit
+        return self.searches_split() or self.local_steps > 0 or bool(self.stream_refit)
 
     def splits_per_layer(self) -> bool:
         return self.split == "layer" and self.searches_split()

@@ -3,15 +3,15 @@
 Flow: calibrate (attention-input moments on validation text) -> per layer, the rotary split and the joint latent
 (``solve``) -> one ``kv_lora_rank`` from the KV budget -> the key/value split chosen on held-out windows (one for
 every layer, then, with ``split="layer"``, each layer's own) -> the stock model (``deepseek``) -> optionally the
-layer-wise refit of the attention blocks (``local``) and of the MLP down projections (``mlp``) -> checked against
-clover's reference of the same function (``reference``).
+layer-wise refit of the attention blocks (``local``) and the stream refit of the projections that write into the
+residual stream (``stream``) -> checked against clover's reference of the same function (``reference``).
 """
 
 from __future__ import annotations
 
 import copy
 from statistics import median
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -24,16 +24,16 @@ from ..errors import CloverError
 from ..pairs import check_finite
 from ..sizes import SizeReport, parameter_count
 from ..verify import TOLERANCE, compare, model_outputs
-from . import attention, deepseek, gqa, local, mlp
+from . import attention, deepseek, gqa, local, stream
 from .config import SPLIT_SEARCHES, MlaConfig
 from .local import LocalFit
-from .mlp import MlpFit
+from .stream import StreamFit
 from .reference import reference_model
 from .solve import LayerMla, LayerParts, RotarySettings, full_rank, latent_layer, nope_dims, split_layer
 
 
 HELD_OUT_USES = "the key/value split or whether a refit is kept"
-FIXED = "a fixed --split, no --local-steps and no --mlp-refit"
+FIXED = "a fixed --split, no --local-steps and no --stream-refit"
 
 
 @dataclass
@@ -43,7 +43,7 @@ class MlaLayer:
     latent_energy: float  # weighted share of the joint latent kept at kv_lora_rank
     split: float | None = None  # the key/value split this layer's latent was solved with
     local: LocalFit | None = None  # the layer-wise refit's held-out error before / after (``local.py``)
-    mlp: MlpFit | None = None  # the MLP refit's held-out error before / after (``mlp.py``)
+    stream: dict[str, StreamFit] = field(default_factory=dict)  # the stream refit's, per projection
 
 
 @dataclass
@@ -135,10 +135,13 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         for block, original, layer, fit in zip(mla.model.layers, model.model.layers, layers, fits, strict=True):
             if fit.kept:  # a block whose refit was not kept holds its solved maps already
                 deepseek.write_layer(block.self_attn, original, layer, head_dim)
-    downs, mlp_fits = mlp.refit(model, mla, statistics, held, progress=config.progress) if config.mlp_refit \
-        else (None, [None] * len(layers))
+    weights, stream_fits = stream.refit(model, mla, statistics, held, config.stream_refit,
+                                        progress=config.progress) if config.stream_refit else \
+        ([{}] * len(layers), [{}] * len(layers))
+    layers = [replace(layer, o=new["o"].to(layer.o.dtype)) if "o" in new else layer
+              for layer, new in zip(layers, weights, strict=True)]
     deepseek.balance_pairs(mla)
-    check = verify(model, mla, layers, head_dim, adapter, downs)
+    check = verify(model, mla, layers, head_dim, adapter, [new.get("down") for new in weights])
     size = next(model.parameters()).element_size()
     report = MlaReport(
         model_type=model.config.model_type, target="DeepseekV3ForCausalLM", layout="mla", kv_heads=1,
@@ -149,9 +152,9 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         latent_weights=config.latent_weights, value_moment=config.value_moment,
         rope_frequencies=layers[0].rope_freqs.tolist(),
         rope_theta=float(mla.config.rope_parameters["rope_theta"]),
-        layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy, s, fit, mlp_fit)
-                for site, lr, s, fit, mlp_fit in zip(sites, layers, layer_splits, fits or [None] * len(layers),
-                                                     mlp_fits, strict=True)],
+        layers=[MlaLayer(site.layer, lr.rope_energy, lr.kept_energy, s, fit, stream_fit)
+                for site, lr, s, fit, stream_fit in zip(sites, layers, layer_splits, fits or [None] * len(layers),
+                                                        stream_fits, strict=True)],
         check=check, params_before=parameter_count(model), params_after=parameter_count(mla),
         kv_bytes_per_token_before=len(sites) * 2 * kv_heads * head_dim * size,
         kv_bytes_per_token_after=len(sites) * (rank + rope_dims) * size, calibration_tokens=stats.tokens,
@@ -161,9 +164,9 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
             config.local_inputs, f"{config.local_inputs} model's attention inputs")
         report.notes.append(f"layer-wise refit ({config.local_steps} steps a block, on the {reads}): "
                             f"{kept_summary(fits, 'block')}")
-    if config.mlp_refit:
-        report.notes.append(f"MLP refit (each down projection solved toward the original residual stream, on the "
-                            f"converted model's): {kept_summary(mlp_fits, 'layer')}")
+    for projection in config.stream_refit:
+        report.notes.append(f"stream refit of {projection}_proj (solved toward the original residual stream, on the "
+                            f"converted model's): {kept_summary([f[projection] for f in stream_fits], 'layer')}")
     if rank > report.full_rank:
         report.notes.append(f"kv_lora_rank {rank} is above the {report.full_rank} dims a layer has: the extra latent "
                             "dims are zero (kept for the engine's size rule)")
@@ -176,7 +179,7 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     return mla, report
 
 
-def kept_summary(fits: list[LocalFit | MlpFit], unit: str) -> str:
+def kept_summary(fits: list[LocalFit | StreamFit], unit: str) -> str:
     """A refit's report line: how many ``unit``s (blocks, layers) kept it, and the held-out output error, median over
     them, before and after (a refit not kept leaves its ``before``)."""
     kept = sum(fit.kept for fit in fits)
@@ -293,7 +296,8 @@ def _layer_parts(adapter, site, moment: torch.Tensor, dtype: torch.dtype, settin
 
 def verify(model: nn.Module, mla: nn.Module, layers, head_dim: int, adapter, mlp_down=None) -> dict:
     """The stock model must compute clover's reference of the converted function (relative to the logit scale);
-    ``mlp_down``: the MLP refit's down projections (``mlp.refit``), which the reference takes from there."""
+    ``mlp_down``: the stream refit's down projections (``stream.refit``), which the reference takes from there
+    (its O projections are in ``layers``)."""
     inputs = {**adapter.example_inputs(model), "use_cache": False}
     twin = reference_model(model, layers, head_dim, mlp_down=mlp_down)
     expected = model_outputs(twin, inputs)

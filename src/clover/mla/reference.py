@@ -73,8 +73,8 @@ def reference_model(model: nn.Module, layers: list[LayerMla], head_dim: int, dty
                     mlp_down: list[torch.Tensor | None] | None = None) -> nn.Module:
     """A copy of ``model`` whose attention blocks compute the converted function (full forwards only, no cache), in
     the model's dtype or ``dtype`` (float64: the converted function without rounding, from the float64 solve);
-    ``mlp_down``: per layer, the MLP down projection the MLP refit (``mlp.py``) gave it, None where it kept the
-    original's."""
+    ``mlp_down``: per layer, the MLP down projection the stream refit (``stream.py``) gave it, None where it kept
+    the original's (a refit O projection is in ``layers``)."""
     dtype = dtype or next(model.parameters()).dtype
     twin = copy.deepcopy(model).to(dtype).eval()
     for i, (block, layer) in enumerate(zip(twin.model.layers, layers, strict=True)):
