@@ -52,8 +52,9 @@ KV25_EXTRA = {  # one more lever on the best KV 25% row, where the goal is not m
         calib_windows=64, split="layer", local_steps=2 * LOCAL_STEPS, local_inputs="converted"),
     **{", 64 calibration windows, per-layer split" + suffix: dict(calib_windows=64, split="layer", **more)
        for suffix, more in STREAM_FIELDS.items()},
-    **{", 128 calibration windows, per-layer split" + suffix: dict(calib_windows=128, split="layer", **more)
-       for suffix, more in {"": {}, STREAM: STREAM_FIELDS[STREAM]}.items()},
+    ", 128 calibration windows, per-layer split": dict(calib_windows=128, split="layer"),
+    ", 128 calibration windows, per-layer split" + STREAM: dict(calib_windows=128, split="layer",
+                                                                **STREAM_FIELDS[STREAM]),
     ", 64 calibration windows, per-layer split" + LOCAL + MLP: dict(calib_windows=64, split="layer",
                                                                     local_steps=LOCAL_STEPS, **STREAM_FIELDS[MLP]),
 }

@@ -163,10 +163,12 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
         reads = {"residual": "converted model's attention inputs, toward the original residual stream"}.get(
             config.local_inputs, f"{config.local_inputs} model's attention inputs")
         report.notes.append(f"layer-wise refit ({config.local_steps} steps a block, on the {reads}): "
-                            f"{kept_summary(fits, 'block')}")
+                            f"{kept_summary(fits, 'block', 'block output error')}")
     for projection in config.stream_refit:
+        summary = kept_summary([f[projection] for f in stream_fits], "layer",
+                               f"stream error where {projection}_proj writes")
         report.notes.append(f"stream refit of {projection}_proj (solved toward the original residual stream, on the "
-                            f"converted model's): {kept_summary([f[projection] for f in stream_fits], 'layer')}")
+                            f"converted model's): {summary}")
     if rank > report.full_rank:
         report.notes.append(f"kv_lora_rank {rank} is above the {report.full_rank} dims a layer has: the extra latent "
                             "dims are zero (kept for the engine's size rule)")
@@ -179,11 +181,12 @@ def to_mla(model: nn.Module, config: MlaConfig) -> tuple[nn.Module, MlaReport]:
     return mla, report
 
 
-def kept_summary(fits: list[LocalFit | StreamFit], unit: str) -> str:
-    """A refit's report line: how many ``unit``s (blocks, layers) kept it, and the held-out output error, median over
-    them, before and after (a refit not kept leaves its ``before``)."""
+def kept_summary(fits: list[LocalFit | StreamFit], unit: str, measured: str) -> str:
+    """A refit's report line: how many ``unit``s (blocks, layers) kept it, and the held-out error it is judged by
+    (``measured``: a block's output, the stream at a projection's write point), median over them, before and after
+    (a refit not kept leaves its ``before``)."""
     kept = sum(fit.kept for fit in fits)
-    return (f"kept in {kept} of {len(fits)} {unit}s; held-out {unit} output error, median over {unit}s, "
+    return (f"kept in {kept} of {len(fits)} {unit}s; held-out {measured}, median over {unit}s, "
             f"{median(f.before for f in fits):.4f} -> {median(min(f.before, f.after) for f in fits):.4f}")
 
 
